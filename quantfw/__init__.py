@@ -1,0 +1,1 @@
+"""quantfw: declarative quantization of MoE layers."""
