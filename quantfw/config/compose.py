@@ -1,0 +1,102 @@
+"""Composing recipes with Hydra, and validating what Hydra lets through.
+
+Recipes (recipes/*.yaml and any user --config-dir) are primary configs that include
+conf/quantfw.yaml and override its groups; conf/ holds the groups (scheme, format, model, backend).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from quantfw.config.schema import QuantfwConfig, register_configs
+from quantfw.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = ROOT / "conf"
+RECIPES_DIR = ROOT / "recipes"
+GROUPS = ("scheme", "format", "model", "backend")
+
+
+def searchpath_override(extra: Sequence[str] = ()) -> str:
+    """The `hydra.searchpath` override that makes conf/ (and user folders) visible to recipes."""
+    paths = [f"file://{CONF_DIR}"] + [p if "://" in p else f"file://{Path(p).resolve()}" for p in extra]
+    return "hydra.searchpath=[" + ",".join(paths) + "]"
+
+
+def available(group: str, extra_dirs: Sequence[str | Path] = ()) -> list[str]:
+    """Option names of a config group (or 'recipe') found in conf/, recipes/ and user folders."""
+    if group == "recipe":
+        dirs = [RECIPES_DIR, *map(Path, extra_dirs)]
+        return sorted({p.stem for d in dirs for p in Path(d).glob("*.yaml") if p.stem != "quantfw"})
+    dirs = [CONF_DIR / group, *(Path(d) / group for d in extra_dirs)]
+    return sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def error_line(e: BaseException) -> str:
+    """One line from a Hydra/OmegaConf error: the message plus the key it names."""
+    if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
+        msg = str(e).splitlines()[0]
+        return f"{msg} (key: {e.full_key})"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(("full_key", "object_type", "reference_type"))]
+    text = "; ".join(lines[:2]) or type(e).__name__
+    return text
+
+
+def compose(recipe: str = "default", overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = ()) -> DictConfig:
+    """Compose a recipe with overrides, as the CLI does, and validate it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    dirs = [RECIPES_DIR, *map(Path, config_dirs)]
+    primary = next((d for d in reversed(dirs) if (Path(d) / f"{recipe}.yaml").is_file()), None)
+    if primary is None:
+        raise ConfigError(f"unknown recipe '{recipe}' (available: {', '.join(available('recipe', config_dirs))})")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(Path(primary).resolve()), version_base="1.3"):
+            cfg = hydra_compose(
+                config_name=recipe,
+                overrides=[*overrides, searchpath_override([str(d) for d in config_dirs])],
+            )
+    except ConfigError:
+        raise
+    except Exception as e:  # Hydra's own errors: unknown option, bad type, bad override syntax
+        raise ConfigError(describe_compose_error(e, config_dirs)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+    return cfg
+
+
+def describe_compose_error(e: BaseException, config_dirs: Sequence[str | Path] = ()) -> str:
+    text = error_line(e)
+    for group in GROUPS:
+        if f"Could not find '{group}/" in str(e) or f"'{group}/" in str(e) and "not found" in str(e).lower():
+            return f"{text.split(';')[0]} (available {group}: {', '.join(available(group, config_dirs))})"
+    return text
+
+
+def validate(cfg: DictConfig) -> None:
+    """Re-check the composed config against the schema (catches `+key=` additions) and build the
+    scheme and format objects so a malformed declaration fails now, naming file and key."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    try:
+        OmegaConf.merge(OmegaConf.structured(QuantfwConfig), plain)
+    except OmegaConfBaseException as e:
+        raise ConfigError(error_line(e)) from None
+    from quantfw.formats.format import Format
+    from quantfw.schemes.scheme import Scheme
+
+    scheme = Scheme.from_config(cfg.scheme)
+    fmt = Format.from_config(cfg.format)
+    fmt.check_compatible(scheme)
+    for key in ("mode",):
+        if cfg.backend.get(key) not in ("exact", "fast"):
+            raise ConfigError(f"backend.mode: '{cfg.backend.mode}' (allowed: exact, fast)")

@@ -1,0 +1,94 @@
+"""Typed schemas of every config group, registered with Hydra's ConfigStore.
+
+Hydra checks overrides against these (wrong types, unknown keys); `validate()` repeats the check
+after composition because `+key=` can still add keys to a schema node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    hidden_size: int = MISSING
+    moe_intermediate_size: int = MISSING
+    num_experts: int = MISSING
+    top_k: int = MISSING
+    num_layers: int = MISSING
+    first_moe_layer: int = 0  # DeepSeek-V3: the first 3 layers are dense
+    num_shared_experts: int = 0
+    routing: str = "softmax_topk"  # softmax_topk | grouped_sigmoid
+    renormalize: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    # On-disk key of one expert projection; {layer}, {expert} and {proj} are filled in.
+    expert_key: str = "model.layers.{layer}.mlp.experts.{expert}.{proj}"
+    proj_names: dict[str, str] = field(default_factory=lambda: {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+    hf_model_type: str = ""
+    doc: str = ""
+
+
+@dataclass
+class SchemeConfig:
+    name: str = MISSING
+    weight_bits: int = 8
+    group_size: int = 0  # 0 = per-channel
+    activation_use_clip: bool = False
+    fused_swiglu_quant: bool = True  # W8A8: npu_dequant_swiglu_quant (True) or the unfused plan
+    weight_observer: str = "minmax"
+    missing_alpha: str = "error"  # error | ones: what loading does when a clip checkpoint has no alpha
+    runtime: dict[str, Any] = field(default_factory=dict)
+    compute: list[Any] = field(default_factory=list)
+    doc: str = ""
+
+
+@dataclass
+class FormatConfig:
+    name: str = MISSING
+    metadata: str = MISSING  # msmodelslim | compressed_tensors
+    tensors: dict[str, Any] = field(default_factory=dict)
+    load: list[Any] = field(default_factory=list)
+    requires: list[Any] = field(default_factory=list)
+    doc: str = ""
+
+
+@dataclass
+class BackendConfig:
+    name: str = MISSING  # torch | npu | npu_sim
+    mode: str = "exact"  # exact | fast (torch backend)
+    post_load: list[Any] = field(default_factory=list)
+    allow_unclipped_fallback: bool = False
+    doc: str = ""
+
+
+@dataclass
+class QuantfwConfig:
+    model: ModelConfig = MISSING
+    scheme: SchemeConfig = MISSING
+    format: FormatConfig = MISSING
+    backend: BackendConfig = MISSING
+    seed: int = 0
+    tokens: int = 256  # tokens fed to the layer by demo / eval
+    layer: int = -1  # which MoE layer a command works on (-1: the first MoE layer)
+    ep_size: int = 1
+    ep_rank: int = 0
+    tp_size: int = 1
+    tp_rank: int = 0
+    input: str | None = None
+    output: str | None = None
+    checkpoint: str | None = None
+    reference: str | None = None
+    out: str | None = None
+    overwrite: bool = False
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="quantfw_schema", node=QuantfwConfig)

@@ -1,0 +1,78 @@
+"""Quantize one set of float experts with several schemes and measure each against float."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from quantfw.backends import Backend
+from quantfw.calibrate.alpha import search_alpha
+from quantfw.eval import synthetic
+from quantfw.eval.metrics import compare
+from quantfw.formats.format import Format
+from quantfw.layout.spec import Dims
+from quantfw.moe.layer import MoELayer
+from quantfw.moe.reference import FloatMoE
+from quantfw.quantize.experts import fake_quant_weights, quantize_experts
+from quantfw.schemes.scheme import Scheme
+
+
+@dataclass
+class Variant:
+    label: str
+    scheme: Scheme
+    format: Format
+    learn_alpha: bool = False
+
+
+def learn_alphas(scheme: Scheme, w13, w2, x, topk_ids) -> tuple[torch.Tensor, list]:
+    """Per-expert alpha from the calibration tokens routed to each expert (alpha = 1 if none)."""
+    deq = fake_quant_weights(scheme, w2).dequantize()
+    alphas, results = torch.ones(w13.shape[0]), []
+    for e in range(w13.shape[0]):
+        rows = (topk_ids == e).any(-1)
+        if not rows.any():
+            results.append(None)
+            continue
+        h = x[rows].float() @ w13[e].float().T
+        r = search_alpha(h, w2[e], deq[e])
+        alphas[e] = r.alpha
+        results.append(r)
+    return alphas, results
+
+
+def evaluate_schemes(
+    variants: Sequence[Variant], backend: Backend, dims: Dims, top_k: int, tokens: int, seed: int = 0
+) -> list[dict]:
+    w13, w2 = synthetic.expert_weights(dims.E, dims.H, dims.I, seed=seed)
+    x_cal = synthetic.hidden_states(tokens, dims.H, seed=seed + 1, channel_seed=seed)
+    x = synthetic.hidden_states(tokens, dims.H, seed=seed + 4, channel_seed=seed)  # held-out tokens
+    w_cal, ids_cal = synthetic.random_routing(tokens, dims.E, top_k, seed=seed + 2, skew=2.0)
+    w, ids = synthetic.random_routing(tokens, dims.E, top_k, seed=seed + 3, skew=2.0)
+    x_bf16 = x.to(torch.bfloat16)
+    ref = FloatMoE(w13, w2)(x_bf16.float(), w, ids)
+    rows = [{"scheme": "bf16 (float)", "bytes": (w13.numel() + w2.numel()) * 2, "rel_l2": 0.0, "cosine": 1.0, "max_abs": 0.0}]
+    for v in variants:
+        alpha = None
+        if v.learn_alpha:
+            alpha, _ = learn_alphas(v.scheme, w13, w2, x_cal.to(torch.bfloat16).float(), ids_cal)
+        tensors = quantize_experts(v.scheme, v.format, w13, w2, alpha=alpha)
+        layer = MoELayer(v.scheme, v.format, backend, dims).load(tensors, source=f"in-memory {v.label}")
+        out = layer(x_bf16, w, ids)
+        row = {"scheme": v.label, "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+        row.update(compare(out, ref))
+        if alpha is not None:
+            row["alpha_mean"] = alpha.mean().item()
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'scheme':<28} {'bytes':>10} {'rel_l2':>9} {'cosine':>9} {'max_abs':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        extra = f"  (mean alpha {r['alpha_mean']:.3f})" if "alpha_mean" in r else ""
+        lines.append(f"{r['scheme']:<28} {r['bytes']:>10,d} {r['rel_l2']:>9.4f} {r['cosine']:>9.5f} {r['max_abs']:>9.4f}{extra}")
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Writers of on-disk tensors: each `encode:` name in a format declaration turns a quantized
+weight into the declared tensor. Shapes and dtypes come from the declaration, so the same
+encoder serves msModelSlim (fp32 scales) and compressed-tensors (u64 scales)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from quantfw import ops
+from quantfw.errors import LayoutError
+from quantfw.layout.spec import ParamSpec
+from quantfw.quantize import primitives as P
+from quantfw.quantize.weights import QuantizedWeight
+
+Encoder = Callable[[ParamSpec, QuantizedWeight, "torch.Tensor | None"], torch.Tensor]
+_ENCODERS: dict[str, Encoder] = {}
+
+
+def encoder(name: str):
+    def deco(fn: Encoder) -> Encoder:
+        if name in _ENCODERS:
+            raise ValueError(f"encoder '{name}' is already registered")
+        _ENCODERS[name] = fn
+        return fn
+
+    return deco
+
+
+def get(name: str, where: str) -> Encoder:
+    if name not in _ENCODERS:
+        raise LayoutError(f"{where}: unknown encode '{name}' (available: {', '.join(sorted(_ENCODERS))})")
+    return _ENCODERS[name]
+
+
+@encoder("q")
+def _q(spec, qw, alpha):
+    """Integer weights; packed two per byte along N when the declaration halves the rows."""
+    if spec.shape[-2] * 2 == qw.q.shape[-2]:
+        return ops.pack_int4(qw.q)
+    return qw.q.to(torch.int8)
+
+
+@encoder("s1")
+def _s1(spec, qw, alpha):
+    """Per-channel scale as [.., N, 1]; u64-encoded when declared uint64."""
+    s = qw.s1.float().unsqueeze(-1)
+    return ops.encode_scale_u64(s) if spec.dtype == torch.int64 else s
+
+
+@encoder("s2")
+def _s2(spec, qw, alpha):
+    return qw.s2.float()
+
+
+@encoder("zeros")
+def _zeros(spec, qw, alpha):
+    return torch.zeros(spec.shape, dtype=spec.dtype)
+
+
+@encoder("scale_bias")
+def _scale_bias(spec, qw, alpha):
+    """msModelSlim scale_bias: 8 * sums of the bf16-dequantized weight over spec.shape[-1] K-chunks."""
+    return P.scale_bias_msmodelslim(qw.q, qw.s1, qw.s2, chunks=spec.shape[-1])
+
+
+@encoder("bias")
+def _bias(spec, qw, alpha):
+    """The A8W4 bias [N] = 8*sum_k s*q, computed in bf16 as the cann-recipes converter does."""
+    if qw.s2 is not None:
+        raise LayoutError("encode 'bias' stores per-channel int4 only; this weight has per-group scales")
+    return P.a8w4_bias(qw.q, qw.s1)
+
+
+@encoder("alpha")
+def _alpha(spec, qw, alpha):
+    """Per-expert activation clip factor (1 = no clip)."""
+    if alpha is None:
+        return torch.ones(spec.shape, dtype=torch.float32)
+    return alpha.float().reshape(spec.shape)
+
+
+def encode_role(specs: Mapping[str, ParamSpec], qw: QuantizedWeight, alpha: torch.Tensor | None, where: str) -> dict[str, torch.Tensor]:
+    """All declared tensors of one role from its quantized weight (leading dims as qw's)."""
+    out = {}
+    for name, spec in specs.items():
+        t = get(spec.meta.get("encode", ""), f"{where}: {name}")(spec, qw, alpha)
+        if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
+            raise LayoutError(
+                f"{where}: encoder '{spec.meta.get('encode')}' made {name} {list(t.shape)} {t.dtype}, declared {spec.describe()}"
+            )
+        out[name] = t
+    return out

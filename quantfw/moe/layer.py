@@ -1,0 +1,83 @@
+"""The generic MoE layer: one class for every scheme.
+
+It allocates what the format declares, runs the declared post-load pipeline (format load steps,
+then backend steps), and executes the scheme's compute plan on a backend's operator table. It has
+no branch on a scheme's name or flags: everything scheme-specific arrives as data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from quantfw.backends import Backend
+from quantfw.errors import LayoutError
+from quantfw.formats.format import Format, check_declared_result
+from quantfw.layout.spec import Dims, ParamSpec, conformance_problems
+from quantfw.schemes.scheme import Scheme
+
+
+class MoELayer(torch.nn.Module):
+    """Routed experts of one MoE layer: forward(hidden [T,H], topk_weights [T,k], topk_ids [T,k])."""
+
+    def __init__(self, scheme: Scheme, fmt: Format, backend: Backend, dims: Dims, expert_offset: int = 0):
+        super().__init__()
+        self.scheme, self.format, self.backend, self.dims = scheme, fmt, backend, dims
+        self.expert_offset = expert_offset  # global id of local expert 0 (expert parallel)
+        fmt.check_compatible(scheme)
+        self.loaded_specs: dict[str, ParamSpec] = fmt.loaded_layout(dims, scheme)
+        self.runtime_specs: dict[str, ParamSpec] = scheme.runtime_layout(dims)
+        self.format_pipeline = fmt.pipeline()
+        # Plan-time proof that the format's load steps produce exactly the scheme's runtime layout.
+        check_declared_result(
+            self.format_pipeline, self.loaded_specs, self.runtime_specs, scheme, dims, f"{fmt.where} load"
+        )
+        self.plan = scheme.plan()
+        self.loaded = False
+
+    def _env(self, role: str):
+        return self.scheme.env(self.dims, role)
+
+    def final_layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Declared shapes after every post-load step, backend steps included (no data touched)."""
+        state = {n: (s.shape, s.dtype) for n, s in self.loaded_specs.items()}
+        return (self.format_pipeline + self.backend.post_load).declare(state, self._env)
+
+    def load(self, tensors: Mapping[str, torch.Tensor], source: str = "weights") -> MoELayer:
+        """Accept expert-stacked tensors in the format's layout, check them all, run post-load."""
+        problems = conformance_problems(self.loaded_specs, tensors, source)
+        if problems:
+            raise LayoutError(f"{len(problems)} problem(s) with {source} for {self.format.where}: " + "; ".join(problems))
+        state = {n: (s.shape, s.dtype) for n, s in self.loaded_specs.items()}
+        result = (self.format_pipeline + self.backend.post_load).run(tensors, state, self._env)
+        for name, t in result.items():
+            self.register_buffer(name, t, persistent=False)
+        self._runtime_names = tuple(result)
+        self.loaded = True
+        return self
+
+    def runtime_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self._runtime_names}
+
+    @torch.no_grad()
+    def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        if not self.loaded:
+            raise LayoutError("MoELayer.forward before load(): no weights")
+        T, H = hidden_states.shape
+        k = topk_ids.shape[1]
+        local = topk_ids.reshape(-1).long() - self.expert_offset
+        keep = (local >= 0) & (local < self.dims.E)  # other ranks' experts contribute elsewhere
+        slots = torch.nonzero(keep).squeeze(1)
+        order = slots[torch.argsort(local[slots], stable=True)]
+        counts = torch.bincount(local[order], minlength=self.dims.E).to(torch.int64)
+        token = order // k
+        env: dict[str, object] = {**self.runtime_tensors(), "x": hidden_states[token], "counts": counts}
+        for step in self.plan:
+            result = self.backend.op(step.op)(**{arg: env[name] for arg, name in step.args.items()})
+            result = result if isinstance(result, tuple) else (result,)
+            env.update(zip(step.out, result))
+        y = env["out"].float() * topk_weights.reshape(-1)[order].float().unsqueeze(1)
+        out = torch.zeros(T, H, dtype=torch.float32, device=hidden_states.device)
+        out.index_add_(0, token, y)
+        return out.to(hidden_states.dtype)

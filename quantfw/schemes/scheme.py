@@ -1,0 +1,126 @@
+"""Scheme objects: flags + runtime parameter layout + compute plan, built from conf/scheme/*.yaml.
+
+A scheme is data. The generic MoE layer asks it for its runtime layout and its compute plan and
+never looks at its name or flags, so a new variant is a YAML file, not a class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from quantfw.errors import ConfigError
+from quantfw.layout import expr
+from quantfw.layout.spec import ROLES, Dims, ParamSpec, instantiate
+
+FLAGS = ("weight_bits", "group_size", "activation_use_clip", "fused_swiglu_quant", "weight_observer", "missing_alpha")
+# Ops a compute plan may call; each backend provides all of them (names of quantfw.ops / torch_npu).
+PLAN_OPS = (
+    "dynamic_quant",
+    "swiglu",
+    "dequant_swiglu_quant",
+    "swiglu_clip_quant",
+    "grouped_matmul_a8w8",
+    "grouped_matmul_a8w4",
+)
+PLAN_INPUTS = ("x", "counts")  # tokens sorted by expert, and per-expert token counts
+PLAN_STEP_KEYS = {"op", "args", "out", "when"}
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    op: str
+    args: Mapping[str, str]  # op argument -> value name in the plan environment
+    out: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    flags: Mapping[str, Any]
+    runtime: Mapping[str, Mapping[str, Any]]
+    compute: tuple[Any, ...]
+    doc: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"scheme '{self.name}' (conf/scheme/{self.name}.yaml)"
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | Mapping[str, Any]) -> Scheme:
+        data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        flags = {k: data[k] for k in FLAGS if k in data}
+        scheme = cls(
+            name=data["name"],
+            flags=flags,
+            runtime=data.get("runtime") or {},
+            compute=tuple(data.get("compute") or ()),
+            doc=data.get("doc", ""),
+        )
+        scheme.validate()
+        return scheme
+
+    def validate(self) -> None:
+        f = self.flags
+        if f.get("weight_bits") not in (4, 8):
+            raise ConfigError(f"{self.where}: weight_bits={f.get('weight_bits')} (allowed: 4, 8)")
+        if f.get("group_size", 0) < 0:
+            raise ConfigError(f"{self.where}: group_size={f['group_size']} must be >= 0 (0 = per-channel)")
+        if f.get("group_size") and f.get("weight_bits") == 8:
+            raise ConfigError(f"{self.where}: group_size applies to int4 weights only (weight_bits=8)")
+        if f.get("missing_alpha", "error") not in ("error", "ones"):
+            raise ConfigError(f"{self.where}: missing_alpha='{f['missing_alpha']}' (allowed: error, ones)")
+        if not self.runtime:
+            raise ConfigError(f"{self.where}: 'runtime' declares no parameters")
+        self.plan()  # names every undefined value or unknown op
+
+    def env(self, dims: Dims, role: str) -> dict[str, Any]:
+        return {**self.flags, "G": self.flags.get("group_size", 0), **dims.role(role), "role_is_w13": role == "w13"}
+
+    def runtime_layout(self, dims: Dims) -> dict[str, ParamSpec]:
+        """The parameters the kernels consume after post-load, for this rank's dims."""
+        return instantiate(self.runtime, dims, {**self.flags, "G": self.flags.get("group_size", 0)}, f"{self.where} runtime")
+
+    def runtime_names(self) -> set[str]:
+        names = set()
+        for name, entry in self.runtime.items():
+            for role in entry.get("roles", ROLES) if isinstance(entry, Mapping) else ROLES:
+                if expr.holds(entry.get("when") if isinstance(entry, Mapping) else None, self.flags, f"{self.where} runtime.{name}.when"):
+                    names.add(f"{role}_{name}")
+        return names
+
+    def plan(self) -> list[PlanStep]:
+        """The compute steps that apply under the current flags, checked for undefined names."""
+        defined = set(PLAN_INPUTS) | self.runtime_names()
+        steps = []
+        for i, raw in enumerate(self.compute):
+            at = f"{self.where} compute[{i}]"
+            if not isinstance(raw, Mapping) or "op" not in raw:
+                raise ConfigError(f"{at}: expected a mapping with 'op', found {raw!r}")
+            unknown = set(raw) - PLAN_STEP_KEYS
+            if unknown:
+                raise ConfigError(f"{at}: unknown key(s) {sorted(unknown)} (allowed: {sorted(PLAN_STEP_KEYS)})")
+            if raw["op"] not in PLAN_OPS:
+                raise ConfigError(f"{at}: unknown op '{raw['op']}' (available: {', '.join(PLAN_OPS)})")
+            if not expr.holds(raw.get("when"), self.flags, f"{at}.when"):
+                continue
+            args = dict(raw.get("args") or {})
+            for arg, value in args.items():
+                if value not in defined:
+                    raise ConfigError(f"{at} ({raw['op']}): argument {arg}={value} is not defined before this step")
+            out = raw.get("out")
+            out = (out,) if isinstance(out, str) else tuple(out or ())
+            if not out:
+                raise ConfigError(f"{at} ({raw['op']}): no 'out'")
+            defined |= set(out)
+            steps.append(PlanStep(raw["op"], args, out))
+        if not steps or steps[-1].out != ("out",):
+            raise ConfigError(f"{self.where}: the compute plan must end in a step with out: out")
+        return steps
+
+    def signature(self) -> dict[str, Any]:
+        """What makes two schemes the same scheme: flags, runtime layout and compute plan."""
+        return {"flags": dict(self.flags), "runtime": self.runtime, "plan": [s.__dict__ for s in self.plan()]}
