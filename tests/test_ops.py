@@ -75,7 +75,8 @@ def _gen(seed: int) -> torch.Generator:
 
 # ---------------------------------------------------------------- dynamic_quant
 def test_dynamic_quant_matches_formula_with_zero_rows():
-    x = torch.randn(9, 67, generator=_gen(1)) * 3
+    # large enough that dividing vs multiplying by the reciprocal 127/amax differs somewhere
+    x = torch.randn(400, 1000, generator=_gen(1)) * 3
     x[2] = 0
     x[5, 10] = 1e4  # outlier row
     q, s = dynamic_quant(x)
@@ -84,7 +85,7 @@ def test_dynamic_quant_matches_formula_with_zero_rows():
     np.testing.assert_array_equal(q.numpy(), q_ref)
     np.testing.assert_array_equal(s.numpy(), s_ref)
     assert s[2] == 1 and bool((q[2] == 0).all())
-    assert bool((q.abs().amax(dim=-1)[torch.arange(9) != 2] == 127).all())
+    assert bool((q.abs().amax(dim=-1)[torch.arange(400) != 2] == 127).all())
 
 
 def test_dynamic_quant_rounds_half_to_even():
@@ -217,6 +218,7 @@ def test_swiglu_clip_quant_peer_case():
     for name, got, want in (("q", q[:v].numpy(), q_ref), ("scale", s[:v].numpy(), s_ref)):
         ok, frac, worst = peer_ok(got, want)
         assert ok, f"{name}: {frac:.4%} elements over 1 %, worst rel diff {worst}"
+        print(f"peer case {name}: {frac:.6%} elements over 1 %, worst rel diff {worst:.3g}")
     assert bool((q[v:] == 0).all()) and bool((s[v:] == 1).all())
 
     # alpha = 1 is exactly plain dynamic quant of the fp32 SwiGLU output.
@@ -226,18 +228,18 @@ def test_swiglu_clip_quant_peer_case():
 
 
 def test_swiglu_clip_quant_small_exact():
-    counts = [2, 0, 3]
+    counts = [2, 0, 300, 100]
     g = _gen(5)
-    x = torch.randn(7, 16, generator=g) * 1000
-    _silu_exact_gate(x, 8)
+    x = torch.randn(405, 512, generator=g) * 1000
+    _silu_exact_gate(x, 256)
     x[3] = 0  # zero row: scale 1, q 0
-    alpha = torch.tensor([0.3, 0.9, 1.0])
-    q, s = swiglu_clip_quant(x, torch.tensor(counts), alpha)
-    q_ref, s_ref = np_swiglu_clip_quant(x.numpy(), counts, alpha.numpy())
-    np.testing.assert_array_equal(q[:5].numpy(), q_ref)
-    np.testing.assert_array_equal(s[:5].numpy(), s_ref)
+    alpha = torch.tensor([0.3, 0.9, 1.0, 0.55])
+    q, s = swiglu_clip_quant(x.to(torch.bfloat16), torch.tensor(counts), alpha)
+    q_ref, s_ref = np_swiglu_clip_quant(x.to(torch.bfloat16).float().numpy(), counts, alpha.numpy())
+    np.testing.assert_array_equal(q[:402].numpy(), q_ref)
+    np.testing.assert_array_equal(s[:402].numpy(), s_ref)
     assert s[3] == 1 and bool((q[3] == 0).all())
-    assert bool((q[5:] == 0).all()) and bool((s[5:] == 1).all())
+    assert bool((q[402:] == 0).all()) and bool((s[402:] == 1).all())
     # the clip saturates: with alpha 0.3 the largest elements all hit +-127.
     assert int((q[:2].abs() == 127).sum()) > 2
 
@@ -393,7 +395,7 @@ def test_a8w8_worst_case_magnitude_exact(xv, wv):
 
 def test_a8w8_large_k_random_near_extreme():
     counts = [2, 3]
-    x, w = _a8w8_case(9, counts, 5, 16384, 8, lo=-128, hi=-100)
+    x, w = _a8w8_case(9, counts, 5, 16384 + 300, 8, lo=-128, hi=-100)  # ragged last K chunk
     acc = grouped_matmul_a8w8(x, w, None, None, torch.tensor(counts))
     np.testing.assert_array_equal(acc.numpy(), np_a8w8_acc(x.numpy(), w.numpy(), counts))
 
