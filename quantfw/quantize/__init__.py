@@ -1,0 +1,1 @@
+"""Weight quantization (offline side of the schemes)."""

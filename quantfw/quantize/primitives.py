@@ -1,0 +1,133 @@
+"""Weight-quantization primitives (spec section 9 "Quantizer defaults", sections 3 and 4).
+
+Weights are float [..., N, K] (leading dims such as experts allowed). Rounding is half-to-even
+(torch.round); a zero channel or group gets scale 1, never 0 or NaN. Scales are returned as fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantfw.errors import ConfigError, LayoutError
+
+_QMAX = {8: 127, 4: 7}
+
+
+def _check_weight(fn: str, arg: str, w: torch.Tensor) -> None:
+    if not isinstance(w, torch.Tensor) or w.dim() < 2:
+        found = list(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise LayoutError(f"{fn}: argument '{arg}' expected a tensor [..., N, K], found {found}")
+
+
+def _nonzero(s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def quantize_per_channel(
+    w: torch.Tensor,
+    bits: int,
+    clip_ratio: float | torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel quant: (q int8 [..., N, K], s fp32 [..., N]).
+
+    s = amax_k|w| * clip_ratio / qmax (qmax 127 for 8 bits, 7 for 4 bits; 0 -> 1),
+    q = clamp(round_half_even(w / s), -qmax, qmax). clip_ratio is a scalar or a [..., N] tensor
+    (a learned weight shrink). compute_dtype=bfloat16 reproduces the cann-recipes converter, which
+    does these elementwise ops in bf16; s is then the bf16 value as fp32.
+    """
+    if bits not in _QMAX:
+        raise ConfigError(f"quantize_per_channel: bits must be 4 or 8, got {bits}")
+    _check_weight("quantize_per_channel", "w", w)
+    qmax = _QMAX[bits]
+    wc = w.to(compute_dtype)
+    s = wc.abs().amax(dim=-1)
+    if clip_ratio is not None:
+        ratio = torch.as_tensor(clip_ratio, dtype=compute_dtype, device=w.device)
+        if ratio.dim() and ratio.shape != s.shape:
+            raise LayoutError(
+                f"quantize_per_channel: argument 'clip_ratio' expected a scalar or shape {list(s.shape)}, "
+                f"found {list(ratio.shape)}"
+            )
+        s = s * ratio
+    s = _nonzero(s / qmax)
+    q = torch.clamp(torch.round(wc / s.unsqueeze(-1)), -qmax, qmax).to(torch.int8)
+    return q, s.to(torch.float32)
+
+
+def quantize_two_level(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """msModelSlim two-level W4 quant: (q int8 in -7..7 [..., N, K], s1 fp32 [..., N], s2 fp32 [..., N, K/G]).
+
+    Stage 1 float -> int8 per channel: s1 = amax/127, q8 = clamp(round(w/s1), +-127).
+    Stage 2 int8 -> int4 per group: s2 = amax_group|q8| / 7, q = clamp(round(q8/s2), +-7).
+    Dequant: w ~= q * s2[g(k)] * s1. All fp32.
+    """
+    _check_weight("quantize_two_level", "w", w)
+    k = w.shape[-1]
+    if group_size <= 0 or k % group_size:
+        raise ConfigError(
+            f"quantize_two_level: group_size {group_size} must be a positive divisor of K = {k} "
+            "(use per-channel or another divisor)"
+        )
+    wf = w.to(torch.float32)
+    s1 = _nonzero(wf.abs().amax(dim=-1) / 127)
+    q8 = torch.clamp(torch.round(wf / s1.unsqueeze(-1)), -127, 127)
+    q8g = q8.reshape(*q8.shape[:-1], k // group_size, group_size)
+    s2 = _nonzero(q8g.abs().amax(dim=-1) / 7)
+    q = torch.clamp(torch.round(q8g / s2.unsqueeze(-1)), -7, 7).reshape(q8.shape).to(torch.int8)
+    return q, s1, s2
+
+
+def _expand_groups(s2: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-group scales [..., N, K/G] -> per-element [..., N, K]."""
+    kg = s2.shape[-1]
+    if kg == 0 or k % kg:
+        raise LayoutError(f"scales: argument 's2' expected last dim dividing K = {k}, found {list(s2.shape)}")
+    return torch.repeat_interleave(s2, k // kg, dim=-1)
+
+
+def dequantize(q: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 dequant: q * s2[g(k)] * s1[n] (s2 omitted for per-channel)."""
+    deq = q.to(torch.float32)
+    if s2 is not None:
+        deq = deq * _expand_groups(s2.to(torch.float32), q.shape[-1])
+    return deq * s1.to(torch.float32).unsqueeze(-1)
+
+
+def scale_bias_msmodelslim(
+    q: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor | None = None, chunks: int = 1
+) -> torch.Tensor:
+    """msModelSlim `scale_bias` fp32 [..., N, chunks]: 8 * sum of deq over each of `chunks` K-chunks.
+
+    deq = q * fp32(bf16(s2)) * fp32(bf16(s1)). gate/up use chunks=1, down uses 16 (one partial per
+    chunk so a TP rank can sum the chunks of its own K slice).
+    """
+    k = q.shape[-1]
+    if chunks <= 0 or k % chunks:
+        raise ConfigError(f"scale_bias_msmodelslim: chunks {chunks} must divide K = {k}")
+    bf = torch.bfloat16
+    deq = q.to(torch.float32)
+    if s2 is not None:
+        deq = deq * _expand_groups(s2.to(bf).to(torch.float32), k)
+    deq = deq * s1.to(bf).to(torch.float32).unsqueeze(-1)
+    sums = deq.reshape(*deq.shape[:-1], chunks, k // chunks).sum(dim=-1)
+    return 8 * sums
+
+
+def a8w4_bias(q: torch.Tensor, s: torch.Tensor, compute_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W4A8-clip stored bias fp32 [..., N] = 8 * sum_k s[n] * q[n, k].
+
+    The product is formed in compute_dtype (bf16 in the cann-recipes converter), the sum in fp32.
+    """
+    prod = s.to(compute_dtype).unsqueeze(-1) * q.to(compute_dtype)
+    return 8 * prod.to(torch.float32).sum(dim=-1)
+
+
+def fuse_scales_fp16(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """NPU fused A8W4 scale fp32 [..., K/G, N] = fp32(fp16(s1 * s2)), transposed to group-major."""
+    if s2.shape[:-1] != s1.shape:
+        raise LayoutError(
+            f"fuse_scales_fp16: argument 's2' expected shape {list(s1.shape)} + [K/G], found {list(s2.shape)}"
+        )
+    fused = (s1.to(torch.float32).unsqueeze(-1) * s2.to(torch.float32)).to(torch.float16).to(torch.float32)
+    return fused.transpose(-1, -2).contiguous()
