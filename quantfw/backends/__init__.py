@@ -24,7 +24,9 @@ class Backend:
 
     def op(self, name: str) -> Callable[..., Any]:
         if name not in self.ops:
-            raise ConfigError(f"backend '{self.name}' has no op '{name}' (has: {', '.join(sorted(self.ops))})")
+            raise ConfigError(
+                f"backend '{self.name}' has no op '{name}' (has: {', '.join(sorted(self.ops))})"
+            )
         return self.ops[name]
 
 

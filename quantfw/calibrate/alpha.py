@@ -31,7 +31,12 @@ def _error(h: torch.Tensor, alpha: float, w2_deq: torch.Tensor, ref: torch.Tenso
 
 
 def search_alpha(
-    h: torch.Tensor, w2: torch.Tensor, w2_deq: torch.Tensor, lo: float = 0.05, steps: int = 20, refine: int = 10
+    h: torch.Tensor,
+    w2: torch.Tensor,
+    w2_deq: torch.Tensor,
+    lo: float = 0.05,
+    steps: int = 20,
+    refine: int = 10,
 ) -> AlphaResult:
     """h [M, 2I] pre-SwiGLU rows of one expert; w2 [H, I] float and its dequantized int4 copy."""
     h = h.float()

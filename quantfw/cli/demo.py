@@ -22,10 +22,16 @@ VARIANTS = [
 def run(cfg: DictConfig) -> list[dict]:
     scheme, fmt, backend = components(cfg)
     dims = layer_dims(cfg)
-    variants = [Variant(f"recipe: {scheme.name}", scheme, fmt, learn_alpha=bool(scheme.flags.get("activation_use_clip")))]
+    variants = [
+        Variant(
+            f"recipe: {scheme.name}", scheme, fmt, learn_alpha=bool(scheme.flags.get("activation_use_clip"))
+        )
+    ]
     for label, overrides, learn in VARIANTS:
         v = compose_variant(overrides)
-        variants.append(Variant(label, Scheme.from_config(v.scheme), Format.from_config(v.format), learn_alpha=learn))
+        variants.append(
+            Variant(label, Scheme.from_config(v.scheme), Format.from_config(v.format), learn_alpha=learn)
+        )
     print(
         f"model={cfg.model.name} E={dims.E} H={dims.H} I={dims.I} top-{cfg.model.top_k}, "
         f"{cfg.tokens} held-out tokens with outlier channels, backend={backend.name}"

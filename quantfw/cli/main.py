@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 
 from quantfw.errors import QuantfwError
 
@@ -24,26 +23,10 @@ Hydra flags: --cfg job, --multirun (-m), --help for the composed config.
 """
 
 
-def _commands() -> dict[str, tuple[str, Callable]]:
-    from quantfw.cli import demo, plan
+def _commands() -> dict[str, tuple[str, str]]:
+    from quantfw.cli.commands import COMMANDS
 
-    cmds = {
-        "demo": ("the main job: quantize the recipe's layer with every scheme and compare with float", demo.run),
-        "plan": ("dry run on the meta device: parameters, post-load layout and model memory", plan.run),
-    }
-    cmds.update(_optional_commands())
-    return cmds
-
-
-def _optional_commands() -> dict[str, tuple[str, Callable]]:
-    """Commands contributed by other modules (checkpoints, evaluation, benchmarks)."""
-    out: dict[str, tuple[str, Callable]] = {}
-    try:
-        from quantfw.cli import extra
-    except ImportError:
-        return out
-    out.update(extra.COMMANDS)
-    return out
+    return COMMANDS
 
 
 def fail(command: str, message: str) -> None:
@@ -91,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     if command not in commands:
         fail(command, f"unknown command '{command}' (available: {', '.join(commands)})")
     recipe, debug, dirs, rest = _split_args(argv)
-    run = commands[command][1]
+    import importlib
+
+    run = importlib.import_module(commands[command][1]).run
 
     from quantfw.config.compose import RECIPES_DIR, compose, searchpath_override
     from quantfw.config.schema import register_configs
@@ -106,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     # Validate first (one clear line for a bad override), unless sweeping: Hydra checks each job.
     if not _is_sweep(rest) and not (set(rest) & hydra_flags):
         try:
-            compose(recipe, [a for a in overrides if a not in user_searchpath], config_dirs=[*dirs, *extra_paths])
+            compose(
+                recipe, [a for a in overrides if a not in user_searchpath], config_dirs=[*dirs, *extra_paths]
+            )
         except QuantfwError as e:
             if debug:
                 raise
@@ -115,7 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     import hydra
 
     register_configs()
-    primary = next((d for d in [*dirs, str(RECIPES_DIR)] if os.path.isfile(os.path.join(d, f"{recipe}.yaml"))), str(RECIPES_DIR))
+    primary = next(
+        (d for d in [*dirs, str(RECIPES_DIR)] if os.path.isfile(os.path.join(d, f"{recipe}.yaml"))),
+        str(RECIPES_DIR),
+    )
     sys.argv = [f"quantfw {command}", *rest, searchpath_override(extra_paths)]
 
     @hydra.main(config_path=os.path.abspath(primary), config_name=recipe, version_base="1.3")

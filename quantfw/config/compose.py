@@ -38,15 +38,19 @@ def available(group: str, extra_dirs: Sequence[str | Path] = ()) -> list[str]:
 
 def error_line(e: BaseException) -> str:
     """One line from a Hydra/OmegaConf error: the message plus the key it names."""
-    if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
-        msg = str(e).splitlines()[0]
-        return f"{msg} (key: {e.full_key})"
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(("full_key", "object_type", "reference_type"))]
-    text = "; ".join(lines[:2]) or type(e).__name__
-    return text
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        msg = str(cause).splitlines()[0]
+        head = str(e).splitlines()[0] if cause is not e else ""
+        return f"{head + ': ' if head.startswith('Error merging') else ''}{msg} (key: {cause.full_key})"
+    skip = ("full_key", "object_type", "reference_type", "Config search path", "provider=")
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    return "; ".join(lines[:2]) or type(e).__name__
 
 
-def compose(recipe: str = "default", overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = ()) -> DictConfig:
+def compose(
+    recipe: str = "default", overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = ()
+) -> DictConfig:
     """Compose a recipe with overrides, as the CLI does, and validate it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -56,7 +60,9 @@ def compose(recipe: str = "default", overrides: Sequence[str] = (), config_dirs:
     dirs = [RECIPES_DIR, *map(Path, config_dirs)]
     primary = next((d for d in reversed(dirs) if (Path(d) / f"{recipe}.yaml").is_file()), None)
     if primary is None:
-        raise ConfigError(f"unknown recipe '{recipe}' (available: {', '.join(available('recipe', config_dirs))})")
+        raise ConfigError(
+            f"unknown recipe '{recipe}' (available: {', '.join(available('recipe', config_dirs))})"
+        )
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(Path(primary).resolve()), version_base="1.3"):
@@ -97,6 +103,9 @@ def validate(cfg: DictConfig) -> None:
     scheme = Scheme.from_config(cfg.scheme)
     fmt = Format.from_config(cfg.format)
     fmt.check_compatible(scheme)
+    from quantfw.api import layer_dims
+
+    scheme.check_dims(layer_dims(cfg))
     for key in ("mode",):
         if cfg.backend.get(key) not in ("exact", "fast"):
             raise ConfigError(f"backend.mode: '{cfg.backend.mode}' (allowed: exact, fast)")

@@ -30,7 +30,9 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     # On-disk key of one expert projection; {layer}, {expert} and {proj} are filled in.
     expert_key: str = "model.layers.{layer}.mlp.experts.{expert}.{proj}"
-    proj_names: dict[str, str] = field(default_factory=lambda: {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+    proj_names: dict[str, str] = field(
+        default_factory=lambda: {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    )
     hf_model_type: str = ""
     doc: str = ""
 

@@ -18,6 +18,7 @@ def compose_variant(extra: Sequence[str]) -> DictConfig:
         hc = HydraConfig.get()
         # Keep the search path, drop the run's own choices of the groups the variant sets.
         keys = {o.split("=", 1)[0].lstrip("+~") for o in extra}
+
         def replaced(o: str) -> bool:
             k = o.split("=", 1)[0].lstrip("+~")
             return any(k == g or k.startswith(g + ".") for g in keys)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from quantfw.moe.reference import FloatMoE
 
 from quantfw.backends import Backend
 from quantfw.calibrate.alpha import search_alpha
@@ -14,7 +15,6 @@ from quantfw.eval.metrics import compare
 from quantfw.formats.format import Format
 from quantfw.layout.spec import Dims
 from quantfw.moe.layer import MoELayer
-from quantfw.moe.reference import FloatMoE
 from quantfw.quantize.experts import fake_quant_weights, quantize_experts
 from quantfw.schemes.scheme import Scheme
 
@@ -53,7 +53,15 @@ def evaluate_schemes(
     w, ids = synthetic.random_routing(tokens, dims.E, top_k, seed=seed + 3, skew=2.0)
     x_bf16 = x.to(torch.bfloat16)
     ref = FloatMoE(w13, w2)(x_bf16.float(), w, ids)
-    rows = [{"scheme": "bf16 (float)", "bytes": (w13.numel() + w2.numel()) * 2, "rel_l2": 0.0, "cosine": 1.0, "max_abs": 0.0}]
+    rows = [
+        {
+            "scheme": "bf16 (float)",
+            "bytes": (w13.numel() + w2.numel()) * 2,
+            "rel_l2": 0.0,
+            "cosine": 1.0,
+            "max_abs": 0.0,
+        }
+    ]
     for v in variants:
         alpha = None
         if v.learn_alpha:
@@ -74,5 +82,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         extra = f"  (mean alpha {r['alpha_mean']:.3f})" if "alpha_mean" in r else ""
-        lines.append(f"{r['scheme']:<28} {r['bytes']:>10,d} {r['rel_l2']:>9.4f} {r['cosine']:>9.5f} {r['max_abs']:>9.4f}{extra}")
+        lines.append(
+            f"{r['scheme']:<28} {r['bytes']:>10,d} {r['rel_l2']:>9.4f} {r['cosine']:>9.5f} {r['max_abs']:>9.4f}{extra}"
+        )
     return "\n".join(lines)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import torch
 
 
-def expert_weights(E: int, H: int, I: int, seed: int = 0, df: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_weights(
+    E: int, H: int, I: int, seed: int = 0, df: float = 4.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Float experts w13 [E, 2I, H] and w2 [E, H, I] with Student-t entries (LLM weights are heavy-tailed)."""
     g = torch.Generator().manual_seed(seed)
+
     # Student-t as normal / sqrt(chi2/df), drawn from one seeded generator (reproducible).
     def draw(*shape):
         z = torch.randn(*shape, generator=g)
@@ -21,7 +24,12 @@ def expert_weights(E: int, H: int, I: int, seed: int = 0, df: float = 4.0) -> tu
 
 
 def hidden_states(
-    T: int, H: int, seed: int = 1, outlier_channels: int = 8, outlier_scale: float = 30.0, channel_seed: int = 0
+    T: int,
+    H: int,
+    seed: int = 1,
+    outlier_channels: int = 8,
+    outlier_scale: float = 30.0,
+    channel_seed: int = 0,
 ) -> torch.Tensor:
     """Tokens [T, H] ~ N(0, 1) with a few channels scaled up, as in LLM residual streams. The
     outlier channels depend on channel_seed only, so calibration and test tokens share them."""
@@ -31,7 +39,9 @@ def hidden_states(
     return x
 
 
-def random_routing(T: int, E: int, k: int, seed: int = 2, skew: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def random_routing(
+    T: int, E: int, k: int, seed: int = 2, skew: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing from random logits (skew > 1 makes expert loads uneven); weights renormalised."""
     g = torch.Generator().manual_seed(seed)
     bias = torch.linspace(0, skew, E)

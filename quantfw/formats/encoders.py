@@ -81,7 +81,9 @@ def _alpha(spec, qw, alpha):
     return alpha.float().reshape(spec.shape)
 
 
-def encode_role(specs: Mapping[str, ParamSpec], qw: QuantizedWeight, alpha: torch.Tensor | None, where: str) -> dict[str, torch.Tensor]:
+def encode_role(
+    specs: Mapping[str, ParamSpec], qw: QuantizedWeight, alpha: torch.Tensor | None, where: str
+) -> dict[str, torch.Tensor]:
     """All declared tensors of one role from its quantized weight (leading dims as qw's)."""
     out = {}
     for name, spec in specs.items():

@@ -46,29 +46,44 @@ class Format:
             doc=data.get("doc", ""),
         )
         if fmt.metadata not in ("msmodelslim", "compressed_tensors"):
-            raise ConfigError(f"{fmt.where}: metadata '{fmt.metadata}' (allowed: msmodelslim, compressed_tensors)")
+            raise ConfigError(
+                f"{fmt.where}: metadata '{fmt.metadata}' (allowed: msmodelslim, compressed_tensors)"
+            )
         for name, entry in fmt.tensors.items():
             shard = entry.get("shard", "replicate") if isinstance(entry, Mapping) else None
             kinds = set(shard.values()) if isinstance(shard, Mapping) else {shard}
             if not kinds <= SHARD_KINDS:
-                raise ConfigError(f"{fmt.where}: tensors.{name}.shard {shard!r} (allowed: {sorted(SHARD_KINDS)})")
+                raise ConfigError(
+                    f"{fmt.where}: tensors.{name}.shard {shard!r} (allowed: {sorted(SHARD_KINDS)})"
+                )
         parse_steps(fmt.load, f"{fmt.where} load")  # unknown ops / keys fail at compose time
         return fmt
 
     def check_compatible(self, scheme: Scheme) -> None:
         for i, req in enumerate(self.requires):
             if not expr.holds(req["check"], scheme.flags, f"{self.where} requires[{i}]"):
-                flags = ", ".join(f"{k}={v}" for k, v in scheme.flags.items() if k in ("weight_bits", "group_size"))
+                flags = ", ".join(
+                    f"{k}={v}" for k, v in scheme.flags.items() if k in ("weight_bits", "group_size")
+                )
                 raise ConfigError(f"{self.where} {req['message']} (scheme '{scheme.name}' has {flags})")
 
     def disk_layout(self, dims: Dims, scheme: Scheme) -> dict[str, ParamSpec]:
         """One expert projection's tensors as this rank loads them (`{role}_{suffix}`)."""
-        return instantiate(self.tensors, dims, {**scheme.flags, "G": scheme.flags.get("group_size", 0)}, f"{self.where} tensors")
+        return instantiate(
+            self.tensors,
+            dims,
+            {**scheme.flags, "G": scheme.flags.get("group_size", 0)},
+            f"{self.where} tensors",
+        )
 
     def loaded_layout(self, dims: Dims, scheme: Scheme) -> dict[str, ParamSpec]:
         """The expert-stacked tensors the layer accepts before post-load ([E, *disk shape])."""
         return instantiate(
-            self.tensors, dims, {**scheme.flags, "G": scheme.flags.get("group_size", 0)}, f"{self.where} tensors", stack_experts=True
+            self.tensors,
+            dims,
+            {**scheme.flags, "G": scheme.flags.get("group_size", 0)},
+            f"{self.where} tensors",
+            stack_experts=True,
         )
 
     def pipeline(self) -> Pipeline:
@@ -76,7 +91,12 @@ class Format:
 
 
 def check_declared_result(
-    pipeline: Pipeline, loaded: Mapping[str, ParamSpec], expected: Mapping[str, ParamSpec], scheme: Scheme, dims: Dims, label: str
+    pipeline: Pipeline,
+    loaded: Mapping[str, ParamSpec],
+    expected: Mapping[str, ParamSpec],
+    scheme: Scheme,
+    dims: Dims,
+    label: str,
 ) -> None:
     """Run the shape rules alone and compare with the scheme's runtime layout (plan time, no data)."""
     state = {n: (s.shape, s.dtype) for n, s in loaded.items()}

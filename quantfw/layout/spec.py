@@ -130,7 +130,11 @@ def instantiate(
             init = entry.get("init", "empty")
             if init not in INITS:
                 raise ConfigError(f"{at}.init: {init!r} (allowed: {sorted(INITS)})")
-            meta = {k: _per_role(entry[k], role) for k in ("encoding", "packing", "shard", "encode", "doc") if k in entry}
+            meta = {
+                k: _per_role(entry[k], role)
+                for k in ("encoding", "packing", "shard", "encode", "doc")
+                if k in entry
+            }
             specs[f"{role}_{name}"] = ParamSpec(
                 name=f"{role}_{name}",
                 role=role,

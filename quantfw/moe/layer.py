@@ -26,6 +26,7 @@ class MoELayer(torch.nn.Module):
         self.scheme, self.format, self.backend, self.dims = scheme, fmt, backend, dims
         self.expert_offset = expert_offset  # global id of local expert 0 (expert parallel)
         fmt.check_compatible(scheme)
+        scheme.check_dims(dims)
         self.loaded_specs: dict[str, ParamSpec] = fmt.loaded_layout(dims, scheme)
         self.runtime_specs: dict[str, ParamSpec] = scheme.runtime_layout(dims)
         self.format_pipeline = fmt.pipeline()
@@ -48,7 +49,9 @@ class MoELayer(torch.nn.Module):
         """Accept expert-stacked tensors in the format's layout, check them all, run post-load."""
         problems = conformance_problems(self.loaded_specs, tensors, source)
         if problems:
-            raise LayoutError(f"{len(problems)} problem(s) with {source} for {self.format.where}: " + "; ".join(problems))
+            raise LayoutError(
+                f"{len(problems)} problem(s) with {source} for {self.format.where}: " + "; ".join(problems)
+            )
         state = {n: (s.shape, s.dtype) for n, s in self.loaded_specs.items()}
         result = (self.format_pipeline + self.backend.post_load).run(tensors, state, self._env)
         for name, t in result.items():
@@ -61,7 +64,9 @@ class MoELayer(torch.nn.Module):
         return {n: getattr(self, n) for n in self._runtime_names}
 
     @torch.no_grad()
-    def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
         if not self.loaded:
             raise LayoutError("MoELayer.forward before load(): no weights")
         T, H = hidden_states.shape

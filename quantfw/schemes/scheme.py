@@ -16,7 +16,14 @@ from quantfw.errors import ConfigError
 from quantfw.layout import expr
 from quantfw.layout.spec import ROLES, Dims, ParamSpec, instantiate
 
-FLAGS = ("weight_bits", "group_size", "activation_use_clip", "fused_swiglu_quant", "weight_observer", "missing_alpha")
+FLAGS = (
+    "weight_bits",
+    "group_size",
+    "activation_use_clip",
+    "fused_swiglu_quant",
+    "weight_observer",
+    "missing_alpha",
+)
 # Ops a compute plan may call; each backend provides all of them (names of quantfw.ops / torch_npu).
 PLAN_OPS = (
     "dynamic_quant",
@@ -78,17 +85,39 @@ class Scheme:
         self.plan()  # names every undefined value or unknown op
 
     def env(self, dims: Dims, role: str) -> dict[str, Any]:
-        return {**self.flags, "G": self.flags.get("group_size", 0), **dims.role(role), "role_is_w13": role == "w13"}
+        return {
+            **self.flags,
+            "G": self.flags.get("group_size", 0),
+            **dims.role(role),
+            "role_is_w13": role == "w13",
+        }
+
+    def check_dims(self, dims: Dims) -> None:
+        """Per-group quantization needs the group size to divide K of both projections."""
+        gs = self.flags.get("group_size", 0)
+        bad = [f"{r} K={dims.role(r)['K']}" for r in ROLES if gs and dims.role(r)["K"] % gs]
+        if bad:
+            raise ConfigError(
+                f"{self.where}: group_size={gs} does not divide {' and '.join(bad)}; "
+                f"use a divisor of both (H={dims.H}, I/tp={dims.I // dims.tp}) or scheme.group_size=0"
+            )
 
     def runtime_layout(self, dims: Dims) -> dict[str, ParamSpec]:
         """The parameters the kernels consume after post-load, for this rank's dims."""
-        return instantiate(self.runtime, dims, {**self.flags, "G": self.flags.get("group_size", 0)}, f"{self.where} runtime")
+        self.check_dims(dims)
+        return instantiate(
+            self.runtime, dims, {**self.flags, "G": self.flags.get("group_size", 0)}, f"{self.where} runtime"
+        )
 
     def runtime_names(self) -> set[str]:
         names = set()
         for name, entry in self.runtime.items():
             for role in entry.get("roles", ROLES) if isinstance(entry, Mapping) else ROLES:
-                if expr.holds(entry.get("when") if isinstance(entry, Mapping) else None, self.flags, f"{self.where} runtime.{name}.when"):
+                if expr.holds(
+                    entry.get("when") if isinstance(entry, Mapping) else None,
+                    self.flags,
+                    f"{self.where} runtime.{name}.when",
+                ):
                     names.add(f"{role}_{name}")
         return names
 
@@ -102,7 +131,9 @@ class Scheme:
                 raise ConfigError(f"{at}: expected a mapping with 'op', found {raw!r}")
             unknown = set(raw) - PLAN_STEP_KEYS
             if unknown:
-                raise ConfigError(f"{at}: unknown key(s) {sorted(unknown)} (allowed: {sorted(PLAN_STEP_KEYS)})")
+                raise ConfigError(
+                    f"{at}: unknown key(s) {sorted(unknown)} (allowed: {sorted(PLAN_STEP_KEYS)})"
+                )
             if raw["op"] not in PLAN_OPS:
                 raise ConfigError(f"{at}: unknown op '{raw['op']}' (available: {', '.join(PLAN_OPS)})")
             if not expr.holds(raw.get("when"), self.flags, f"{at}.when"):
@@ -110,7 +141,9 @@ class Scheme:
             args = dict(raw.get("args") or {})
             for arg, value in args.items():
                 if value not in defined:
-                    raise ConfigError(f"{at} ({raw['op']}): argument {arg}={value} is not defined before this step")
+                    raise ConfigError(
+                        f"{at} ({raw['op']}): argument {arg}={value} is not defined before this step"
+                    )
             out = raw.get("out")
             out = (out,) if isinstance(out, str) else tuple(out or ())
             if not out:

@@ -41,7 +41,9 @@ def squeeze(xs, args, env):
 def _view_int32_rule(d, a, env):
     shape, dtype = d[0]
     if dtype != torch.int8 or shape[-1] % 4:
-        raise LayoutError(f"view_int32: needs int8 with a last dim divisible by 4, declared {list(shape)} {dtype}")
+        raise LayoutError(
+            f"view_int32: needs int8 with a last dim divisible by 4, declared {list(shape)} {dtype}"
+        )
     return shape[:-1] + (shape[-1] // 4,), torch.int32
 
 
@@ -64,7 +66,9 @@ def encode_u64(xs, args, env):
     return ops.encode_scale_u64(xs[0])
 
 
-@register("cast", args=("dtype",), rule=lambda d, a, env: (d[0][0], role_dtype(a["dtype"], env, "cast.dtype")))
+@register(
+    "cast", args=("dtype",), rule=lambda d, a, env: (d[0][0], role_dtype(a["dtype"], env, "cast.dtype"))
+)
 def cast(xs, args, env):
     """Change dtype (e.g. the W8A8 w2 scale to bf16 before the second GMM)."""
     return xs[0].to(role_dtype(args["dtype"], env, "cast.dtype"))

@@ -41,7 +41,9 @@ def register(name: str, *, rule, many_inputs: bool = False, args: Sequence[str] 
     def deco(fn):
         if name in _OPS:
             raise ValueError(f"transform '{name}' is already registered")
-        _OPS[name] = TransformOp(name, fn, rule, many_inputs, frozenset(args), doc or (fn.__doc__ or "").strip())
+        _OPS[name] = TransformOp(
+            name, fn, rule, many_inputs, frozenset(args), doc or (fn.__doc__ or "").strip()
+        )
         return fn
 
     return deco
@@ -79,7 +81,9 @@ def parse_steps(raw: Sequence[Mapping[str, Any]], where: str) -> list[Step]:
         label = f"{label} ({name})"
         unknown = set(item) - STEP_KEYS - op.args
         if unknown:
-            raise ConfigError(f"{label}: unknown key(s) {sorted(unknown)} (allowed: {sorted(STEP_KEYS | op.args)})")
+            raise ConfigError(
+                f"{label}: unknown key(s) {sorted(unknown)} (allowed: {sorted(STEP_KEYS | op.args)})"
+            )
         params = item.get("params", [])
         params = [params] if isinstance(params, str) else list(params)
         if not params:
@@ -121,7 +125,9 @@ class Pipeline:
                     if ok:
                         yield role, [name], f"{role}_{step.out}" if step.out else name, env
 
-    def declare(self, state: Mapping[str, Decl], env_of: Callable[[str], Mapping[str, Any]]) -> dict[str, Decl]:
+    def declare(
+        self, state: Mapping[str, Decl], env_of: Callable[[str], Mapping[str, Any]]
+    ) -> dict[str, Decl]:
         """Run the shape rules alone: the layout after the pipeline, with no tensor touched."""
         state = dict(state)
         for step in self.steps:
@@ -137,7 +143,9 @@ class Pipeline:
     def _check_step_has_inputs(self, step, state, env_of):
         active = [r for r in step.roles if expr.holds(step.when, env_of(r), f"{step.label}.when")]
         if active and not any(f"{r}_{p}" in state for r in active for p in step.params):
-            raise LayoutError(f"{step.label}: no param {list(step.params)} exists at this point of the pipeline")
+            raise LayoutError(
+                f"{step.label}: no param {list(step.params)} exists at this point of the pipeline"
+            )
 
     def run(
         self,
