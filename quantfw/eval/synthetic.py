@@ -7,7 +7,7 @@ import torch
 
 
 def expert_weights(
-    E: int, H: int, I: int, seed: int = 0, df: float = 4.0
+    E: int, H: int, I: int, seed: int = 0, df: float = 5.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float experts w13 [E, 2I, H] and w2 [E, H, I] with Student-t entries (LLM weights are heavy-tailed)."""
     g = torch.Generator().manual_seed(seed)

@@ -79,7 +79,9 @@ class MoELayer(torch.nn.Module):
         token = order // k
         env: dict[str, object] = {**self.runtime_tensors(), "x": hidden_states[token], "counts": counts}
         for step in self.plan:
-            result = self.backend.op(step.op)(**{arg: env[name] for arg, name in step.args.items()})
+            result = self.backend.op(step.op)(
+                **{a: None if n is None else env[n] for a, n in step.args.items()}
+            )
             result = result if isinstance(result, tuple) else (result,)
             env.update(zip(step.out, result))
         y = env["out"].float() * topk_weights.reshape(-1)[order].float().unsqueeze(1)

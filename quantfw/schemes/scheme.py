@@ -140,7 +140,7 @@ class Scheme:
                 continue
             args = dict(raw.get("args") or {})
             for arg, value in args.items():
-                if value not in defined:
+                if value is not None and value not in defined:  # null = the op's "not given" (None)
                     raise ConfigError(
                         f"{at} ({raw['op']}): argument {arg}={value} is not defined before this step"
                     )
