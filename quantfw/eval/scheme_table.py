@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from quantfw.moe.reference import FloatMoE
 
 from quantfw.backends import Backend
 from quantfw.calibrate.alpha import search_alpha
@@ -15,6 +14,7 @@ from quantfw.eval.metrics import compare
 from quantfw.formats.format import Format
 from quantfw.layout.spec import Dims
 from quantfw.moe.layer import MoELayer
+from quantfw.moe.reference import FloatMoE
 from quantfw.quantize.experts import fake_quant_weights, quantize_experts
 from quantfw.schemes.scheme import Scheme
 
