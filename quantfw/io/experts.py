@@ -135,3 +135,29 @@ def projection_specs(fmt: Format, scheme: Scheme, dims: Dims) -> dict[str, dict[
         for proj in ("gate", "up"):
             out[proj][suffix] = dataclasses.replace(spec, shape=half)
     return out
+
+
+def read_float_experts(reader, model: MoEModel, layer: int):
+    """Float w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I] of one layer, fp32, from
+    per-expert keys or transformers-5 fused `experts.gate_up_proj` / `experts.down_proj`."""
+    import torch
+
+    keys = reader.keys()
+    fused = {m["proj"]: k for k in keys if (m := FUSED_RE.match(k)) and int(m["layer"]) == layer}
+    if {"gate_up_proj", "down_proj"} <= fused.keys():
+        return reader.get(fused["gate_up_proj"]).float(), reader.get(fused["down_proj"]).float()
+    prefix = expert_prefixes(keys, model).get(layer)
+    if prefix is None:
+        raise CheckpointError(f"{reader.folder}: layer {layer} has no routed-expert float weights")
+    E = model.num_experts
+    need = [key_of(prefix, e, model, p, "weight") for e in range(E) for p in PROJS]
+    missing = [k for k in need if k not in reader]
+    if missing:
+        raise CheckpointError(
+            f"{reader.folder}: {len(missing)} float expert weight(s) missing, e.g. '{missing[0]}'"
+        )
+    t = reader.read_many(need)
+    w = {(e, p): t[key_of(prefix, e, model, p, "weight")].float() for e in range(E) for p in PROJS}
+    w13 = torch.stack([torch.cat([w[e, "gate"], w[e, "up"]]) for e in range(E)])
+    w2 = torch.stack([w[e, "down"] for e in range(E)])
+    return w13, w2
