@@ -93,8 +93,13 @@ def open_checkpoint(
     )
 
 
-def layer_problems(op: Opened, layer: int, experts: Iterable[int], skip: set[str] = frozenset()) -> list[str]:
-    """Every missing / unexpected / wrong-shape / wrong-dtype expert tensor of one layer."""
+def layer_problems(
+    op: Opened, layer: int, experts: Iterable[int], skip: set[str] = frozenset(), unexpected: bool = True
+) -> list[str]:
+    """Every missing / unexpected / wrong-shape / wrong-dtype expert tensor of one layer.
+
+    The loader passes unexpected=False: it reads only what the scheme declares, so a clip
+    checkpoint loads with activation_use_clip=false (its alphas unused: an A/B switch)."""
     prefix = op.prefixes[layer]
     specs = projection_specs(op.fmt, op.scheme, op.model.dims())
     problems: list[str] = []
@@ -111,7 +116,7 @@ def layer_problems(op: Opened, layer: int, experts: Iterable[int], skip: set[str
                 found = {key: _accepting_scalar(op.reader.info(key), spec.shape)} if key in op.reader else {}
                 problems += conformance_problems(named, found, entry)
     experts = set(experts)
-    for key in op.reader.keys():
+    for key in op.reader.keys() if unexpected else ():
         p = parse_expert_key(key, op.model)
         if p and p[0] == prefix and p[2] in experts and key not in expected:
             problems.append(
@@ -168,7 +173,7 @@ def layer_tensors(op: Opened, layer: int) -> dict[str, torch.Tensor]:
         key_of(prefix, e, op.model, "down", "alpha") in op.reader for e in experts
     )
     fill_alpha = alpha_missing and op.scheme.flags.get("missing_alpha") == "ones"
-    problems = layer_problems(op, layer, experts, skip={"alpha"} if fill_alpha else set())
+    problems = layer_problems(op, layer, experts, skip={"alpha"} if fill_alpha else set(), unexpected=False)
     if problems:
         raise CheckpointError(
             f"{op.reader.folder} layer {layer}: {len(problems)} problem(s): "

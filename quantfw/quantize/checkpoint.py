@@ -134,7 +134,8 @@ class Converter:
             raise CheckpointError(
                 f"{where}: tensor '{key}' has shape {list(t.shape)}, expected {list(shape)} (from config.json)"
             )
-        if not torch.isfinite(t).all():
+        # One reduction first (cheap); the elementwise test only when the sum is not finite.
+        if not torch.isfinite(t.sum(dtype=torch.float64)) and not torch.isfinite(t).all():
             raise CheckpointError(f"{where}: tensor '{key}' contains NaN or Inf")
 
     def _encode(self, prefix: str, expert: int, proj: str, w: torch.Tensor, out: dict, types: dict) -> None:
