@@ -106,7 +106,14 @@ def main(argv: list[str] | None = None) -> None:
         (d for d in [*dirs, str(RECIPES_DIR)] if os.path.isfile(os.path.join(d, f"{recipe}.yaml"))),
         str(RECIPES_DIR),
     )
-    sys.argv = [f"quantfw {command}", *rest, searchpath_override(extra_paths)]
+    # Hydra's parser takes overrides as one positional run: flags (and their values) first.
+    flags = [a for a in rest if not ("=" in a and not a.startswith("-"))]
+    sys.argv = [
+        f"quantfw {command}",
+        *flags,
+        searchpath_override(extra_paths),
+        *[a for a in rest if a not in flags],
+    ]
 
     @hydra.main(config_path=os.path.abspath(primary), config_name=recipe, version_base="1.3")
     def _app(cfg):

@@ -22,8 +22,11 @@ GROUPS = ("scheme", "format", "model", "backend")
 
 
 def searchpath_override(extra: Sequence[str] = ()) -> str:
-    """The `hydra.searchpath` override that makes conf/ (and user folders) visible to recipes."""
-    paths = [f"file://{CONF_DIR}"] + [p if "://" in p else f"file://{Path(p).resolve()}" for p in extra]
+    """The `hydra.searchpath` override that makes conf/, the shipped recipes (so user recipes can
+    build on them) and user folders visible."""
+    paths = [f"file://{CONF_DIR}", f"file://{RECIPES_DIR}"] + [
+        p if "://" in p else f"file://{Path(p).resolve()}" for p in extra
+    ]
     return "hydra.searchpath=[" + ",".join(paths) + "]"
 
 
