@@ -121,6 +121,10 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--topk", type=int, default=6, help="active experts of the second configuration")
     p.add_argument("--only", nargs="*", default=None, help="subset of configs (labels) to run")
+    p.add_argument(
+        "--routing", nargs="*", default=["all", "topk"], choices=["all", "topk"],
+        help="routing configurations: all = every token to all experts, topk = the --topk router",
+    )
     args = p.parse_args(argv)
     torch.manual_seed(0)
     base, tokenizer = load_smollm2()
@@ -131,7 +135,7 @@ def main(argv=None):
         "args": vars(args),
         "runs": {},
     }
-    for top_k in (None, args.topk):
+    for top_k in [None] * ("all" in args.routing) + [args.topk] * ("topk" in args.routing):
         key = f"top{top_k or E}"
         runs, labels = {}, CONFIGS if top_k is None else {k: CONFIGS[k] for k in TOPK_CONFIGS}
         if args.only is not None:

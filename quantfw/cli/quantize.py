@@ -1,6 +1,14 @@
-"""`quantfw quantize input=DIR output=DIR [scheme/format overrides] [overwrite=true]`."""
+"""`quantfw quantize input=DIR output=DIR [scheme/format overrides] [overwrite=true]
+[calibration.source=model calibration.tokens=N ...]`.
+
+With a clipping scheme and `calibration.source=model`, the float model in `input` is run on
+calibration tokens first and the learned per-expert alphas go into the checkpoint
+(`...experts.e.down_proj.alpha`), with how they were obtained in the metadata's quantfw block.
+"""
 
 from __future__ import annotations
+
+import sys
 
 from omegaconf import DictConfig
 
@@ -13,6 +21,26 @@ def run(cfg: DictConfig) -> str:
     if not cfg.input or not cfg.output:
         raise ConfigError("quantize needs input=DIR (float HF checkpoint) and output=DIR")
     scheme, fmt, _ = components(cfg)
+    source = cfg.calibration.source
+    if source not in ("none", "model"):
+        raise ConfigError(f"calibration.source={source} (allowed: none, model)")
+    alphas = calibration = None
+    if source == "model" and scheme.flags.get("activation_use_clip"):
+        from quantfw.calibrate.model import calibrate_checkpoint
+
+        result = calibrate_checkpoint(cfg.input, scheme, cfg.calibration, cfg.seed)
+        alphas, calibration = result.alphas, result.metadata
+        fallback = calibration["fallback_experts"]
+        print(
+            f"quantfw quantize: learned alphas for {len(alphas)} layer(s) from {calibration['data']}; "
+            f"{len(fallback)} expert(s) fell back to alpha = 1 (policy {calibration['policy']})",
+            file=sys.stderr,
+        )
+    elif source == "model":
+        print(
+            f"quantfw quantize: calibration.source=model ignored: scheme '{scheme.name}' does not clip",
+            file=sys.stderr,
+        )
     out = quantize_checkpoint(
         cfg.input,
         cfg.output,
@@ -21,5 +49,7 @@ def run(cfg: DictConfig) -> str:
         overwrite=cfg.overwrite,
         proj_names=dict(cfg.model.proj_names),
         dist=Dist.from_env(),
+        alphas=alphas,
+        calibration=calibration,
     )
     return str(out)

@@ -75,6 +75,31 @@ class BackendConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """How `quantize` obtains W4A8-clip alphas (used only when the scheme clips)."""
+
+    source: str = "none"  # none (alpha = 1, recorded) | model (run the float input model)
+    tokens: int = 2048  # calibration tokens fed to the float model
+    seq_len: int = 256  # tokens per forward window
+    batch_size: int = 4  # windows per forward
+    min_tokens: int = 16  # experts with fewer routed calibration tokens follow `policy`
+    policy: str = "ones"  # ones (alpha = 1, reported) | fail (error naming layer/expert)
+    max_rows: int | None = 1024  # pre-SwiGLU rows kept per expert for the alpha search
+
+
+@dataclass
+class EvalConfig:
+    """Extra outputs of `quantfw eval` (the per-layer table is always printed)."""
+
+    per_expert: bool = True  # rel_l2 / cosine / max_abs per expert on the tokens routed to it
+    plot: str | None = None  # PNG path: error by layer/expert, alpha histogram (needs matplotlib)
+    perplexity: bool = False  # float vs quantized causal-LM perplexity (reference = float model)
+    ppl_tokens: int = 2048  # held-out tokens for perplexity
+    seq_len: int = 256  # perplexity window
+    table: str | None = None  # markdown table rebuilt from every row of `out` (multirun comparison)
+
+
+@dataclass
 class QuantfwConfig:
     model: ModelConfig = MISSING
     scheme: SchemeConfig = MISSING
@@ -93,6 +118,8 @@ class QuantfwConfig:
     reference: str | None = None
     out: str | None = None
     overwrite: bool = False
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def register_configs() -> None:

@@ -91,7 +91,12 @@ class Converter:
         overwrite: bool = False,
         proj_names: Mapping[str, str] | None = None,
         progress: bool = True,
+        alphas: Mapping[int, torch.Tensor] | None = None,
+        calibration: dict | None = None,
     ):
+        # alphas: MoE layer -> W4A8-clip alpha [E] (from quantfw.calibrate); calibration: how.
+        self.alphas = {int(k): v.float() for k, v in (alphas or {}).items()}
+        self.calibration = calibration
         self.reader = CheckpointReader(input)
         self.config = self.reader.config()
         self.model = MoEModel.from_config(self.config, str(self.reader.folder / "config.json"), proj_names)
@@ -106,6 +111,11 @@ class Converter:
         fmt.check_compatible(scheme)
         dims = self.model.dims()
         scheme.check_dims(dims)
+        for layer, a in self.alphas.items():
+            if tuple(a.shape) != (dims.E,) or not bool(((a > 0) & (a <= 1)).all()):
+                raise CheckpointError(
+                    f"alphas of layer {layer}: shape {list(a.shape)}, expected [{dims.E}] values in (0, 1]"
+                )
         self.specs = projection_specs(fmt, scheme, dims)
         self.tmp = self.out.parent / f".{self.out.name}.partial"
         n = len(self.reader.shards)
@@ -116,9 +126,12 @@ class Converter:
         self.alpha_method = (
             "none: alpha = 1 (no calibration)" if scheme.flags.get("activation_use_clip") else None
         )
+        if self.alphas and scheme.flags.get("activation_use_clip"):
+            self.alpha_method = (calibration or {}).get("method", "given")
         self.fingerprint = hashlib.sha256(
             json.dumps(
-                [metadata.VERSION, scheme.signature(), fmt.name, fmt.tensors, dict(self.model.proj_names)],
+                [metadata.VERSION, scheme.signature(), fmt.name, fmt.tensors, dict(self.model.proj_names)]
+                + [{k: v.tolist() for k, v in sorted(self.alphas.items())}] * bool(self.alphas),
                 sort_keys=True,
                 default=str,
             ).encode()
@@ -142,11 +155,18 @@ class Converter:
         specs: dict[str, ParamSpec] = self.specs[proj]
         qw = quantize_weight(w.float(), self.scheme.flags)
         where = f"{self.fmt.where} {prefix}.{expert}.{proj}"
-        for suffix, t in encode_role(specs, qw, None, where).items():
+        for suffix, t in encode_role(specs, qw, self._alpha(prefix, expert, proj), where).items():
             key = key_of(prefix, expert, self.model, proj, suffix)
             # Declared uint64 is stored as safetensors U64 (torch keeps it in int64, spec 1.5).
             out[key] = t.view(torch.uint64) if specs[suffix].meta.get("storage") == "uint64" else t
             types[key] = self.qtype
+
+    def _alpha(self, prefix: str, expert: int, proj: str) -> torch.Tensor | None:
+        """This expert's learned alpha (down_proj only), None = the encoder's alpha = 1."""
+        layer = int(prefix.split("layers.")[-1].split(".")[0])
+        if proj != "down" or layer not in self.alphas:
+            return None
+        return self.alphas[layer][expert]
 
     def convert_shard(self, shard: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         out: dict[str, torch.Tensor] = {}
@@ -267,6 +287,8 @@ class Converter:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         metadata.dump(self.tmp / self.index_name, index)
         prov = metadata.provenance(self.scheme, self.fmt.name, self.alpha_method)
+        if self.calibration is not None:
+            prov["alpha_calibration"] = self.calibration
         metadata.write(self.fmt.metadata, self.tmp, self.config, self.scheme, types, prov)
         for p in sorted(self.reader.folder.iterdir()):  # tokenizer, generation config, ...
             if (
@@ -320,6 +342,10 @@ def quantize_checkpoint(
     proj_names: Mapping[str, str] | None = None,
     progress: bool = True,
     dist: Dist | None = None,
+    alphas: Mapping[int, torch.Tensor] | None = None,
+    calibration: dict | None = None,
 ) -> Path:
     """Quantize every routed expert of a float checkpoint folder into `output` (see module doc)."""
-    return Converter(input, output, scheme, fmt, overwrite, proj_names, progress).run(dist)
+    return Converter(input, output, scheme, fmt, overwrite, proj_names, progress, alphas, calibration).run(
+        dist
+    )

@@ -1,0 +1,127 @@
+"""Calibrating W4A8-clip alphas from a float HF checkpoint folder (what `quantfw quantize` runs).
+
+The float model is loaded with transformers (offline, fp32), its MoE blocks are swapped for
+`FloatMoE` (the same float experts, so the model output is unchanged), calibration tokens are run
+through it while `ExpertCapture` records every expert's pre-SwiGLU rows, and `learn_expert_alphas`
+turns each layer's rows into alpha [E]. Tokens: the first `tokens` of the calibration split of
+`quantfw.eval.text` tokenised with the checkpoint's tokenizer when it has one, else deterministic
+pseudo-random ids from the seed (tiny test models ship no tokenizer); which one ran is recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantfw.calibrate.experts import POLICIES, ExpertCapture, alpha_metadata, learn_expert_alphas
+from quantfw.errors import CheckpointError, ConfigError
+from quantfw.schemes.scheme import Scheme
+
+__all__ = ["CalibrationResult", "calibration_tokens", "calibrate_checkpoint", "load_float_model"]
+
+SOURCES = ("none", "model")
+
+
+@dataclass
+class CalibrationResult:
+    alphas: dict[int, torch.Tensor]  # MoE layer index -> alpha [E] fp32
+    report: list[dict]  # one row per (layer, expert): tokens, rows, alpha, status, errors
+    metadata: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable provenance
+
+
+def load_float_model(folder: str | Path):
+    """The float causal LM of a HF checkpoint folder, fp32, eval mode, never touching the network."""
+    from quantfw.integrations.hf import _transformers
+
+    tf = _transformers()
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{folder}: transformers cannot load the float model ({first})") from None
+    return model.eval()
+
+
+def _tokenizer(folder: str | Path):
+    """The checkpoint's tokenizer, or None when the folder has no tokenizer files."""
+    folder = Path(folder)
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    from quantfw.integrations.hf import _transformers
+
+    return _transformers().AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def calibration_tokens(
+    folder: str | Path, vocab_size: int, count: int, seed: int, split: str = "calibration"
+):
+    """(token ids int64 [count], description). Text split of pydoc topics when a tokenizer exists,
+    else pseudo-random ids in [0, vocab_size) from `seed` (calibration and held-out use disjoint
+    seeds so they never coincide)."""
+    tok = _tokenizer(folder)
+    if tok is not None:
+        from quantfw.eval.text import token_splits
+
+        ids = getattr(token_splits(tok), split)[:count]
+        desc = f"pydoc_data.topics {split} split, first {len(ids)} tokens, tokenizer of {Path(folder).name}"
+        return ids, desc
+    g = torch.Generator().manual_seed(seed + (0 if split == "calibration" else 7919))
+    ids = torch.randint(0, vocab_size, (count,), generator=g, dtype=torch.int64)
+    return ids, f"pseudo-random token ids (seed {seed}, {split}, no tokenizer in checkpoint), {count} tokens"
+
+
+def _windows(ids: torch.Tensor, seq_len: int, what: str) -> torch.Tensor:
+    n = len(ids) // seq_len
+    if seq_len < 1 or n < 1:
+        raise ConfigError(f"{what}: {len(ids)} tokens do not fill one window of seq_len={seq_len}")
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def calibrate_checkpoint(folder: str | Path, scheme: Scheme, calib, seed: int = 0) -> CalibrationResult:
+    """Learn every MoE layer's alphas from the float model in `folder` (see module doc).
+
+    `calib` is the recipe's `calibration` node (tokens, seq_len, batch_size, min_tokens, policy,
+    max_rows)."""
+    from quantfw.integrations.hf import swap_moe_experts
+    from quantfw.moe.reference import FloatMoE
+
+    if calib.policy not in POLICIES:
+        raise ConfigError(f"calibration.policy={calib.policy} (allowed: {', '.join(POLICIES)})")
+    model = load_float_model(folder)
+    weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def factory(w13, w2, layer):
+        weights[layer] = (w13, w2)
+        return FloatMoE(w13, w2)
+
+    swap = swap_moe_experts(model, factory)
+    experts = {
+        e.layer_index: (model.get_submodule(e.path).experts, weights[e.layer_index][0]) for e in swap.entries
+    }
+    capture = ExpertCapture(experts, max_rows=calib.max_rows)
+    ids, data = calibration_tokens(folder, model.config.vocab_size, calib.tokens, seed)
+    windows = _windows(ids, calib.seq_len, "calibration.tokens")
+    with torch.no_grad(), capture.attached():
+        for i in range(0, len(windows), calib.batch_size):
+            model(input_ids=windows[i : i + calib.batch_size], use_cache=False)
+    alphas, report = {}, []
+    for layer, cap in capture.layers.items():
+        w13, w2 = weights[layer]
+        alphas[layer], rows = learn_expert_alphas(scheme, w13, w2, cap, calib.min_tokens, calib.policy)
+        report += rows
+    meta = alpha_metadata(report, data, calib.min_tokens, calib.policy)
+    meta.update(
+        token_source="tokenizer" if data.startswith("pydoc") else "pseudo_random",
+        seq_len=calib.seq_len,
+        calibration_tokens=int(windows.numel()),
+        max_rows=calib.max_rows,
+        # coverage[layer][e] = routed calibration tokens of expert e (including rows beyond max_rows)
+        coverage={str(layer): cap.counts.tolist() for layer, cap in capture.layers.items()},
+        alphas={str(layer): [round(float(a), 6) for a in alphas[layer]] for layer in alphas},
+    )
+    return CalibrationResult(alphas, report, meta)
