@@ -1,28 +1,80 @@
-"""`quantfw eval checkpoint=DIR reference=DIR [tokens=N] [out=FILE.json]`: per-layer error vs float."""
+"""`quantfw eval checkpoint=DIR reference=DIR [tokens=N] [out=FILE.json] [eval.plot=FILE.png]
+[eval.perplexity=true] [eval.table=FILE.md]`: error of the quantized MoE layers vs float.
+
+Per layer and per expert (eval.per_expert) rel_l2 / cosine / max_abs on synthetic tokens with
+outlier channels; perplexity of the reference causal LM with its MoE blocks swapped for the
+quantized layers (eval.perplexity). `out` gets the documented JSON (quantfw.eval.report) and one
+comparison row per job; with `--multirun checkpoint=A,B out=F.json eval.table=T.md` all jobs land
+in one table.
+"""
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from quantfw.cli.user_overrides import recipe_and_overrides
 from quantfw.errors import ConfigError
-from quantfw.eval.checkpoint import evaluate_checkpoint, format_rows
+from quantfw.eval import report
+from quantfw.eval.checkpoint import checkpoint_perplexity, evaluate_checkpoint, format_rows
 
 
-def run(cfg: DictConfig) -> list[dict]:
+def _provenance(folder: str) -> dict | None:
+    """The quantfw block of the checkpoint's metadata (either style), if any."""
+    from quantfw.io.metadata import DESCRIPTION_NAMES
+    from quantfw.io.reader import CheckpointReader
+
+    reader = CheckpointReader(folder)
+    qc = reader.config().get("quantization_config") or {}
+    if isinstance(qc.get("quantfw"), dict):
+        return qc["quantfw"]
+    for name in DESCRIPTION_NAMES:
+        if (reader.folder / name).is_file():
+            prov = reader.json(name).get("quantfw")
+            return prov if isinstance(prov, dict) else None
+    return None
+
+
+def run(cfg: DictConfig) -> dict:
     if not cfg.checkpoint or not cfg.reference:
         raise ConfigError("eval needs checkpoint=DIR (quantized) and reference=DIR (float)")
+    if cfg.eval.table and not cfg.out:
+        raise ConfigError("eval.table=FILE.md needs out=FILE.json (the table is rebuilt from its rows)")
     recipe, overrides = recipe_and_overrides()
-    rows = evaluate_checkpoint(cfg.checkpoint, cfg.reference, cfg.tokens, cfg.seed, recipe, overrides)
+    overrides = [o for o in overrides if not o.split("=", 1)[0].startswith(("eval.", "calibration."))]
+    e = cfg.eval
+    rows = evaluate_checkpoint(
+        cfg.checkpoint, cfg.reference, cfg.tokens, cfg.seed, recipe, overrides, per_expert=e.per_expert
+    )
     print(format_rows(rows))
-    if cfg.out:
-        Path(cfg.out).write_text(
-            json.dumps(
-                {"checkpoint": str(cfg.checkpoint), "reference": str(cfg.reference), "layers": rows}, indent=2
-            )
-            + "\n"
+    ppl = None
+    if e.perplexity:
+        ppl = checkpoint_perplexity(
+            cfg.checkpoint, cfg.reference, e.ppl_tokens, e.seq_len, cfg.seed, recipe, overrides
         )
-    return rows
+        print(
+            f"perplexity ({ppl['predicted_tokens']} tokens, {ppl['token_source']}): float {ppl['float']:.3f}, "
+            f"quantized {ppl['quantized']:.3f} ({100 * ppl['delta']:+.2f}%)"
+        )
+    prov = _provenance(cfg.checkpoint) or {}
+    doc = {
+        "schema": report.SCHEMA,
+        "checkpoint": str(cfg.checkpoint),
+        "reference": str(cfg.reference),
+        "recipe_overrides": list(overrides),
+        "tokens": int(cfg.tokens),
+        "seed": int(cfg.seed),
+        "layers": rows,
+        "perplexity": ppl,
+        "alpha_calibration": prov.get("alpha_calibration"),
+    }
+    if cfg.out:
+        doc = report.write_results(cfg.out, doc)
+        if e.table:
+            Path(e.table).parent.mkdir(parents=True, exist_ok=True)
+            Path(e.table).write_text(report.markdown_table(doc["runs"]))
+    if e.plot:
+        print(f"plot: {report.plot(doc, e.plot)}", file=sys.stderr)
+    return doc

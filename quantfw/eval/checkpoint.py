@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from quantfw.eval.metrics import compare
 from quantfw.eval.synthetic import hidden_states, random_routing
 from quantfw.io.experts import MoEModel, read_float_experts
@@ -26,7 +28,10 @@ def evaluate_checkpoint(
     seed: int = 0,
     recipe: str = "default",
     recipe_overrides: Sequence[str] = (),
+    per_expert: bool = False,
 ) -> list[dict]:
+    """One row per MoE layer; with per_expert each row gets `experts`: the same metrics per expert
+    on the tokens routed to it (that expert alone, weight 1), plus its alpha when the layer clips."""
     op = open_checkpoint(checkpoint, recipe, recipe_overrides)
     ref = CheckpointReader(reference)
     ref_config = ref.config()
@@ -39,9 +44,77 @@ def evaluate_checkpoint(
     for layer in op.prefixes:
         quant = load_layer(op, layer)
         w13, w2 = read_float_experts(ref, ref_model, layer)
-        m = compare(quant(x, weights, ids), FloatMoE(w13, w2)(x, weights, ids))
-        rows.append({"layer": layer, "scheme": op.scheme.name, "format": op.fmt.name, "tokens": tokens, **m})
+        ref_moe = FloatMoE(w13, w2)
+        m = compare(quant(x, weights, ids), ref_moe(x, weights, ids))
+        row = {"layer": layer, "scheme": op.scheme.name, "format": op.fmt.name, "tokens": tokens, **m}
+        alpha = getattr(quant, "w2_alpha", None)
+        if alpha is not None:
+            row["alphas"] = [float(a) for a in alpha]
+        if per_expert:
+            row["experts"] = _per_expert(quant, ref_moe, x, ids, row.get("alphas"))
+        rows.append(row)
     return rows
+
+
+def _per_expert(quant, ref_moe, x, ids, alphas) -> list[dict]:
+    out = []
+    for e in range(ref_moe.num_experts):
+        tok = (ids == e).any(-1)
+        n = int(tok.sum())
+        row = {"expert": e, "tokens": n}
+        if alphas is not None:
+            row["alpha"] = alphas[e]
+        if n:
+            xe, one = x[tok], torch.ones(n, 1)
+            ide = torch.full((n, 1), e, dtype=torch.int64)
+            row.update(compare(quant(xe, one, ide), ref_moe(xe, one, ide)))
+        else:  # no token routed here: nothing measured (null, not NaN, in JSON)
+            row.update(rel_l2=None, cosine=None, max_abs=None)
+        out.append(row)
+    return out
+
+
+def checkpoint_perplexity(
+    checkpoint: str | Path,
+    reference: str | Path,
+    tokens: int = 2048,
+    seq_len: int = 256,
+    seed: int = 0,
+    recipe: str = "default",
+    recipe_overrides: Sequence[str] = (),
+) -> dict:
+    """Held-out perplexity of the float causal LM in `reference`, and of the same model with every
+    MoE block's experts replaced by the quantized layers of `checkpoint` (router, shared experts,
+    attention stay float). Text of quantfw.eval.text with the reference's tokenizer, else
+    pseudo-random ids (recorded in `token_source`)."""
+    from quantfw.calibrate.model import calibration_tokens, load_float_model
+    from quantfw.errors import CheckpointError
+    from quantfw.eval.perplexity import perplexity_details
+    from quantfw.integrations.hf import swap_moe_experts
+
+    op = open_checkpoint(checkpoint, recipe, recipe_overrides)
+    model = load_float_model(reference)
+    ids, data = calibration_tokens(reference, model.config.vocab_size, tokens, seed, split="heldout")
+    base = perplexity_details(model, ids, seq_len=seq_len, max_tokens=tokens)
+
+    def factory(w13, w2, layer):
+        if layer not in op.prefixes:
+            raise CheckpointError(
+                f"{op.reader.folder}: no quantized experts for MoE layer {layer} of {reference}"
+            )
+        return load_layer(op, layer)
+
+    swap_moe_experts(model, factory)
+    quant = perplexity_details(model, ids, seq_len=seq_len, max_tokens=tokens)
+    return {
+        "float": base.perplexity,
+        "quantized": quant.perplexity,
+        "delta": quant.perplexity / base.perplexity - 1,
+        "predicted_tokens": quant.predicted_tokens,
+        "seq_len": seq_len,
+        "token_source": "tokenizer" if data.startswith("pydoc") else "pseudo_random",
+        "data": data,
+    }
 
 
 def format_rows(rows: list[dict]) -> str:
