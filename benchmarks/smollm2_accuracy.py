@@ -122,7 +122,10 @@ def main(argv=None):
     p.add_argument("--topk", type=int, default=6, help="active experts of the second configuration")
     p.add_argument("--only", nargs="*", default=None, help="subset of configs (labels) to run")
     p.add_argument(
-        "--routing", nargs="*", default=["all", "topk"], choices=["all", "topk"],
+        "--routing",
+        nargs="*",
+        default=["all", "topk"],
+        choices=["all", "topk"],
         help="routing configurations: all = every token to all experts, topk = the --topk router",
     )
     args = p.parse_args(argv)

@@ -48,3 +48,28 @@ def random_routing(
     logits = torch.randn(T, E, generator=g) + bias
     w, ids = torch.softmax(logits, -1).topk(k, dim=-1)
     return w / w.sum(-1, keepdim=True), ids
+
+
+def inject_down_proj_outliers(
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    channels: int = 4,
+    scale: float = 8.0,
+    seed: int = 0,
+    compensate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w13, w2) with `channels` intermediate channels per expert made massive: their up rows are
+    scaled by `scale`, so the SwiGLU output (the down-projection input, where the W4A8-clip acts)
+    has a few channels far above the rest, as in DeepSeek-class layers. With `compensate` the
+    matching w2 columns are divided by `scale`: the float layer is unchanged (the massive channels
+    carry an ordinary share of the output), only its activation range is not."""
+    E, two_i, _ = w13.shape
+    inter = two_i // 2
+    w13, w2 = w13.clone(), w2.clone()
+    g = torch.Generator().manual_seed(20_000 + seed)
+    for e in range(E):
+        idx = torch.randperm(inter, generator=g)[:channels]
+        w13[e, inter + idx] *= scale
+        if compensate:
+            w2[e][:, idx] /= scale
+    return w13, w2
