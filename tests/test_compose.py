@@ -139,3 +139,29 @@ def test_user_recipe_for_a_new_model(compose, tmp_path):
     cfg = compose("my_recipe", ["scheme.group_size=128"], config_dirs=[tmp_path])
     assert cfg.model.name == "my_moe" and cfg.scheme.name == "w4a8" and cfg.scheme.group_size == 128
     assert build_layer(cfg).runtime_specs["w2_scale"].shape == (16, 512 // 128, 1024)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+hydra.callbacks.x._target_=os.system"], "hydra.callbacks: recipes may not name code to run"),
+        (
+            ["+hydra.job_logging.handlers.h.class=subprocess.Popen"],
+            r"hydra.job_logging.handlers.h.class=subprocess.Popen",
+        ),
+        (["+hydra.job_logging.handlers.h.()=os.system"], r"hydra.job_logging.handlers.h.\(\)"),
+    ],
+)
+def test_recipes_cannot_make_hydra_run_code(compose, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose("default", overrides)
+
+
+def test_user_recipe_cannot_swap_the_launcher(compose, tmp_path):
+    (tmp_path / "hydra" / "launcher").mkdir(parents=True)
+    (tmp_path / "hydra" / "launcher" / "evil.yaml").write_text("_target_: os.system\n")
+    (tmp_path / "evil.yaml").write_text(
+        "defaults:\n  - quantfw\n  - override hydra/launcher: evil\n  - _self_\n"
+    )
+    with pytest.raises(ConfigError, match=r"hydra.launcher._target_=os.system: recipes may not name code"):
+        compose("evil", config_dirs=[tmp_path])
