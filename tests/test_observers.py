@@ -16,6 +16,16 @@ from quantfw.quantize import primitives as P
 from quantfw.quantize.experts import QuantReport, RoutedInputs, quantize_experts
 from quantfw.quantize.weights import quantize_weight
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small sequential ops (GPTQ columns) slow down badly with OpenMP threads on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 GRIDS = {
     "int8": dict(weight_bits=8, group_size=0),
     "int4": dict(weight_bits=4, group_size=0),
