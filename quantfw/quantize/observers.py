@@ -303,20 +303,10 @@ def _gptq(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = No
     qmax = 7 if flags["weight_bits"] == 4 else 127
     scale = _element_scales(base, k).contiguous()
     W = w.float().clone()
-    xf = x.float()
-    H = xf.T @ xf
-    del xf
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
+    hinv, dead, perm = _hessian_factor(x, param(flags, "gptq_damp"), param(flags, "gptq_act_order"))
     W[:, dead] = 0.0
-    perm = (
-        torch.argsort(H.diagonal(), descending=True, stable=True) if param(flags, "gptq_act_order") else None
-    )
     if perm is not None:
-        W, H, scale = W[:, perm], H[perm][:, perm], scale[:, perm]
-    H.diagonal().add_(param(flags, "gptq_damp") * H.diagonal().mean())
-    hinv = _inverse_cholesky_upper(H)
-    del H
+        W, scale = W[:, perm], scale[:, perm]
     Q = torch.zeros_like(W)
     block = param(flags, "gptq_block")
     for i1 in range(0, k, block):
@@ -336,17 +326,33 @@ def _gptq(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = No
     return QuantizedWeight(Q.to(torch.int8), base.s1, base.s2)
 
 
-def _inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 (GPTQ's sequential-elimination form); more damping if needed."""
-    extra = 0.0
+def _hessian_factor(
+    x: torch.Tensor, damp: float, act_order: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(upper Cholesky factor of H^-1 in quantization order, dead input channels, column order or
+    None) for H = X^T X + damp * mean(diag) * I. At most two K x K matrices are alive at a time
+    (K = 7168: 2 x 205 MB); more damping is added if H is still not positive definite."""
+    xf = x.float()
+    H = xf.T @ xf
+    del xf
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        H = H[perm][:, perm]
     mean = H.diagonal().mean()
-    for _ in range(6):
+    H.diagonal().add_(damp * mean)
+    for attempt in range(6):
         L, info = torch.linalg.cholesky_ex(H)
         if info == 0:
-            inv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if info == 0:
-                return U
-        extra = max(extra * 10, 1e-4)
-        H.diagonal().add_(extra * mean)
-    raise LayoutError("gptq: the calibration Hessian is not positive definite even after extra damping")
+            break
+        H.diagonal().add_(10.0**attempt * 1e-4 * mean)
+    else:
+        raise LayoutError("gptq: the calibration Hessian is not positive definite even after extra damping")
+    del H
+    inv = torch.cholesky_inverse(L)
+    del L
+    U, info = torch.linalg.cholesky_ex(inv, upper=True)
+    if info != 0:
+        raise LayoutError("gptq: the inverse calibration Hessian is not positive definite")
+    return U, dead, perm
