@@ -12,4 +12,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dry run on the meta device: parameters before/after post-load, model memory",
         "quantfw.cli.plan",
     ),
+    "bench": (
+        "forward latency per scheme and backend mode vs float baselines and the memory roofline; load time",
+        "quantfw.cli.bench",
+    ),
 }
