@@ -93,6 +93,7 @@ class BenchConfig:
     max_seconds: float = 3.0  # time budget per point: exact mode at 1024 tokens is slow
     load: bool = True  # also time load + post-load vs a raw safetensors read
     copy_mb: int = 1024  # size of the copy that measures memory bandwidth
+    threads: int = 0  # torch intra-op threads (0: torch's default); 1 is steadier on a busy machine
     reference: BenchLayerConfig = field(default_factory=BenchLayerConfig)
 
 

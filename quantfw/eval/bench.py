@@ -271,6 +271,8 @@ def bench_load(layer_spec: BenchLayer, bench, log: Callable[[str], None] = print
 
 
 def run_bench(layers: Sequence[BenchLayer], bench, log: Callable[[str], None] = print) -> dict:
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
     bandwidth = measure_bandwidth(bench.copy_mb)
     log(f"memory bandwidth (copy of {bench.copy_mb} MiB): {bandwidth:.1f} GB/s")
     records = []
