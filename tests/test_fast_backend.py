@@ -10,6 +10,8 @@ implementation, so the element criterion is not meaningful there.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -22,11 +24,11 @@ from quantfw.moe.layer import MoELayer
 from quantfw.quantize.experts import quantize_experts
 
 SCHEMES = {
-    "w8a8": ["scheme=w8a8", "format=msmodelslim"],
-    "w4a8_g256": ["scheme=w4a8", "format=msmodelslim"],
-    "w4a8_g128": ["scheme=w4a8", "scheme.group_size=128", "format=msmodelslim"],
-    "w4a8_pc": ["scheme=w4a8", "scheme.group_size=0", "format=msmodelslim"],
-    "w4a8_clip": ["scheme=w4a8_clip", "format=compressed_tensors"],
+    "w8a8": ("scheme=w8a8", "format=msmodelslim"),
+    "w4a8_g256": ("scheme=w4a8", "format=msmodelslim"),
+    "w4a8_g128": ("scheme=w4a8", "scheme.group_size=128", "format=msmodelslim"),
+    "w4a8_pc": ("scheme=w4a8", "scheme.group_size=0", "format=msmodelslim"),
+    "w4a8_clip": ("scheme=w4a8_clip", "format=compressed_tensors"),
 }
 
 
@@ -37,9 +39,10 @@ def peer(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
     return (rel > 0.01).double().mean().item(), rel.max().item()
 
 
-def _layers(overrides):
+@functools.cache
+def _layers(overrides: tuple[str, ...]):
     cfg_e = compose("default", overrides)
-    cfg_f = compose("default", [*overrides, "backend=torch_fast"])
+    cfg_f = compose("default", [*overrides, "backend=torch_fast"])  # = backend.mode=fast
     dims = layer_dims(cfg_e)
     scheme, fmt, exact = components(cfg_e)
     fast = components(cfg_f)[2]
@@ -143,3 +146,14 @@ def test_unknown_backend_mode_is_one_line_config_error():
 
     with pytest.raises(ConfigError, match="backend.mode"):
         compose("default", ["backend.mode=turbo"])
+
+
+def test_mode_override_equals_torch_fast_config():
+    from quantfw.backends import get_backend
+
+    a = get_backend(compose("default", ["backend.mode=fast"]).backend)
+    b = get_backend(compose("default", ["backend=torch_fast"]).backend)
+    names = [s.op.name for s in a.post_load.steps]
+    assert names == [s.op.name for s in b.post_load.steps]
+    assert names == ["a8w4_residual", "int4pack", "int4pack_scales", "transpose"]
+    assert a.ops["grouped_matmul_a8w4"] is b.ops["grouped_matmul_a8w4"]
