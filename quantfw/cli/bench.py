@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from quantfw.api import layer_dims
 from quantfw.errors import ConfigError
-from quantfw.eval.bench import BenchLayer, run_bench
+from quantfw.eval.bench import BenchLayer, markdown_table, run_bench
 from quantfw.layout.spec import Dims
 
 KEYS = ("kind", "layer", "scheme", "mode", "tokens", "median_ms", "min_ms", "max_ms", "bytes")
@@ -53,6 +53,7 @@ def _check(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> dict:
     _check(cfg)
     result = run_bench(_layers(cfg), cfg.bench)
+    print(markdown_table(result))
     if cfg.out:
         previous = []
         if os.path.exists(cfg.out) and not cfg.overwrite:

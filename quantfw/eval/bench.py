@@ -281,3 +281,38 @@ def run_bench(layers: Sequence[BenchLayer], bench, log: Callable[[str], None] = 
         if bench.load:
             records += bench_load(spec, bench, log)
     return {"machine": machine(), "bandwidth_gbs": bandwidth, "records": records}
+
+
+def markdown_table(result: dict) -> str:
+    """The forward records as a markdown table (docs/performance.md is rendered from this)."""
+    rows = [
+        "| layer | scheme | mode | tokens | median ms | min-max ms | vs bf16 eager | vs fp32 eager "
+        "| roofline ms | x roofline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["records"]:
+        if r["kind"] != "forward":
+            continue
+        vs = (
+            (f"{r['speedup_vs_bf16']:.2f}x", f"{r['speedup_vs_fp32']:.2f}x")
+            if "baseline_ms" in r
+            else ("", "")
+        )
+        rows.append(
+            f"| {r['layer']} | {r['scheme']} | {r['mode']} | {r['tokens']} | {r['median_ms']:.1f} "
+            f"| {r['min_ms']:.1f}-{r['max_ms']:.1f} | {vs[0]} | {vs[1]} | {r['roofline_ms']:.2f} "
+            f"| {r['median_ms'] / r['roofline_ms']:.1f} |"
+        )
+    loads = [r for r in result["records"] if r["kind"] == "load"]
+    if loads:
+        rows += [
+            "",
+            "| layer | scheme | mode | MiB | raw read ms | load + post-load ms | ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in loads:
+            rows.append(
+                f"| {r['layer']} | {r['scheme']} | {r['mode']} | {r['bytes'] / 2**20:.1f} | {r['raw_read_ms']:.1f} "
+                f"| {r['median_ms']:.1f} | {r['ratio_vs_raw']:.2f} |"
+            )
+    return "\n".join(rows)
