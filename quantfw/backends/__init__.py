@@ -21,6 +21,10 @@ class Backend:
     ops: Mapping[str, Callable[..., Any]]
     post_load: Pipeline = field(default_factory=lambda: Pipeline([]))
     notes: dict[str, Any] = field(default_factory=dict)  # e.g. which clip path ran on the NPU
+    # Optional token dispatch/combine (e.g. npu_moe_init_routing_v2 + npu_moe_token_unpermute);
+    # None = the layer's torch implementation. Signatures: see quantfw.moe.layer.route_tokens/combine_tokens.
+    route: Callable[..., Any] | None = None
+    combine: Callable[..., Any] | None = None
 
     def op(self, name: str) -> Callable[..., Any]:
         if name not in self.ops:
@@ -44,7 +48,7 @@ def register_backend(name: str):
 
 
 def _load_builtin() -> None:
-    from quantfw.backends import torch_backend  # noqa: F401
+    from quantfw.backends import npu, npu_sim, torch_backend  # noqa: F401  (npu imports torch_npu lazily)
 
 
 def get_backend(cfg: DictConfig | Mapping[str, Any] | str) -> Backend:

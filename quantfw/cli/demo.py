@@ -8,6 +8,7 @@ from quantfw.api import components, layer_dims
 from quantfw.config.variants import compose_variant
 from quantfw.eval.scheme_table import Variant, evaluate_schemes, format_table
 from quantfw.formats.format import Format
+from quantfw.io.results import write_json
 from quantfw.schemes.scheme import Scheme
 
 VARIANTS = [
@@ -38,4 +39,6 @@ def run(cfg: DictConfig) -> list[dict]:
     )
     rows = evaluate_schemes(variants, backend, dims, cfg.model.top_k, cfg.tokens, seed=cfg.seed)
     print(format_table(rows))
+    if cfg.out:
+        write_json(cfg.out, {"model": cfg.model.name, "tokens": cfg.tokens, "rows": rows})
     return rows

@@ -81,19 +81,19 @@ def main(argv: list[str] | None = None) -> None:
     from quantfw.config.compose import RECIPES_DIR, compose, searchpath_override
     from quantfw.config.schema import register_configs
 
-    hydra_flags = {"--cfg", "-c", "--help", "--hydra-help", "--info", "-i", "--resolve", "--package", "-p"}
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
     user_searchpath = [a for a in overrides if a.startswith("hydra.searchpath=")]
     extra_paths = []
     for a in user_searchpath:  # merge the user's search path with conf/ instead of replacing it
         extra_paths += [p.strip() for p in a.split("=", 1)[1].strip("[]").split(",") if p.strip()]
         rest.remove(a)
-    # Validate first (one clear line for a bad override), unless sweeping: Hydra checks each job.
-    if not _is_sweep(rest) and not (set(rest) & hydra_flags):
+    # Validate before Hydra runs anything: one clear line for a bad override, and no recipe can
+    # make Hydra import code. A sweep is checked with its swept keys left out (Hydra checks each job).
+    sweep = _is_sweep(rest)
+    checked = [a for a in overrides if a not in user_searchpath and not (sweep and "," in a.split("=", 1)[1])]
+    if not (set(rest) & {"--help", "--hydra-help"}):
         try:
-            compose(
-                recipe, [a for a in overrides if a not in user_searchpath], config_dirs=[*dirs, *extra_paths]
-            )
+            compose(recipe, checked, config_dirs=[*dirs, *extra_paths])
         except QuantfwError as e:
             if debug:
                 raise
@@ -106,7 +106,14 @@ def main(argv: list[str] | None = None) -> None:
         (d for d in [*dirs, str(RECIPES_DIR)] if os.path.isfile(os.path.join(d, f"{recipe}.yaml"))),
         str(RECIPES_DIR),
     )
-    sys.argv = [f"quantfw {command}", *rest, searchpath_override(extra_paths)]
+    # Hydra's parser takes overrides as one positional run: flags (and their values) first.
+    flags = [a for a in rest if not ("=" in a and not a.startswith("-"))]
+    sys.argv = [
+        f"quantfw {command}",
+        *flags,
+        searchpath_override(extra_paths),
+        *[a for a in rest if a not in flags],
+    ]
 
     @hydra.main(config_path=os.path.abspath(primary), config_name=recipe, version_base="1.3")
     def _app(cfg):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from quantfw.config.schema import QuantfwConfig, register_configs
@@ -22,8 +22,11 @@ GROUPS = ("scheme", "format", "model", "backend")
 
 
 def searchpath_override(extra: Sequence[str] = ()) -> str:
-    """The `hydra.searchpath` override that makes conf/ (and user folders) visible to recipes."""
-    paths = [f"file://{CONF_DIR}"] + [p if "://" in p else f"file://{Path(p).resolve()}" for p in extra]
+    """The `hydra.searchpath` override that makes conf/, the shipped recipes (so user recipes can
+    build on them) and user folders visible."""
+    paths = [f"file://{CONF_DIR}", f"file://{RECIPES_DIR}"] + [
+        p if "://" in p else f"file://{Path(p).resolve()}" for p in extra
+    ]
     return "hydra.searchpath=[" + ",".join(paths) + "]"
 
 
@@ -69,7 +72,11 @@ def compose(
             cfg = hydra_compose(
                 config_name=recipe,
                 overrides=[*overrides, searchpath_override([str(d) for d in config_dirs])],
+                return_hydra_config=True,
             )
+            check_hydra_safety(cfg.hydra)
+            with open_dict(cfg):
+                del cfg["hydra"]
     except ConfigError:
         raise
     except Exception as e:  # Hydra's own errors: unknown option, bad type, bad override syntax
@@ -78,6 +85,41 @@ def compose(
         GlobalHydra.instance().clear()
     validate(cfg)
     return cfg
+
+
+_SAFE_TARGETS = {
+    "launcher": "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+    "sweeper": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+}
+
+
+def check_hydra_safety(hydra_cfg: DictConfig) -> None:
+    """Refuse Hydra settings that would import and run code named in a recipe.
+
+    Hydra instantiates callbacks, launchers and sweepers from `_target_` paths, and Python's
+    logging config builds handlers from `class`/`()` paths. Recipes are data from strangers, so
+    only Hydra's basic launcher/sweeper and the standard logging classes are allowed.
+    """
+    why = "recipes may not name code to run (it would be imported and called)"
+    if hydra_cfg.get("callbacks"):
+        raise ConfigError(f"hydra.callbacks: {why}; remove it")
+    for node, target in _SAFE_TARGETS.items():
+        found = (hydra_cfg.get(node) or {}).get("_target_")
+        if found != target:
+            raise ConfigError(f"hydra.{node}._target_={found}: {why}; only Hydra's basic {node} is allowed")
+    for node in ("job_logging", "hydra_logging"):
+        _check_logging(OmegaConf.to_container(hydra_cfg.get(node) or {}, resolve=False), f"hydra.{node}", why)
+
+
+def _check_logging(tree, path: str, why: str) -> None:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == "()" or (k == "class" and not (isinstance(v, str) and v.startswith("logging."))):
+                raise ConfigError(f"{path}.{k}={v}: {why}; use the standard logging classes")
+            _check_logging(v, f"{path}.{k}", why)
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            _check_logging(v, f"{path}[{i}]", why)
 
 
 def describe_compose_error(e: BaseException, config_dirs: Sequence[str | Path] = ()) -> str:
@@ -106,6 +148,3 @@ def validate(cfg: DictConfig) -> None:
     from quantfw.api import layer_dims
 
     scheme.check_dims(layer_dims(cfg))
-    for key in ("mode",):
-        if cfg.backend.get(key) not in ("exact", "fast"):
-            raise ConfigError(f"backend.mode: '{cfg.backend.mode}' (allowed: exact, fast)")

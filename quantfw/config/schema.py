@@ -67,6 +67,10 @@ class BackendConfig:
     mode: str = "exact"  # exact | fast (torch backend)
     post_load: list[Any] = field(default_factory=list)
     allow_unclipped_fallback: bool = False
+    # npu / npu_sim: clip op path auto|native|composed; whether the simulated torch_npu has the
+    # cann-recipes npu_swiglu_clip_quant custom op (torch_npu 2.13.0 does not).
+    swiglu_clip: str = "auto"
+    sim_has_swiglu_clip_quant: bool = False
     doc: str = ""
 
 

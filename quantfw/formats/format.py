@@ -32,7 +32,7 @@ class Format:
 
     @property
     def where(self) -> str:
-        return f"format '{self.name}' (conf/format/{self.name}.yaml)"
+        return f"format '{self.name}' (format/{self.name}.yaml)"
 
     @classmethod
     def from_config(cls, cfg: DictConfig | Mapping[str, Any]) -> Format:

@@ -58,6 +58,7 @@ __all__ = [
     "SwapEntry",
     "SwapReport",
     "SwappedMoEBlock",
+    "block_info",
     "extract_expert_weights",
     "find_moe_blocks",
     "make_router",

@@ -76,7 +76,7 @@ class ParamSpec:
 
 
 def parse_dtype(value: Any, where: str, env: Mapping[str, Any] | None = None) -> torch.dtype:
-    if isinstance(value, str) and value not in DTYPES and env is not None:
+    if isinstance(value, str) and not value.isidentifier() and env is not None:
         value = expr.evaluate(value, env, where)  # e.g. "'uint64' if weight_bits == 4 else 'float32'"
     if value not in DTYPES:
         raise ConfigError(f"{where}: unknown dtype {value!r} (allowed: {', '.join(DTYPES)})")

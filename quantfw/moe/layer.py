@@ -69,22 +69,39 @@ class MoELayer(torch.nn.Module):
     ) -> torch.Tensor:
         if not self.loaded:
             raise LayoutError("MoELayer.forward before load(): no weights")
-        T, H = hidden_states.shape
-        k = topk_ids.shape[1]
-        local = topk_ids.reshape(-1).long() - self.expert_offset
-        keep = (local >= 0) & (local < self.dims.E)  # other ranks' experts contribute elsewhere
-        slots = torch.nonzero(keep).squeeze(1)
-        order = slots[torch.argsort(local[slots], stable=True)]
-        counts = torch.bincount(local[order], minlength=self.dims.E).to(torch.int64)
-        token = order // k
-        env: dict[str, object] = {**self.runtime_tensors(), "x": hidden_states[token], "counts": counts}
+        route = self.backend.route or route_tokens
+        combine = self.backend.combine or combine_tokens
+        x, counts, ctx = route(hidden_states, topk_ids, self.expert_offset, self.dims.E)
+        env: dict[str, object] = {**self.runtime_tensors(), "x": x, "counts": counts}
         for step in self.plan:
             result = self.backend.op(step.op)(
                 **{a: None if n is None else env[n] for a, n in step.args.items()}
             )
             result = result if isinstance(result, tuple) else (result,)
             env.update(zip(step.out, result))
-        y = env["out"].float() * topk_weights.reshape(-1)[order].float().unsqueeze(1)
-        out = torch.zeros(T, H, dtype=torch.float32, device=hidden_states.device)
-        out.index_add_(0, token, y)
-        return out.to(hidden_states.dtype)
+        return combine(env["out"], topk_weights, ctx, hidden_states)
+
+
+def route_tokens(hidden_states: torch.Tensor, topk_ids: torch.Tensor, expert_offset: int, E: int):
+    """Dispatch: rows of x sorted by local expert (stable), per-expert counts int64 [E], and a context
+    for `combine_tokens`. Slots routed to experts outside [expert_offset, expert_offset+E) are dropped
+    (expert-parallel ranks sum their outputs)."""
+    k = topk_ids.shape[1]
+    local = topk_ids.reshape(-1).long() - expert_offset
+    keep = (local >= 0) & (local < E)
+    slots = torch.nonzero(keep).squeeze(1)
+    order = slots[torch.argsort(local[slots], stable=True)]
+    counts = torch.bincount(local[order], minlength=E).to(torch.int64)
+    return hidden_states[order // k], counts, order
+
+
+def combine_tokens(
+    out: torch.Tensor, topk_weights: torch.Tensor, order: torch.Tensor, hidden_states: torch.Tensor
+) -> torch.Tensor:
+    """Combine: weight each expert row by its routing weight and sum per token in fp32."""
+    T, H = hidden_states.shape
+    k = topk_weights.shape[1]
+    y = out.float() * topk_weights.reshape(-1)[order].float().unsqueeze(1)
+    res = torch.zeros(T, H, dtype=torch.float32, device=hidden_states.device)
+    res.index_add_(0, order // k, y)
+    return res.to(hidden_states.dtype)

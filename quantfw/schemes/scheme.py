@@ -54,7 +54,7 @@ class Scheme:
 
     @property
     def where(self) -> str:
-        return f"scheme '{self.name}' (conf/scheme/{self.name}.yaml)"
+        return f"scheme '{self.name}' (scheme/{self.name}.yaml)"
 
     @classmethod
     def from_config(cls, cfg: DictConfig | Mapping[str, Any]) -> Scheme:
