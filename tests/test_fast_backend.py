@@ -142,10 +142,11 @@ def test_fast_op_refuses_the_exact_layout():
 
 
 def test_unknown_backend_mode_is_one_line_config_error():
+    from quantfw.backends import get_backend
     from quantfw.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="backend.mode"):
-        compose("default", ["backend.mode=turbo"])
+    with pytest.raises(ConfigError, match="backend.mode 'turbo'.*exact, fast"):
+        get_backend(compose("default", ["backend.mode=turbo"]).backend)
 
 
 def test_mode_override_equals_torch_fast_config():
