@@ -12,4 +12,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dry run on the meta device: parameters before/after post-load, model memory",
         "quantfw.cli.plan",
     ),
+    "quantize": (
+        "float HF checkpoint (input=DIR) -> quantized checkpoint (output=DIR) in the recipe's scheme/format",
+        "quantfw.cli.quantize",
+    ),
+    "check": (
+        "checkpoint=DIR: every missing/unexpected/wrong-shape/wrong-dtype expert tensor vs the declared layout",
+        "quantfw.cli.check",
+    ),
+    "eval": (
+        "checkpoint=DIR reference=DIR: per-layer error of the quantized MoE layers vs the float ones",
+        "quantfw.cli.evaluate",
+    ),
+    "bench": (
+        "forward latency per scheme and backend mode vs float baselines and the memory roofline; load time",
+        "quantfw.cli.bench",
+    ),
 }

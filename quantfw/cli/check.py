@@ -1,0 +1,29 @@
+"""`quantfw check checkpoint=DIR [recipe overrides]`: one conformance report, exit 2 if anything is off."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from quantfw.cli.user_overrides import recipe_and_overrides
+from quantfw.errors import CheckpointError, ConfigError
+from quantfw.io.loader import check, open_checkpoint
+
+
+def run(cfg: DictConfig) -> list[str]:
+    if not cfg.checkpoint:
+        raise ConfigError("check needs checkpoint=DIR")
+    recipe, overrides = recipe_and_overrides()
+    op = open_checkpoint(cfg.checkpoint, recipe, overrides)
+    problems = check(op)
+    layers = list(op.prefixes)
+    head = (
+        f"{op.reader.folder}: scheme {op.scheme.name} {dict(op.scheme.flags)}, format {op.fmt.name}, "
+        f"{len(layers)} MoE layer(s) {layers}, {op.model.num_experts} experts"
+    )
+    print(head)
+    for p in problems:
+        print(f"  {p}")
+    if problems:
+        raise CheckpointError(f"{op.reader.folder}: {len(problems)} problem(s) (listed above)")
+    print("  OK: every routed-expert tensor matches the declared layout")
+    return problems

@@ -1,0 +1,163 @@
+"""Routed experts on disk: model dims from config.json, per-expert key naming (spec section 6),
+and the per-projection tensor layout a format declares.
+
+A format declares tensors per role (w13 = [gate rows; up rows], w2 = down). On disk each expert
+has three projections with their own keys; gate and up each hold the first / second half of the
+w13 rows, in each tensor's own row units (packed int4: I/2 of I packed rows). So the per-projection
+layout of gate and up is the w13 layout with dim 0 halved; this is the one place that rule lives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from quantfw.errors import CheckpointError
+from quantfw.formats.format import Format
+from quantfw.layout import expr
+from quantfw.layout.spec import DTYPES, Dims, ParamSpec, _per_role
+from quantfw.schemes.scheme import Scheme
+
+PROJS = ("gate", "up", "down")
+ROLE_OF = {"gate": "w13", "up": "w13", "down": "w2"}
+DEFAULT_PROJ_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+# Model types whose on-disk per-expert names differ from the default (transformers 5 save_pretrained).
+PROJ_NAMES_BY_TYPE = {"mixtral": {"gate": "w1", "up": "w3", "down": "w2"}}
+# `...layers.L.<block>.experts.e.<proj>.<suffix>`; `shared_experts` does not match (no `.experts`).
+EXPERT_RE = re.compile(
+    r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.(?P<suffix>.+)$"
+)
+# transformers-5 in-memory fused experts: `...experts.gate_up_proj` [E, 2I, H], `...experts.down_proj` [E, H, I].
+FUSED_RE = re.compile(
+    r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?experts)\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?$"
+)
+
+
+@dataclass(frozen=True)
+class MoEModel:
+    """What the quantizer and loader need from config.json."""
+
+    model_type: str
+    hidden_size: int
+    moe_intermediate_size: int
+    num_experts: int
+    proj_names: Mapping[str, str]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], where: str, proj_names: Mapping[str, str] | None = None):
+        mtype = str(config.get("model_type", ""))
+
+        def first(*keys):
+            for k in keys:
+                if isinstance(config.get(k), int):
+                    return config[k]
+            raise CheckpointError(f"{where}: none of {', '.join(keys)} found (needed for the MoE dims)")
+
+        inter = (
+            ("intermediate_size",) if mtype == "mixtral" else ("moe_intermediate_size", "intermediate_size")
+        )
+        names = PROJ_NAMES_BY_TYPE.get(mtype) or dict(proj_names or DEFAULT_PROJ_NAMES)
+        return cls(
+            model_type=mtype,
+            hidden_size=first("hidden_size"),
+            moe_intermediate_size=first(*inter),
+            num_experts=first("n_routed_experts", "num_local_experts", "num_experts"),
+            proj_names=names,
+        )
+
+    def dims(self, ep_size: int = 1, tp: int = 1) -> Dims:
+        if self.num_experts % ep_size:
+            raise CheckpointError(f"{self.num_experts} routed experts are not divisible by ep_size={ep_size}")
+        return Dims(E=self.num_experts // ep_size, H=self.hidden_size, I=self.moe_intermediate_size, tp=tp)
+
+    def proj_of(self, name: str) -> str | None:
+        return next((p for p, n in self.proj_names.items() if n == name), None)
+
+    def float_shape(self, proj: str) -> tuple[int, int]:
+        H, I = self.hidden_size, self.moe_intermediate_size
+        return (H, I) if proj == "down" else (I, H)
+
+
+def parse_expert_key(key: str, model: MoEModel):
+    """(prefix, layer, expert, proj, suffix) of a routed-expert key, else None."""
+    m = EXPERT_RE.match(key)
+    if not m:
+        return None
+    proj = model.proj_of(m["proj"])
+    if proj is None:
+        return None
+    return m["prefix"], int(m["layer"]), int(m["expert"]), proj, m["suffix"]
+
+
+def expert_prefixes(keys, model: MoEModel) -> dict[int, str]:
+    """layer -> the expert-block prefix (`model.layers.L.mlp.experts`) found among the keys."""
+    out: dict[int, str] = {}
+    for k in keys:
+        p = parse_expert_key(k, model)
+        if p:
+            out.setdefault(p[1], p[0])
+    return dict(sorted(out.items()))
+
+
+def key_of(prefix: str, expert: int, model: MoEModel, proj: str, suffix: str) -> str:
+    return f"{prefix}.{expert}.{model.proj_names[proj]}.{suffix}"
+
+
+def _storage(fmt: Format, scheme: Scheme, dims: Dims, suffix: str, role: str) -> str:
+    """The declared dtype name (torch has no uint64 storage for us: 'uint64' specs are int64)."""
+    raw = _per_role(fmt.tensors[suffix]["dtype"], role)
+    if isinstance(raw, str) and raw not in DTYPES:
+        raw = expr.evaluate(raw, scheme.env(dims, role), f"{fmt.where} tensors.{suffix}.dtype")
+    return str(raw)
+
+
+def projection_specs(fmt: Format, scheme: Scheme, dims: Dims) -> dict[str, dict[str, ParamSpec]]:
+    """proj -> {suffix: spec} of ONE expert's on-disk tensors at this dims' tp."""
+    disk = fmt.disk_layout(dims, scheme)
+    out: dict[str, dict[str, ParamSpec]] = {p: {} for p in PROJS}
+    for name, spec in disk.items():
+        suffix = name.split("_", 1)[1]
+        spec = dataclasses.replace(
+            spec, meta={**spec.meta, "storage": _storage(fmt, scheme, dims, suffix, spec.role)}
+        )
+        if spec.role == "w2":
+            out["down"][suffix] = spec
+            continue
+        if spec.meta.get("shard") != "rows" or not spec.shape or spec.shape[0] % 2:
+            raise CheckpointError(
+                f"{fmt.where}: tensors.{suffix} for w13 must be row-sharded with an even row count "
+                f"(gate and up each hold half the rows), declared {spec.describe()} shard={spec.meta.get('shard')}"
+            )
+        half = (spec.shape[0] // 2, *spec.shape[1:])
+        for proj in ("gate", "up"):
+            out[proj][suffix] = dataclasses.replace(spec, shape=half)
+    return out
+
+
+def read_float_experts(reader, model: MoEModel, layer: int):
+    """Float w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I] of one layer, fp32, from
+    per-expert keys or transformers-5 fused `experts.gate_up_proj` / `experts.down_proj`."""
+    import torch
+
+    keys = reader.keys()
+    fused = {m["proj"]: k for k in keys if (m := FUSED_RE.match(k)) and int(m["layer"]) == layer}
+    if {"gate_up_proj", "down_proj"} <= fused.keys():
+        return reader.get(fused["gate_up_proj"]).float(), reader.get(fused["down_proj"]).float()
+    prefix = expert_prefixes(keys, model).get(layer)
+    if prefix is None:
+        raise CheckpointError(f"{reader.folder}: layer {layer} has no routed-expert float weights")
+    E = model.num_experts
+    need = [key_of(prefix, e, model, p, "weight") for e in range(E) for p in PROJS]
+    missing = [k for k in need if k not in reader]
+    if missing:
+        raise CheckpointError(
+            f"{reader.folder}: {len(missing)} float expert weight(s) missing, e.g. '{missing[0]}'"
+        )
+    t = reader.read_many(need)
+    w = {(e, p): t[key_of(prefix, e, model, p, "weight")].float() for e in range(E) for p in PROJS}
+    w13 = torch.stack([torch.cat([w[e, "gate"], w[e, "up"]]) for e in range(E)])
+    w2 = torch.stack([w[e, "down"] for e in range(E)])
+    return w13, w2

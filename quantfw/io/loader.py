@@ -1,0 +1,247 @@
+"""Quantized checkpoint -> generic MoE layer (spec section 6), and the conformance check.
+
+The scheme and format are detected from the checkpoint's metadata (quantfw.io.metadata) and
+composed as a recipe would (overrides win). One expert projection's tensors are checked against
+the format's declared disk layout; then this rank's experts are read, sliced for tensor
+parallelism as each tensor's `shard` declaration says, gate/up concatenated into w13, stacked
+and handed to `MoELayer.load`, which runs the declared post-load pipeline.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from quantfw.errors import CheckpointError
+from quantfw.formats.format import Format
+from quantfw.io import metadata
+from quantfw.io.experts import PROJS, MoEModel, expert_prefixes, key_of, parse_expert_key, projection_specs
+from quantfw.io.reader import CheckpointReader
+from quantfw.layout.spec import ParamSpec, conformance_problems
+from quantfw.schemes.scheme import Scheme
+
+
+@dataclass
+class Opened:
+    """A quantized checkpoint with its detected recipe: reader, model dims, scheme, format, cfg."""
+
+    reader: CheckpointReader
+    model: MoEModel
+    prefixes: dict[int, str]  # MoE layer -> expert-block key prefix
+    cfg: DictConfig
+    scheme: Scheme
+    fmt: Format
+
+    def layer_index(self, layer: int) -> int:
+        if layer < 0:
+            return next(iter(self.prefixes))
+        if layer not in self.prefixes:
+            raise CheckpointError(
+                f"{self.reader.folder}: layer {layer} has no routed experts (MoE layers: {list(self.prefixes)})"
+            )
+        return layer
+
+
+def open_checkpoint(
+    path: str | Path,
+    recipe: str = "default",
+    recipe_overrides: Sequence[str] = (),
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    backend: str | None = None,
+    proj_names=None,
+) -> Opened:
+    from quantfw.config.compose import compose
+
+    reader = CheckpointReader(path)
+    model = MoEModel.from_config(reader.config(), str(reader.folder / "config.json"), proj_names)
+    prefixes = expert_prefixes(reader.keys(), model)
+    if not prefixes:
+        raise CheckpointError(
+            f"{reader.folder}: no routed-expert tensors found (expected keys like "
+            f"model.layers.L.mlp.experts.e.{model.proj_names['gate']}.weight)"
+        )
+    first = next(iter(prefixes.items()))
+    probe = {s: key_of(first[1], 0, model, "gate", s) for s in ("weight", "weight_scale_second")}
+    probe["alpha"] = key_of(first[1], 0, model, "down", "alpha")
+    detected = metadata.detect(reader, probe)
+    dims = [
+        f"model.hidden_size={model.hidden_size}",
+        f"model.moe_intermediate_size={model.moe_intermediate_size}",
+        f"model.num_experts={model.num_experts}",
+        f"ep_rank={ep_rank}",
+        f"ep_size={ep_size}",
+        f"tp_rank={tp_rank}",
+        f"tp_size={tp_size}",
+        f"checkpoint={reader.folder}",
+    ]
+    chosen = [*detected, *dims, *([f"backend={backend}"] if backend else []), *recipe_overrides]
+    cfg = compose(recipe, chosen)
+    if not (0 <= ep_rank < ep_size and 0 <= tp_rank < tp_size):
+        raise CheckpointError(
+            f"ep_rank={ep_rank}/ep_size={ep_size}, tp_rank={tp_rank}/tp_size={tp_size}: rank out of range"
+        )
+    return Opened(
+        reader, model, prefixes, cfg, Scheme.from_config(cfg.scheme), Format.from_config(cfg.format)
+    )
+
+
+def layer_problems(
+    op: Opened, layer: int, experts: Iterable[int], skip: set[str] = frozenset(), unexpected: bool = True
+) -> list[str]:
+    """Every missing / unexpected / wrong-shape / wrong-dtype expert tensor of one layer.
+
+    The loader passes unexpected=False: it reads only what the scheme declares, so a clip
+    checkpoint loads with activation_use_clip=false (its alphas unused: an A/B switch)."""
+    prefix = op.prefixes[layer]
+    specs = projection_specs(op.fmt, op.scheme, op.model.dims())
+    problems: list[str] = []
+    expected: set[str] = set()
+    for e in experts:
+        for proj in PROJS:
+            for suffix, spec in specs[proj].items():
+                key = key_of(prefix, e, op.model, proj, suffix)
+                expected.add(key)
+                if suffix in skip:
+                    continue
+                entry = f"{op.fmt.where} tensors.{suffix} ({proj})"
+                named = {key: ParamSpec(key, spec.role, spec.shape, spec.dtype, meta=spec.meta)}
+                found = {key: _accepting_scalar(op.reader.info(key), spec.shape)} if key in op.reader else {}
+                problems += conformance_problems(named, found, entry)
+    experts = set(experts)
+    for key in op.reader.keys() if unexpected else ():
+        p = parse_expert_key(key, op.model)
+        if p and p[0] == prefix and p[2] in experts and key not in expected:
+            problems.append(
+                f"unexpected {key} (not declared by {op.fmt.where} for scheme '{op.scheme.name}')"
+            )
+        elif p and p[0] == prefix and not 0 <= p[2] < op.model.num_experts:
+            problems.append(
+                f"unexpected {key} (expert {p[2]} >= config.json's {op.model.num_experts} experts)"
+            )
+    return problems
+
+
+def _accepting_scalar(info, shape):
+    """A declared scalar may be stored as [1] (spec section 9, alpha)."""
+    if shape == () and tuple(info.shape) == (1,):
+        return type(info)((), info.dtype, info.shard)
+    return info
+
+
+def check(op: Opened) -> list[str]:
+    """The conformance report of every MoE layer (empty = conforming)."""
+    out = []
+    for layer in op.prefixes:
+        out += layer_problems(op, layer, range(op.model.num_experts))
+    return out
+
+
+def _slice(t: torch.Tensor, kind: str, rank: int, tp: int, key: str, entry: str, doc: str) -> torch.Tensor:
+    if tp == 1 or kind == "replicate":
+        return t
+    if kind == "refuse":
+        raise CheckpointError(
+            f"{key}: {doc or entry + ' is declared shard: refuse'}; tp_size>1 cannot load it (use expert parallelism)"
+        )
+    dim = 0 if kind == "rows" else t.dim() - 1
+    n = t.shape[dim]
+    if n % tp:
+        raise CheckpointError(
+            f"{key}: {entry} has {n} {kind} that do not split into tp_size={tp} equal parts (packed int4 needs whole byte pairs)"
+        )
+    return t.narrow(dim, rank * (n // tp), n // tp)
+
+
+def layer_tensors(op: Opened, layer: int) -> dict[str, torch.Tensor]:
+    """This rank's expert-stacked tensors in the format's loaded layout (`{role}_{suffix}`)."""
+    cfg = op.cfg
+    tp, tp_rank = cfg.tp_size, cfg.tp_rank
+    dims = op.model.dims(cfg.ep_size)
+    experts = range(cfg.ep_rank * dims.E, (cfg.ep_rank + 1) * dims.E)
+    specs = projection_specs(op.fmt, op.scheme, op.model.dims())
+    prefix = op.prefixes[layer]
+    clip_alpha = "alpha" in specs["down"]
+    alpha_missing = clip_alpha and not any(
+        key_of(prefix, e, op.model, "down", "alpha") in op.reader for e in experts
+    )
+    fill_alpha = alpha_missing and op.scheme.flags.get("missing_alpha") == "ones"
+    problems = layer_problems(op, layer, experts, skip={"alpha"} if fill_alpha else set(), unexpected=False)
+    if problems:
+        raise CheckpointError(
+            f"{op.reader.folder} layer {layer}: {len(problems)} problem(s): "
+            + "; ".join(problems)
+            + ("; a clip checkpoint needs alpha (or scheme.missing_alpha=ones)" if alpha_missing else "")
+        )
+    if fill_alpha:
+        warnings.warn(
+            f"{op.reader.folder} layer {layer}: no down_proj.alpha; scheme.missing_alpha=ones loads alpha = 1 (no clip)",
+            stacklevel=3,
+        )
+    keys = [
+        key_of(prefix, e, op.model, p, s)
+        for e in experts
+        for p in PROJS
+        for s in specs[p]
+        if not (fill_alpha and s == "alpha")
+    ]
+    raw = op.reader.read_many(keys)
+    per_role: dict[str, list[torch.Tensor]] = {}
+    for suffix in specs["down"].keys() | specs["gate"].keys():
+        for role, projs in (("w13", ("gate", "up")), ("w2", ("down",))):
+            if suffix not in specs[projs[0]]:
+                continue
+            spec = specs[projs[0]][suffix]
+            entry = f"{op.fmt.where} tensors.{suffix}"
+            stacked = []
+            for e in experts:
+                parts = []
+                for p in projs:
+                    if fill_alpha and suffix == "alpha":
+                        parts.append(torch.ones(spec.shape, dtype=spec.dtype))
+                        continue
+                    key = key_of(prefix, e, op.model, p, suffix)
+                    parts.append(
+                        _slice(
+                            raw[key].reshape(spec.shape) if spec.shape == () else raw[key],
+                            spec.meta.get("shard", "replicate"),
+                            tp_rank,
+                            tp,
+                            key,
+                            entry,
+                            spec.meta.get("doc", ""),
+                        )
+                    )
+                stacked.append(torch.cat(parts, 0) if len(parts) > 1 else parts[0])
+            per_role[f"{role}_{suffix}"] = torch.stack(stacked)
+    return per_role
+
+
+def from_checkpoint(
+    path: str | Path,
+    layer: int = -1,
+    backend: str = "torch",
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    recipe_overrides: Sequence[str] | None = None,
+    recipe: str = "default",
+):
+    """The loaded generic MoE layer of MoE layer `layer` (-1: the first) for this EP/TP rank."""
+    op = open_checkpoint(path, recipe, recipe_overrides or (), ep_rank, ep_size, tp_rank, tp_size, backend)
+    return load_layer(op, op.layer_index(layer))
+
+
+def load_layer(op: Opened, layer: int):
+    from quantfw.api import build_layer
+
+    moe = build_layer(op.cfg)
+    return moe.load(layer_tensors(op, layer), source=f"{op.reader.folder} layer {layer}")

@@ -1,0 +1,168 @@
+"""Checkpoint metadata as real runtimes read it, one registered writer/detector per format style.
+
+- msmodelslim: `quant_model_description.json` (per-tensor type, "version", "group_size",
+  "model_quant_type") next to the original config.json (spec sections 3 and 8).
+- compressed_tensors: config.json with `quantization_config` (config_groups with
+  `activation_use_clip`, spec section 4).
+Both carry a `quantfw` provenance block. Detection reads per-tensor facts of the routed experts,
+never the global model_quant_type alone (spec section 8).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from quantfw.errors import CheckpointError
+from quantfw.schemes.scheme import Scheme
+
+VERSION = "0.1.0"
+DESCRIPTION_NAMES = ("quant_model_description.json", "quant_model_description_w8a8_dynamic.json")
+FLOAT = "FLOAT"
+
+
+def expert_type(scheme: Scheme) -> str:
+    """msModelSlim's per-tensor type string of the routed-expert tensors."""
+    return "W4A8_DYNAMIC" if scheme.flags["weight_bits"] == 4 else "W8A8_DYNAMIC"
+
+
+def provenance(scheme: Scheme, format_name: str, alpha_method: str | None) -> dict[str, Any]:
+    return {
+        "producer": "quantfw",
+        "version": VERSION,
+        "scheme": scheme.name,
+        "flags": dict(sorted(scheme.flags.items())),
+        "format": format_name,
+        "alpha_method": alpha_method,
+    }
+
+
+def dump(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------- writers
+
+
+def _write_msmodelslim(out: Path, config: dict, scheme: Scheme, types: Mapping[str, str], prov: dict) -> None:
+    desc: dict[str, Any] = dict(sorted(types.items()))
+    desc["version"] = "1.0.0"  # packed int4 + scale_bias present (spec section 3)
+    desc["group_size"] = scheme.flags.get("group_size", 0)
+    # The global type is informative only; readers decide per tensor (spec section 8).
+    desc["model_quant_type"] = expert_type(scheme)
+    desc["quantfw"] = prov
+    dump(out / "quant_model_description.json", desc)
+    dump(out / "config.json", config)
+
+
+def _write_compressed_tensors(
+    out: Path, config: dict, scheme: Scheme, types: Mapping[str, str], prov: dict
+) -> None:
+    f = scheme.flags
+    acts = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True}
+    weights = {"num_bits": f["weight_bits"], "type": "int", "symmetric": True, "dynamic": False}
+    weights.update(
+        {"strategy": "group", "group_size": f["group_size"]}
+        if f.get("group_size")
+        else {"strategy": "channel"}
+    )
+    # Only routed experts are quantized; every other linear stays float and is listed in `ignore`
+    # (so no W8A8 "Linear" group is claimed).
+    ignore = sorted(k[: -len(".weight")] for k, t in types.items() if t == FLOAT and k.endswith(".weight"))
+    qc = {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_1": {
+                "targets": ["MoEGMM"],
+                "weights": weights,
+                "input_activations": acts,
+                "activation_use_clip": bool(f.get("activation_use_clip")),
+            }
+        },
+        "ignore": ignore,
+        "quantfw": prov,
+    }
+    dump(out / "config.json", {**config, "quantization_config": qc})
+
+
+WRITERS: dict[str, Callable[..., None]] = {
+    "msmodelslim": _write_msmodelslim,
+    "compressed_tensors": _write_compressed_tensors,
+}
+
+
+def write(style: str, out: Path, config: dict, scheme: Scheme, types: Mapping[str, str], prov: dict) -> None:
+    WRITERS[style](out, config, scheme, types, prov)
+
+
+# -------------------------------------------------------------------------------------- detection
+
+
+def detect(reader, expert_keys: Mapping[str, str]) -> list[str]:
+    """Recipe overrides (scheme, format, flags) that match the checkpoint.
+
+    `expert_keys` maps suffix -> a full key of one routed expert's gate projection, plus 'alpha'
+    -> its down_proj.alpha key (present or not). Per-tensor facts decide, not global fields.
+    """
+    config = reader.config()
+    qc = config.get("quantization_config")
+    if isinstance(qc, Mapping) and qc.get("quant_method") == "compressed-tensors":
+        groups = qc.get("config_groups") or {}
+        moe = [g for g in groups.values() if "MoEGMM" in (g.get("targets") or [])]
+        if not moe:
+            raise CheckpointError(
+                f"{reader.folder / 'config.json'}: quantization_config has no config group targeting MoEGMM "
+                f"(found targets: {[g.get('targets') for g in groups.values()]})"
+            )
+        g = moe[0]
+        bits = (g.get("weights") or {}).get("num_bits")
+        if bits == 8:
+            return ["scheme=w8a8", "format=compressed_tensors"]
+        if bits == 4:
+            clip = bool(g.get("activation_use_clip", False))
+            return [
+                "scheme=w4a8_clip",
+                f"scheme.activation_use_clip={str(clip).lower()}",
+                "format=compressed_tensors",
+            ]
+        raise CheckpointError(
+            f"{reader.folder / 'config.json'}: MoEGMM group weights num_bits={bits} (expected 4 or 8)"
+        )
+    desc_name = next((n for n in DESCRIPTION_NAMES if (reader.folder / n).is_file()), None)
+    if desc_name is None:
+        raise CheckpointError(
+            f"{reader.folder}: no quantization metadata (expected {' or '.join(DESCRIPTION_NAMES)}, "
+            "or config.json quantization_config with quant_method compressed-tensors)"
+        )
+    desc = reader.json(desc_name)
+    wkey = expert_keys["weight"]
+    qtype = desc.get(wkey)
+    if qtype is None:
+        raise CheckpointError(f"{reader.folder / desc_name}: no entry for routed-expert tensor '{wkey}'")
+    if qtype == "W8A8_DYNAMIC":
+        return ["scheme=w8a8", "format=msmodelslim"]
+    if qtype != "W4A8_DYNAMIC":
+        raise CheckpointError(
+            f"{reader.folder / desc_name}: '{wkey}' is {qtype} (expected W8A8_DYNAMIC or W4A8_DYNAMIC)"
+        )
+    second = expert_keys["weight_scale_second"]
+    group = 0
+    if second in reader:
+        k = reader.info(wkey).shape[-1]
+        group = k // reader.info(second).shape[-1]
+        declared = desc.get("group_size")
+        if declared not in (None, group):
+            raise CheckpointError(
+                f"{reader.folder / desc_name}: group_size {declared} disagrees with '{second}' {list(reader.info(second).shape)} (K={k})"
+            )
+    clip = expert_keys["alpha"] in reader
+    return [
+        "scheme=w4a8",
+        f"scheme.group_size={group}",
+        f"scheme.activation_use_clip={str(clip).lower()}",
+        "format=msmodelslim",
+    ]

@@ -1,0 +1,325 @@
+"""Float HF checkpoint -> quantized checkpoint in a scheme's on-disk format, shard by shard.
+
+Each input shard becomes one output shard (peak memory ~ one shard plus its quantized copy).
+Routed-expert weights are quantized per expert and projection with `quantize_weight` and the
+format's registered encoders; every other tensor passes through unchanged (non-expert linears
+stay float). Output goes to a hidden `.NAME.partial` folder next to the target; each finished
+shard gets a sidecar record (input size/mtime, output size and sha256, config fingerprint) so an
+interrupted run resumes; the folder is renamed to the target only when complete. Under torchrun
+(WORLD_SIZE > 1) rank r converts shards r, r+W, ...; rank 0 writes the index and metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from quantfw.errors import CheckpointError, QuantfwError
+from quantfw.formats.encoders import encode_role
+from quantfw.formats.format import Format
+from quantfw.io import metadata
+from quantfw.io.experts import FUSED_RE, MoEModel, key_of, parse_expert_key, projection_specs
+from quantfw.io.reader import CheckpointReader
+from quantfw.layout.spec import ParamSpec
+from quantfw.quantize.weights import quantize_weight
+from quantfw.schemes.scheme import Scheme
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SHARD_BASE = {"msmodelslim": "quant_model_weight_w8a8_dynamic", "compressed_tensors": "model"}
+MARKER = "quantfw-partial.json"
+
+
+@dataclass
+class Dist:
+    """This process's share of the shards (torch.distributed gloo under torchrun, else 1 process)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def any_failed(self, failed: bool) -> bool:
+        if self.world == 1:
+            return failed
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(failed)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Converter:
+    def __init__(
+        self,
+        input: str | Path,
+        output: str | Path,
+        scheme: Scheme,
+        fmt: Format,
+        overwrite: bool = False,
+        proj_names: Mapping[str, str] | None = None,
+        progress: bool = True,
+    ):
+        self.reader = CheckpointReader(input)
+        self.config = self.reader.config()
+        self.model = MoEModel.from_config(self.config, str(self.reader.folder / "config.json"), proj_names)
+        self.scheme, self.fmt, self.progress = scheme, fmt, progress
+        self.out = Path(output).resolve()
+        if self.out == self.reader.folder.resolve():
+            raise CheckpointError(f"output {self.out} is the input folder; choose another output")
+        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())) and not overwrite:
+            raise CheckpointError(
+                f"output {self.out} exists and is not empty (pass overwrite=true to replace it)"
+            )
+        fmt.check_compatible(scheme)
+        dims = self.model.dims()
+        scheme.check_dims(dims)
+        self.specs = projection_specs(fmt, scheme, dims)
+        self.tmp = self.out.parent / f".{self.out.name}.partial"
+        n = len(self.reader.shards)
+        base = SHARD_BASE[fmt.metadata]
+        self.names = [f"{base}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.index_name = f"{base}.safetensors.index.json"
+        self.qtype = metadata.expert_type(scheme)
+        self.alpha_method = (
+            "none: alpha = 1 (no calibration)" if scheme.flags.get("activation_use_clip") else None
+        )
+        self.fingerprint = hashlib.sha256(
+            json.dumps(
+                [metadata.VERSION, scheme.signature(), fmt.name, fmt.tensors, dict(self.model.proj_names)],
+                sort_keys=True,
+                default=str,
+            ).encode()
+        ).hexdigest()
+
+    # ------------------------------------------------------------------ one projection / shard
+
+    def _check_float(self, key: str, t: torch.Tensor, shape: tuple[int, ...], shard: str) -> None:
+        where = self.reader.folder / shard
+        if t.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{where}: tensor '{key}' has dtype {t.dtype}, expected bf16, fp16 or fp32")
+        if tuple(t.shape) != shape:
+            raise CheckpointError(
+                f"{where}: tensor '{key}' has shape {list(t.shape)}, expected {list(shape)} (from config.json)"
+            )
+        # One reduction first (cheap); the elementwise test only when the sum is not finite.
+        if not torch.isfinite(t.sum(dtype=torch.float64)) and not torch.isfinite(t).all():
+            raise CheckpointError(f"{where}: tensor '{key}' contains NaN or Inf")
+
+    def _encode(self, prefix: str, expert: int, proj: str, w: torch.Tensor, out: dict, types: dict) -> None:
+        specs: dict[str, ParamSpec] = self.specs[proj]
+        qw = quantize_weight(w.float(), self.scheme.flags)
+        where = f"{self.fmt.where} {prefix}.{expert}.{proj}"
+        for suffix, t in encode_role(specs, qw, None, where).items():
+            key = key_of(prefix, expert, self.model, proj, suffix)
+            # Declared uint64 is stored as safetensors U64 (torch keeps it in int64, spec 1.5).
+            out[key] = t.view(torch.uint64) if specs[suffix].meta.get("storage") == "uint64" else t
+            types[key] = self.qtype
+
+    def convert_shard(self, shard: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        out: dict[str, torch.Tensor] = {}
+        types: dict[str, str] = {}
+        E = self.model.num_experts
+        for key, t in self.reader.iter_shard(shard):
+            parsed = parse_expert_key(key, self.model)
+            fused = FUSED_RE.match(key)
+            if parsed:
+                prefix, _, expert, proj, suffix = parsed
+                if suffix != "weight":
+                    raise CheckpointError(
+                        f"{self.reader.folder / shard}: routed-expert tensor '{key}' is not supported (only .weight; expert biases are not)"
+                    )
+                self._check_float(key, t, self.model.float_shape(proj), shard)
+                self._encode(prefix, expert, proj, t, out, types)
+            elif fused:
+                prefix, name = fused["prefix"], fused["proj"]
+                H, I = self.model.hidden_size, self.model.moe_intermediate_size
+                shape = (E, 2 * I, H) if name == "gate_up_proj" else (E, H, I)
+                self._check_float(key, t, shape, shard)
+                for e in range(E):
+                    if name == "gate_up_proj":
+                        self._encode(prefix, e, "gate", t[e, :I], out, types)
+                        self._encode(prefix, e, "up", t[e, I:], out, types)
+                    else:
+                        self._encode(prefix, e, "down", t[e], out, types)
+            else:
+                out[key] = t
+                types[key] = metadata.FLOAT
+        return out, types
+
+    # ------------------------------------------------------------------ resume records
+
+    def _record_path(self, i: int) -> Path:
+        return self.tmp / f"{self.names[i]}.done.json"
+
+    def _input_stamp(self, i: int) -> dict:
+        st = (self.reader.folder / self.reader.shards[i]).stat()
+        return {"input": self.reader.shards[i], "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns}
+
+    def _finished(self, i: int) -> dict | None:
+        """The record of shard i if it is complete and verified (size and sha256), else None."""
+        rec_path, out_path = self._record_path(i), self.tmp / self.names[i]
+        if not rec_path.is_file() or not out_path.is_file():
+            return None
+        try:
+            rec = json.loads(rec_path.read_text())
+        except ValueError:
+            return None
+        ok = (
+            rec.get("fingerprint") == self.fingerprint
+            and all(rec.get(k) == v for k, v in self._input_stamp(i).items())
+            and rec.get("size") == out_path.stat().st_size
+            and rec.get("sha256") == _sha256(out_path)
+        )
+        return rec if ok else None
+
+    def _prepare_tmp(self) -> None:
+        marker = self.tmp / MARKER
+        if self.tmp.exists():
+            try:
+                old = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                raise CheckpointError(
+                    f"{self.tmp} exists but is not a quantfw partial output; remove it or choose another output"
+                ) from None
+            if old.get("fingerprint") == self.fingerprint and old.get("input") == str(
+                self.reader.folder.resolve()
+            ):
+                return  # resume
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        marker.write_text(
+            json.dumps({"fingerprint": self.fingerprint, "input": str(self.reader.folder.resolve())})
+        )
+
+    def _log(self, msg: str) -> None:
+        if self.progress:
+            print(f"quantfw quantize: {msg}", file=sys.stderr, flush=True)
+
+    def _do_shard(self, i: int) -> None:
+        n = len(self.names)
+        if self._finished(i) is not None:
+            self._log(f"[{i + 1}/{n}] {self.names[i]} already done (verified), skipped")
+            return
+        t0 = time.perf_counter()
+        tensors, types = self.convert_shard(self.reader.shards[i])
+        out_path = self.tmp / self.names[i]
+        part = out_path.with_suffix(".tmp")
+        save_file(tensors, str(part), metadata={"format": "pt"})
+        del tensors
+        os.replace(part, out_path)
+        rec = {
+            **self._input_stamp(i),
+            "fingerprint": self.fingerprint,
+            "size": out_path.stat().st_size,
+            "sha256": _sha256(out_path),
+            "tensors": types,
+        }
+        self._record_path(i).write_text(json.dumps(rec))
+        dt = time.perf_counter() - t0
+        gb = rec["input_size"] / 1e9
+        self._log(f"[{i + 1}/{n}] {self.names[i]} {gb:.3f} GB in {dt:.2f} s ({gb / max(dt, 1e-9):.2f} GB/s)")
+
+    def _finalize(self) -> None:
+        weight_map: dict[str, str] = {}
+        types: dict[str, str] = {}
+        total = 0
+        for i, name in enumerate(self.names):
+            rec = self._finished(i)
+            if rec is None:
+                raise CheckpointError(f"{self.tmp / name}: shard missing or failed verification at finalize")
+            for k, t in rec["tensors"].items():
+                weight_map[k] = name
+                types[k] = t
+            total += rec["size"]
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        metadata.dump(self.tmp / self.index_name, index)
+        prov = metadata.provenance(self.scheme, self.fmt.name, self.alpha_method)
+        metadata.write(self.fmt.metadata, self.tmp, self.config, self.scheme, types, prov)
+        for p in sorted(self.reader.folder.iterdir()):  # tokenizer, generation config, ...
+            if (
+                p.is_file()
+                and not p.name.endswith((".safetensors", ".index.json"))
+                and not (self.tmp / p.name).exists()
+            ):
+                shutil.copyfile(p, self.tmp / p.name)
+        for i in range(len(self.names)):
+            self._record_path(i).unlink()
+        (self.tmp / MARKER).unlink()
+        if self.out.exists():
+            shutil.rmtree(self.out) if self.out.is_dir() else self.out.unlink()
+        os.replace(self.tmp, self.out)
+
+    def run(self, dist: Dist | None = None) -> Path:
+        dist = dist or Dist()
+        error: QuantfwError | None = None
+        try:
+            if dist.rank == 0:
+                self._prepare_tmp()
+        except QuantfwError as e:
+            error = e
+        if dist.any_failed(error is not None):
+            raise error or CheckpointError("quantize failed on rank 0 (see its error)")
+        dist.barrier()
+        try:
+            for i in range(dist.rank, len(self.names), dist.world):
+                self._do_shard(i)
+        except QuantfwError as e:
+            error = e
+        if dist.any_failed(error is not None):
+            # Bad input: nothing worth resuming; leave no partial output behind.
+            dist.barrier()
+            if dist.rank == 0:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            raise error or CheckpointError("quantize failed on another rank (see its error)")
+        if dist.rank == 0:
+            self._finalize()
+            self._log(f"wrote {self.out}")
+        dist.barrier()
+        return self.out
+
+
+def quantize_checkpoint(
+    input: str | Path,
+    output: str | Path,
+    scheme: Scheme,
+    fmt: Format,
+    overwrite: bool = False,
+    proj_names: Mapping[str, str] | None = None,
+    progress: bool = True,
+    dist: Dist | None = None,
+) -> Path:
+    """Quantize every routed expert of a float checkpoint folder into `output` (see module doc)."""
+    return Converter(input, output, scheme, fmt, overwrite, proj_names, progress).run(dist)
