@@ -62,7 +62,7 @@ def test_hydra_cfg_job_and_multirun(tmp_path):
     r = quantfw("plan", "--multirun", "scheme=w8a8,w4a8", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("routed-expert memory of tiny") == 2
-    assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
+    assert list(tmp_path.iterdir()) == []  # no multirun/, outputs/ or multirun.yaml here
 
 
 def test_user_config_dir(tmp_path):

@@ -6,6 +6,7 @@ conf/quantfw.yaml and override its groups; conf/ holds the groups (scheme, forma
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from quantfw.config.schema import QuantfwConfig, register_configs
 from quantfw.errors import ConfigError
+
+# The system temp folder, for Hydra's sweep records (conf/quantfw.yaml hydra.sweep.dir).
+OmegaConf.register_new_resolver("quantfw_tmp", tempfile.gettempdir, replace=True)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"

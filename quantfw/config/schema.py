@@ -44,7 +44,16 @@ class SchemeConfig:
     group_size: int = 0  # 0 = per-channel
     activation_use_clip: bool = False
     fused_swiglu_quant: bool = True  # W8A8: npu_dequant_swiglu_quant (True) or the unfused plan
-    weight_observer: str = "minmax"
+    weight_observer: str = "minmax"  # minmax | mse | ssz | learned_clip | gptq (quantize/observers.py)
+    observer_grid: int = 20  # mse / learned_clip: clip ratios tried in [observer_min_ratio, 1]
+    observer_min_ratio: float = 0.5
+    ssz_iters: int = 10  # ssz: least-squares refinement steps
+    observer_min_tokens: int = 16  # data-driven observers: fewer calibration tokens -> fallback
+    fallback_observer: str = "minmax"  # data-free observer for experts without enough tokens
+    gptq_damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    gptq_block: int = 128  # columns per lazy-update block
+    gptq_act_order: bool = False  # quantize columns by decreasing H diagonal
+    gptq_scale_observer: str = "mse"  # data-free observer choosing GPTQ's (static) scales
     missing_alpha: str = "error"  # error | ones: what loading does when a clip checkpoint has no alpha
     runtime: dict[str, Any] = field(default_factory=dict)
     compute: list[Any] = field(default_factory=list)
@@ -100,6 +109,33 @@ class EvalConfig:
 
 
 @dataclass
+class BenchLayerConfig:
+    """The benchmark's reference layer (issue 6): E=64, H=2048, I=1408, top-6, uniform routing."""
+
+    num_experts: int = 64
+    hidden_size: int = 2048
+    moe_intermediate_size: int = 1408
+    top_k: int = 6
+
+
+@dataclass
+class BenchConfig:
+    """`quantfw bench`: what to time (see docs/performance.md)."""
+
+    tokens: list[int] = field(default_factory=lambda: [1, 16, 128, 1024])
+    modes: list[str] = field(default_factory=lambda: ["exact", "fast"])  # torch backend modes
+    schemes: list[str] = field(default_factory=lambda: ["w8a8", "w4a8_group", "w4a8_pc", "w4a8_clip"])
+    layers: list[str] = field(default_factory=lambda: ["reference", "model"])  # model = the recipe's
+    group_size: int = 256  # w4a8_group: the largest of this, 128, 64 dividing both K
+    repeats: int = 7  # timed runs per point (after one warm-up), fewer if max_seconds runs out
+    max_seconds: float = 3.0  # time budget per point: exact mode at 1024 tokens is slow
+    load: bool = True  # also time load + post-load vs a raw safetensors read
+    copy_mb: int = 1024  # size of the copy that measures memory bandwidth
+    threads: int = 0  # torch intra-op threads (0: torch's default); 1 is steadier on a busy machine
+    reference: BenchLayerConfig = field(default_factory=BenchLayerConfig)
+
+
+@dataclass
 class QuantfwConfig:
     model: ModelConfig = MISSING
     scheme: SchemeConfig = MISSING
@@ -120,6 +156,7 @@ class QuantfwConfig:
     overwrite: bool = False
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 def register_configs() -> None:

@@ -1,4 +1,5 @@
-"""Weight quantization as a scheme's flags declare it (spec section 9, quantizer defaults)."""
+"""Weight quantization as a scheme's flags declare it (spec section 9, quantizer defaults); the
+scales and rounding come from the observer the flags select (quantfw/quantize/observers.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from typing import Any
 
 import torch
 
-from quantfw.errors import ConfigError
 from quantfw.quantize import primitives as P
 
 
@@ -19,22 +19,19 @@ class QuantizedWeight:
     q: torch.Tensor
     s1: torch.Tensor
     s2: torch.Tensor | None = None
+    info: dict[str, Any] | None = None  # what a data-driven observer chose (e.g. clip ratios)
 
     def dequantize(self) -> torch.Tensor:
         return P.dequantize(self.q, self.s1, self.s2)
 
 
-def quantize_weight(w: torch.Tensor, flags: Mapping[str, Any]) -> QuantizedWeight:
-    """Round-to-nearest min-max quantization of float weights [..., N, K] under the scheme flags."""
-    bits, gs = flags["weight_bits"], flags.get("group_size", 0)
-    if not torch.isfinite(w).all():
-        raise ConfigError("weight contains NaN or Inf")
-    if bits == 4 and gs:
-        if w.shape[-1] % gs:
-            raise ConfigError(
-                f"group_size {gs} does not divide K={w.shape[-1]}; use a divisor of K or scheme.group_size=0 (per-channel)"
-            )
-        q, s1, s2 = P.quantize_two_level(w, gs)
-        return QuantizedWeight(q, s1, s2)
-    q, s1 = P.quantize_per_channel(w, bits)
-    return QuantizedWeight(q, s1)
+def quantize_weight(
+    w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None
+) -> QuantizedWeight:
+    """Quantize float weights [..., N, K] under the scheme flags with the observer they select
+    (`weight_observer`, default minmax). Data-driven observers take one weight [N, K] and its
+    calibration inputs x [M, K]; without enough inputs the declared fallback observer runs."""
+    from quantfw.quantize import observers
+
+    observer, _ = observers.resolve(flags, x)
+    return observer.fn(w, flags, x if observer.needs_data else None)

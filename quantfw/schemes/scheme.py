@@ -23,6 +23,16 @@ FLAGS = (
     "fused_swiglu_quant",
     "weight_observer",
     "missing_alpha",
+    # Observer choice and parameters: they pick scales and rounding, never the layout.
+    "observer_grid",
+    "observer_min_ratio",
+    "ssz_iters",
+    "observer_min_tokens",
+    "fallback_observer",
+    "gptq_damp",
+    "gptq_block",
+    "gptq_act_order",
+    "gptq_scale_observer",
 )
 # Ops a compute plan may call; each backend provides all of them (names of quantfw.ops / torch_npu).
 PLAN_OPS = (
@@ -80,6 +90,9 @@ class Scheme:
             raise ConfigError(f"{self.where}: group_size applies to int4 weights only (weight_bits=8)")
         if f.get("missing_alpha", "error") not in ("error", "ones"):
             raise ConfigError(f"{self.where}: missing_alpha='{f['missing_alpha']}' (allowed: error, ones)")
+        from quantfw.quantize.observers import validate_flags
+
+        validate_flags(f, self.where)
         if not self.runtime:
             raise ConfigError(f"{self.where}: 'runtime' declares no parameters")
         self.plan()  # names every undefined value or unknown op

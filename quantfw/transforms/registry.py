@@ -29,20 +29,31 @@ class TransformOp:
     many_inputs: bool  # False: applied to each listed param; True: all params feed one call
     args: frozenset[str]
     doc: str
+    consumes: bool = True  # False: the inputs stay in the state next to the output
 
 
 _OPS: dict[str, TransformOp] = {}
 STEP_KEYS = {"op", "params", "roles", "out", "when"}
 
 
-def register(name: str, *, rule, many_inputs: bool = False, args: Sequence[str] = (), doc: str = ""):
-    """Register a transform under a name recipes can use; names are unique."""
+def register(
+    name: str,
+    *,
+    rule,
+    many_inputs: bool = False,
+    args: Sequence[str] = (),
+    doc: str = "",
+    consumes: bool = True,
+):
+    """Register a transform under a name recipes can use; names are unique.
+
+    consumes=False keeps the inputs (a step that reads several params to derive one)."""
 
     def deco(fn):
         if name in _OPS:
             raise ValueError(f"transform '{name}' is already registered")
         _OPS[name] = TransformOp(
-            name, fn, rule, many_inputs, frozenset(args), doc or (fn.__doc__ or "").strip()
+            name, fn, rule, many_inputs, frozenset(args), doc or (fn.__doc__ or "").strip(), consumes
         )
         return fn
 
@@ -134,7 +145,7 @@ class Pipeline:
             self._check_step_has_inputs(step, state, env_of)
             for _, inputs, out, env in list(self._calls(step, state, env_of)):
                 decl = step.op.rule([state[n] for n in inputs], step.args, env)
-                for n in inputs:
+                for n in inputs if step.op.consumes else ():
                     state.pop(n)
                 if decl is not None:
                     state[out] = decl
@@ -167,7 +178,7 @@ class Pipeline:
                         )
                 decl = step.op.rule([state[n] for n in inputs], step.args, env)
                 result = step.op.run([tensors[n] for n in inputs], step.args, env)
-                for n in inputs:
+                for n in inputs if step.op.consumes else ():
                     tensors.pop(n)
                     state.pop(n)
                 if decl is None:

@@ -1,0 +1,358 @@
+"""Weight observers: how the scales (and, for GPTQ, the rounding) of a weight are chosen.
+
+An observer never changes WHAT is stored, only the values: every observer returns the same
+`QuantizedWeight` (q int8 in +-qmax, s1 fp32 [..., N], s2 fp32 [..., N, K/G] for two-level), so
+layouts and checkpoints are identical across observers. The scheme's flags fix the grid:
+
+- per-channel (int8, or int4 with group_size 0): one scale per output channel over K;
+- two-level int4: s1 = amax/127 and q8 = round(w/s1) as in `primitives.quantize_two_level`; the
+  lossy int4 level quantizes q8 per group, and observers choose its per-group scale s2.
+
+`Blocks` exposes that lossy level uniformly as values v [..., N, B, L] (B blocks of L values per
+channel) and one scale per block, so each observer is written once for both grids.
+
+Registered observers (`scheme.weight_observer`):
+  minmax        t = amax / qmax (the quantizer defaults of spec section 9, bit-identical).
+  mse           per-block grid search of a clip ratio r in [observer_min_ratio, 1] minimising the
+                weight MSE of the quantized block (observer_grid points, r = 1 included).
+  ssz           iterative least squares: t <- <v,q>/<q,q> with q re-rounded at each t, from min-max;
+                the best t per block is kept, so never worse than min-max in weight MSE.
+  learned_clip  per-output-channel clip ratio (shared by the channel's blocks) minimising the layer
+                OUTPUT error ||X (W - Q(W))^T||^2 on calibration inputs X [M, K].
+  gptq          error-compensating rounding (GPTQ) with H = X^T X; scales are precomputed on the
+                whole weight by `gptq_scale_observer` (static groups), then columns are rounded in
+                order (or by decreasing H diagonal with gptq_act_order) and the rounding error is
+                propagated into the columns not yet quantized.
+Data-driven observers receive x [M, K]; with no x or fewer than `observer_min_tokens` rows they
+fall back to `fallback_observer` (see `resolve`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from quantfw.errors import ConfigError, LayoutError
+from quantfw.quantize import primitives as P
+from quantfw.quantize.weights import QuantizedWeight
+
+
+# Observer parameters (scheme flags), their defaults and the check each value must pass.
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+PARAMS: dict[str, tuple[Any, Callable[[Any], bool], str]] = {
+    "observer_grid": (20, lambda v: _int(v) and v >= 2, "an int >= 2"),
+    "observer_min_ratio": (0.5, lambda v: _num(v) and 0 < v <= 1, "in (0, 1]"),
+    "ssz_iters": (10, lambda v: _int(v) and v >= 1, "an int >= 1"),
+    "observer_min_tokens": (16, lambda v: _int(v) and v >= 1, "an int >= 1"),
+    "gptq_damp": (0.01, lambda v: _num(v) and 0 < v < 1, "in (0, 1)"),
+    "gptq_block": (128, lambda v: _int(v) and v >= 1, "an int >= 1"),
+    "gptq_act_order": (False, lambda v: isinstance(v, bool), "true or false"),
+}
+# Parameters naming another observer; it must be data-free (it runs where there is no data).
+OBSERVER_REFS = {"fallback_observer": "minmax", "gptq_scale_observer": "mse"}
+
+
+def param(flags: Mapping[str, Any], name: str) -> Any:
+    if name in OBSERVER_REFS:
+        return flags.get(name, OBSERVER_REFS[name])
+    return flags.get(name, PARAMS[name][0])
+
+
+@dataclass(frozen=True)
+class Observer:
+    name: str
+    fn: Callable[..., QuantizedWeight]  # fn(w [..., N, K], flags, x [M, K] | None)
+    needs_data: bool
+    doc: str
+
+
+_OBSERVERS: dict[str, Observer] = {}
+
+
+def register_observer(name: str, needs_data: bool = False):
+    def deco(fn):
+        if name in _OBSERVERS:
+            raise ValueError(f"observer '{name}' is already registered")
+        _OBSERVERS[name] = Observer(name, fn, needs_data, (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return deco
+
+
+def available() -> list[str]:
+    return sorted(_OBSERVERS)
+
+
+def get_observer(name: str, where: str = "scheme.weight_observer") -> Observer:
+    if name not in _OBSERVERS:
+        raise ConfigError(f"{where}: unknown observer '{name}' (available: {', '.join(available())})")
+    return _OBSERVERS[name]
+
+
+def validate_flags(flags: Mapping[str, Any], where: str) -> None:
+    """All observer problems of a scheme's flags in one error, each naming its key."""
+    problems = []
+    name = flags.get("weight_observer", "minmax")
+    if name not in _OBSERVERS:
+        problems.append(f"weight_observer='{name}' is unknown (available: {', '.join(available())})")
+    for key, (_, ok, allowed) in PARAMS.items():
+        value = param(flags, key)
+        if not ok(value):
+            problems.append(f"{key}={value!r} (allowed: {allowed})")
+    data_free = [n for n, o in sorted(_OBSERVERS.items()) if not o.needs_data]
+    for key in OBSERVER_REFS:
+        value = param(flags, key)
+        if value not in data_free:
+            problems.append(f"{key}='{value}' (allowed, data-free observers: {', '.join(data_free)})")
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+
+
+def resolve(flags: Mapping[str, Any], x: torch.Tensor | None) -> tuple[Observer, str | None]:
+    """The observer that will run, and why it is the fallback (None when it is the chosen one)."""
+    obs = get_observer(flags.get("weight_observer", "minmax"))
+    if not obs.needs_data:
+        return obs, None
+    need = param(flags, "observer_min_tokens")
+    if x is None:
+        reason = "no calibration inputs"
+    elif x.shape[0] < need:
+        reason = f"{x.shape[0]} calibration tokens < observer_min_tokens={need}"
+    else:
+        return obs, None
+    return get_observer(param(flags, "fallback_observer"), "scheme.fallback_observer"), reason
+
+
+# ---------------------------------------------------------------------------------------------
+# The lossy level of a scheme's grid, as blocks.
+
+
+@dataclass
+class Blocks:
+    """v [..., N, B, L]: the values put on the int grid, one scale per block (B = 1 per-channel).
+
+    `target` is what the error is measured against: the float weight in the same units (w/s1 for
+    two-level, where v is the spec's rounded q8). Equal to v for per-channel grids."""
+
+    v: torch.Tensor
+    qmax: int
+    s1: torch.Tensor | None  # two-level: the fixed first-level scale [..., N]
+    target: torch.Tensor
+
+    def amax_scale(self) -> torch.Tensor:
+        return self.v.abs().amax(dim=-1) / self.qmax
+
+    def round(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.round(self.v / t.unsqueeze(-1)), -self.qmax, self.qmax)
+
+    def block_error(self, t: torch.Tensor) -> torch.Tensor:
+        """Squared error per block of v against its quantized copy at scales t [..., N, B]."""
+        return (self.target - self.round(t) * t.unsqueeze(-1)).pow(2).sum(dim=-1)
+
+    def finish(self, t: torch.Tensor, q: torch.Tensor | None = None) -> QuantizedWeight:
+        t = P._nonzero(t)
+        q = self.round(t) if q is None else q
+        q = q.reshape(*q.shape[:-2], -1).to(torch.int8)
+        if self.s1 is None:
+            return QuantizedWeight(q, t.squeeze(-1).float())
+        return QuantizedWeight(q, self.s1, t.float())
+
+
+def blocks(w: torch.Tensor, flags: Mapping[str, Any]) -> Blocks:
+    bits, gs = flags["weight_bits"], flags.get("group_size", 0)
+    if not torch.isfinite(w).all():
+        raise ConfigError("weight contains NaN or Inf")
+    wf = w.float()
+    if bits == 4 and gs:
+        k = w.shape[-1]
+        if k % gs:
+            raise ConfigError(
+                f"group_size {gs} does not divide K={k}; use a divisor of K or scheme.group_size=0 (per-channel)"
+            )
+        s1 = P._nonzero(wf.abs().amax(dim=-1) / 127)
+        q8 = torch.clamp(torch.round(wf / s1.unsqueeze(-1)), -127, 127)
+        shape = (*q8.shape[:-1], k // gs, gs)
+        return Blocks(q8.reshape(shape), 7, s1, (wf / s1.unsqueeze(-1)).reshape(shape))
+    v = wf.unsqueeze(-2)
+    return Blocks(v, {4: 7, 8: 127}[bits], None, v)
+
+
+def _ratios(flags: Mapping[str, Any]) -> torch.Tensor:
+    r = torch.linspace(float(param(flags, "observer_min_ratio")), 1.0, param(flags, "observer_grid"))
+    r[-1] = 1.0  # min-max is always a candidate
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-free observers.
+
+
+@register_observer("minmax")
+def _minmax(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest with amax scales (spec section 9 defaults)."""
+    b = blocks(w, flags)
+    return b.finish(b.amax_scale())
+
+
+def mse_scales(b: Blocks, flags: Mapping[str, Any]) -> torch.Tensor:
+    base = b.amax_scale()
+    best_t, best_err = base, None
+    for r in _ratios(flags).tolist():
+        t = P._nonzero(base * r)
+        err = b.block_error(t)
+        if best_err is None:
+            best_t, best_err = t, err
+        else:
+            better = err < best_err
+            best_t, best_err = torch.where(better, t, best_t), torch.where(better, err, best_err)
+    return best_t
+
+
+@register_observer("mse")
+def _mse(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None) -> QuantizedWeight:
+    """Per-block grid search of a clip ratio minimising the weight MSE."""
+    b = blocks(w, flags)
+    return b.finish(mse_scales(b, flags))
+
+
+@register_observer("ssz")
+def _ssz(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None) -> QuantizedWeight:
+    """Iterative least-squares scale refinement from min-max, best per block kept."""
+    b = blocks(w, flags)
+    t = P._nonzero(b.amax_scale())
+    best_t, best_err = t, b.block_error(t)
+    for _ in range(param(flags, "ssz_iters")):
+        q = b.round(t)
+        den = (q * q).sum(dim=-1)
+        t = torch.where(den > 0, (b.target * q).sum(dim=-1) / den.clamp_min(1), t)
+        t = P._nonzero(t)
+        err = b.block_error(t)
+        better = err < best_err
+        best_t, best_err = torch.where(better, t, best_t), torch.where(better, err, best_err)
+    return b.finish(best_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-driven observers: one weight [N, K] and its calibration inputs x [M, K].
+
+
+def _check_data(name: str, w: torch.Tensor, x: torch.Tensor) -> None:
+    if w.dim() != 2 or x.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise LayoutError(
+            f"observer '{name}': expected weight [N, K] and calibration inputs [M, K], "
+            f"found {list(w.shape)} and {list(x.shape)}"
+        )
+
+
+def _output_factor(x: torch.Tensor) -> torch.Tensor:
+    """A [R, K] with ||A d||^2 = ||X d||^2 for every d, R = min(M, K) (so the cost is bounded)."""
+    x = x.float()
+    if x.shape[0] <= x.shape[1]:
+        return x
+    h = x.T @ x
+    h.diagonal().add_(1e-8 * h.diagonal().mean().clamp_min(1e-30))  # PD for the factorisation only
+    return torch.linalg.cholesky(h).T
+
+
+@register_observer("learned_clip", needs_data=True)
+def _learned_clip(
+    w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None
+) -> QuantizedWeight:
+    """Per-output-channel clip ratio minimising the layer-output error on calibration inputs."""
+    _check_data("learned_clip", w, x)
+    b = blocks(w, flags)
+    wf, base, a = w.float(), b.amax_scale(), _output_factor(x)
+    best_r = best_err = None
+    for r in _ratios(flags).tolist():
+        deq = b.finish(base * r).dequantize()
+        err = (a @ (wf - deq).T).pow(2).sum(dim=0)  # [N]
+        rr = torch.full_like(err, r)
+        if best_err is None:
+            best_r, best_err = rr, err
+        else:
+            better = err < best_err
+            best_r, best_err = torch.where(better, rr, best_r), torch.where(better, err, best_err)
+    qw = b.finish(base * best_r.unsqueeze(-1))
+    qw.info = {"clip_ratio": best_r}
+    return qw
+
+
+def _element_scales(qw: QuantizedWeight, k: int) -> torch.Tensor:
+    s = qw.s1.float().unsqueeze(-1).expand(*qw.s1.shape, k)
+    if qw.s2 is not None:
+        s = s * P._expand_groups(qw.s2.float(), k)
+    return s
+
+
+@register_observer("gptq", needs_data=True)
+def _gptq(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None) -> QuantizedWeight:
+    """GPTQ error-compensating rounding with H = X^T X and precomputed (static) scales."""
+    _check_data("gptq", w, x)
+    n, k = w.shape
+    base = get_observer(param(flags, "gptq_scale_observer")).fn(w, flags, None)
+    qmax = 7 if flags["weight_bits"] == 4 else 127
+    scale = _element_scales(base, k).contiguous()
+    W = w.float().clone()
+    hinv, dead, perm = _hessian_factor(x, param(flags, "gptq_damp"), param(flags, "gptq_act_order"))
+    W[:, dead] = 0.0
+    if perm is not None:
+        W, scale = W[:, perm], scale[:, perm]
+    Q = torch.zeros_like(W)
+    block = param(flags, "gptq_block")
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1, S1, Hi = W[:, i1:i2].clone(), scale[:, i1:i2], hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = W1[:, i]
+            q = torch.clamp(torch.round(col / S1[:, i]), -qmax, qmax)
+            Q[:, i1 + i] = q
+            e = (col - q * S1[:, i]) / Hi[i, i]
+            W1[:, i:] -= e.unsqueeze(1) * Hi[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return QuantizedWeight(Q.to(torch.int8), base.s1, base.s2)
+
+
+def _hessian_factor(
+    x: torch.Tensor, damp: float, act_order: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(upper Cholesky factor of H^-1 in quantization order, dead input channels, column order or
+    None) for H = X^T X + damp * mean(diag) * I. At most two K x K matrices are alive at a time
+    (K = 7168: 2 x 205 MB); more damping is added if H is still not positive definite."""
+    xf = x.float()
+    H = xf.T @ xf
+    del xf
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        H = H[perm][:, perm]
+    mean = H.diagonal().mean()
+    H.diagonal().add_(damp * mean)
+    for attempt in range(6):
+        L, info = torch.linalg.cholesky_ex(H)
+        if info == 0:
+            break
+        H.diagonal().add_(10.0**attempt * 1e-4 * mean)
+    else:
+        raise LayoutError("gptq: the calibration Hessian is not positive definite even after extra damping")
+    del H
+    inv = torch.cholesky_inverse(L)
+    del L
+    U, info = torch.linalg.cholesky_ex(inv, upper=True)
+    if info != 0:
+        raise LayoutError("gptq: the inverse calibration Hessian is not positive definite")
+    return U, dead, perm
