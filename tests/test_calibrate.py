@@ -110,7 +110,7 @@ def test_learned_alphas_never_worse_than_one_and_near_brute_force(clip_scheme, w
         at_one = _error(h, 1.0, deq[e], ref)
         assert at_alpha <= at_one and report[e]["error"] == pytest.approx(at_alpha)
         brute = min(_error(h, a, deq[e], ref) for a in torch.linspace(0.05, 1.0, 60).tolist())
-        assert at_alpha <= brute * 1.01
+        assert at_alpha <= brute * 1.03  # searched on 3/4 of the rows (1/4 held out), judged on all
         clipped += alphas[e].item() < 1.0
     assert clipped >= 1  # outlier rows: the search really clips somewhere
 

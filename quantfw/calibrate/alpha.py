@@ -37,18 +37,40 @@ def search_alpha(
     lo: float = 0.05,
     steps: int = 20,
     refine: int = 10,
+    holdout: int = 4,
 ) -> AlphaResult:
-    """h [M, 2I] pre-SwiGLU rows of one expert; w2 [H, I] float and its dequantized int4 copy."""
+    """h [M, 2I] pre-SwiGLU rows of one expert; w2 [H, I] float and its dequantized int4 copy.
+
+    Every `holdout`-th row is kept out of the search; the alpha found on the other rows is kept
+    only if it also beats alpha = 1 on those held-out rows (0 disables the check). A clip that only
+    fits the calibration tokens would make held-out text worse, which is the one thing it must not do.
+    """
     h = h.float()
-    ref = ops.swiglu(h) @ w2.float().T
+    fit, val = h, None
+    if holdout and h.shape[0] >= 2 * holdout:
+        keep = torch.ones(h.shape[0], dtype=torch.bool)
+        keep[::holdout] = False
+        fit, val = h[keep], h[~keep]
+    ref = ops.swiglu(fit) @ w2.float().T
     grid = torch.linspace(lo, 1.0, steps).tolist()
-    errs = {a: _error(h, a, w2_deq, ref) for a in grid}
+    errs = {a: _error(fit, a, w2_deq, ref) for a in grid}
     best = min(errs, key=errs.get)
     step = (1.0 - lo) / (steps - 1)
     for a in torch.linspace(max(lo, best - step), min(1.0, best + step), refine).tolist():
-        errs[a] = _error(h, a, w2_deq, ref)
+        errs[a] = _error(fit, a, w2_deq, ref)
     best = min(errs, key=errs.get)
-    one = errs.get(1.0, _error(h, 1.0, w2_deq, ref))
+    one = errs.get(1.0, _error(fit, 1.0, w2_deq, ref))
     if one <= errs[best]:  # never worse than no clip on the calibration data
         best = 1.0
-    return AlphaResult(alpha=best, error=errs[best], error_at_one=one, tokens=h.shape[0])
+    if val is None:
+        return AlphaResult(
+            alpha=best, error=errs[best] if best != 1.0 else one, error_at_one=one, tokens=h.shape[0]
+        )
+    val_ref = ops.swiglu(val) @ w2.float().T
+    if best != 1.0 and _error(val, best, w2_deq, val_ref) >= _error(val, 1.0, w2_deq, val_ref):
+        best = 1.0  # did not generalise to the held-out rows
+    # Report on all rows: better on both parts means better on the whole.
+    ref_all = ops.swiglu(h) @ w2.float().T
+    one_all = _error(h, 1.0, w2_deq, ref_all)
+    err_all = one_all if best == 1.0 else _error(h, best, w2_deq, ref_all)
+    return AlphaResult(alpha=best, error=err_all, error_at_one=one_all, tokens=h.shape[0])

@@ -26,7 +26,7 @@ __all__ = ["ExpertCapture", "LayerCapture", "alpha_metadata", "learn_expert_alph
 POLICIES = ("ones", "fail")
 METHOD = "grid_search_output_mse"
 # search_alpha's defaults, recorded so the metadata says exactly what ran.
-GRID = {"lo": 0.05, "hi": 1.0, "steps": 20, "refine": 10, "never_worse_than_one": True}
+GRID = {"lo": 0.05, "hi": 1.0, "steps": 20, "refine": 10, "holdout": 4, "never_worse_than_one": True}
 
 
 @dataclass
@@ -141,7 +141,15 @@ def learn_expert_alphas(
             )
         if not torch.isfinite(h).all():
             raise CalibrationError(f"layer {captured.layer} expert {e}: non-finite calibration activations")
-        r = search_alpha(h, w2[e], deq[e], lo=GRID["lo"], steps=GRID["steps"], refine=GRID["refine"])
+        r = search_alpha(
+            h,
+            w2[e],
+            deq[e],
+            lo=GRID["lo"],
+            steps=GRID["steps"],
+            refine=GRID["refine"],
+            holdout=GRID["holdout"],
+        )
         alphas[e] = r.alpha
         report.append(
             {**row, "alpha": r.alpha, "error": r.error, "error_at_one": r.error_at_one, "status": "learned"}
