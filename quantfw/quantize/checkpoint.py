@@ -7,6 +7,13 @@ stay float). Output goes to a hidden `.NAME.partial` folder next to the target; 
 shard gets a sidecar record (input size/mtime, output size and sha256, config fingerprint) so an
 interrupted run resumes; the folder is renamed to the target only when complete. Under torchrun
 (WORLD_SIZE > 1) rank r converts shards r, r+W, ...; rank 0 writes the index and metadata.
+
+Speed (docs/checkpoints.md, Throughput): torch runs single-threaded inside the converter and
+`workers` Python threads quantize different tensors of a shard in parallel (torch releases the GIL);
+intra-op threads on small row blocks collapse under CPU contention. The sha256 of each written
+shard is computed once, in a background thread while the next shard is quantized (hashlib
+releases the GIL); its record is written only after that, so a crash meanwhile just redoes the
+shard. finalize trusts the records of shards written or verified in this run (any rank).
 """
 
 from __future__ import annotations
@@ -17,14 +24,17 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from quantfw.errors import CheckpointError, QuantfwError
+from quantfw.errors import CheckpointError, ConfigError, QuantfwError
 from quantfw.formats.encoders import encode_role
 from quantfw.formats.format import Format
 from quantfw.io import metadata
@@ -63,6 +73,16 @@ class Dist:
 
             dist.barrier()
 
+    def union(self, flags: list[bool]) -> list[bool]:
+        """Element-wise OR of a per-shard flag list over all ranks."""
+        if self.world == 1:
+            return flags
+        import torch.distributed as dist
+
+        t = torch.tensor([int(f) for f in flags])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
     def any_failed(self, failed: bool) -> bool:
         if self.world == 1:
             return failed
@@ -71,6 +91,23 @@ class Dist:
         flag = torch.tensor([int(failed)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def default_workers(dist_world: int = 1) -> int:
+    """One quantize thread per core this process may use (cores shared by torchrun ranks)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist_world))
+    return max(1, cores // max(1, local))
 
 
 def _sha256(path: Path) -> str:
@@ -91,7 +128,9 @@ class Converter:
         overwrite: bool = False,
         proj_names: Mapping[str, str] | None = None,
         progress: bool = True,
+        workers: int | None = None,
     ):
+        self.workers = workers
         self.reader = CheckpointReader(input)
         self.config = self.reader.config()
         self.model = MoEModel.from_config(self.config, str(self.reader.folder / "config.json"), proj_names)
@@ -134,13 +173,19 @@ class Converter:
             raise CheckpointError(
                 f"{where}: tensor '{key}' has shape {list(t.shape)}, expected {list(shape)} (from config.json)"
             )
-        # One reduction first (cheap); the elementwise test only when the sum is not finite.
-        if not torch.isfinite(t.sum(dtype=torch.float64)) and not torch.isfinite(t).all():
-            raise CheckpointError(f"{where}: tensor '{key}' contains NaN or Inf")
+        # NaN / Inf are caught by quantize_weight from its amax (no extra pass here), see _encode.
 
-    def _encode(self, prefix: str, expert: int, proj: str, w: torch.Tensor, out: dict, types: dict) -> None:
+    def _encode(
+        self, prefix: str, expert: int, proj: str, w: torch.Tensor, out: dict, types: dict, src: str
+    ) -> None:
         specs: dict[str, ParamSpec] = self.specs[proj]
-        qw = quantize_weight(w.float(), self.scheme.flags)
+        try:
+            # bf16/fp16 go in as they are: the primitives convert to fp32 block by block.
+            qw = quantize_weight(w, self.scheme.flags)
+        except ConfigError:
+            if not torch.isfinite(w).all():
+                raise CheckpointError(f"{src}: contains NaN or Inf") from None
+            raise
         where = f"{self.fmt.where} {prefix}.{expert}.{proj}"
         for suffix, t in encode_role(specs, qw, None, where).items():
             key = key_of(prefix, expert, self.model, proj, suffix)
@@ -148,9 +193,8 @@ class Converter:
             out[key] = t.view(torch.uint64) if specs[suffix].meta.get("storage") == "uint64" else t
             types[key] = self.qtype
 
-    def convert_shard(self, shard: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        out: dict[str, torch.Tensor] = {}
-        types: dict[str, str] = {}
+    def _jobs(self, shard: str) -> Iterator[tuple[str, torch.Tensor, list]]:
+        """(key, tensor, [(prefix, expert, proj, view, src)] to quantize or [] to pass through)."""
         E = self.model.num_experts
         for key, t in self.reader.iter_shard(shard):
             parsed = parse_expert_key(key, self.model)
@@ -162,21 +206,61 @@ class Converter:
                         f"{self.reader.folder / shard}: routed-expert tensor '{key}' is not supported (only .weight; expert biases are not)"
                     )
                 self._check_float(key, t, self.model.float_shape(proj), shard)
-                self._encode(prefix, expert, proj, t, out, types)
+                yield key, t, [(prefix, expert, proj, t, f"{self.reader.folder / shard}: tensor '{key}'")]
             elif fused:
                 prefix, name = fused["prefix"], fused["proj"]
                 H, I = self.model.hidden_size, self.model.moe_intermediate_size
                 shape = (E, 2 * I, H) if name == "gate_up_proj" else (E, H, I)
                 self._check_float(key, t, shape, shard)
+                parts = []
                 for e in range(E):
+                    src = f"{self.reader.folder / shard}: tensor '{key}' (expert {e})"
                     if name == "gate_up_proj":
-                        self._encode(prefix, e, "gate", t[e, :I], out, types)
-                        self._encode(prefix, e, "up", t[e, I:], out, types)
+                        parts += [(prefix, e, "gate", t[e, :I], src), (prefix, e, "up", t[e, I:], src)]
                     else:
-                        self._encode(prefix, e, "down", t[e], out, types)
+                        parts.append((prefix, e, "down", t[e], src))
+                yield key, t, parts
             else:
-                out[key] = t
-                types[key] = metadata.FLOAT
+                yield key, t, []
+
+    def convert_shard(self, shard: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Quantize one input shard. Up to `self.workers` tensors are in flight (bounded memory);
+        results are collected in key order, so the output does not depend on thread timing."""
+        workers = self.workers or 1
+
+        def work(key, t, parts):
+            out: dict[str, torch.Tensor] = {}
+            types: dict[str, str] = {}
+            if not parts:
+                return {key: t}, {key: metadata.FLOAT}
+            for prefix, expert, proj, w, src in parts:
+                self._encode(prefix, expert, proj, w, out, types, src)
+            return out, types
+
+        out: dict[str, torch.Tensor] = {}
+        types: dict[str, str] = {}
+
+        def collect(result):
+            o, ty = result
+            out.update(o)
+            types.update(ty)
+
+        if workers <= 1:
+            for job in self._jobs(shard):
+                collect(work(*job))
+            return out, types
+        pending: deque = deque()
+        with ThreadPoolExecutor(workers) as pool:
+            try:
+                for job in self._jobs(shard):
+                    pending.append(pool.submit(work, *job))
+                    if len(pending) > workers:
+                        collect(pending.popleft().result())
+                while pending:
+                    collect(pending.popleft().result())
+            finally:
+                for f in pending:
+                    f.cancel()
         return out, types
 
     # ------------------------------------------------------------------ resume records
@@ -188,8 +272,10 @@ class Converter:
         st = (self.reader.folder / self.reader.shards[i]).stat()
         return {"input": self.reader.shards[i], "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns}
 
-    def _finished(self, i: int) -> dict | None:
-        """The record of shard i if it is complete and verified (size and sha256), else None."""
+    def _finished(self, i: int, rehash: bool = True) -> dict | None:
+        """The record of shard i if it is complete and verified (size and sha256), else None.
+
+        rehash=False skips the sha256 for shards written or verified earlier in this same run."""
         rec_path, out_path = self._record_path(i), self.tmp / self.names[i]
         if not rec_path.is_file() or not out_path.is_file():
             return None
@@ -201,7 +287,7 @@ class Converter:
             rec.get("fingerprint") == self.fingerprint
             and all(rec.get(k) == v for k, v in self._input_stamp(i).items())
             and rec.get("size") == out_path.stat().st_size
-            and rec.get("sha256") == _sha256(out_path)
+            and (not rehash or rec.get("sha256") == _sha256(out_path))
         )
         return rec if ok else None
 
@@ -228,11 +314,12 @@ class Converter:
         if self.progress:
             print(f"quantfw quantize: {msg}", file=sys.stderr, flush=True)
 
-    def _do_shard(self, i: int) -> None:
+    def _do_shard(self, i: int) -> dict[str, str] | None:
+        """Convert and write shard i; its tensor types for the record (None: verified, skipped)."""
         n = len(self.names)
         if self._finished(i) is not None:
             self._log(f"[{i + 1}/{n}] {self.names[i]} already done (verified), skipped")
-            return
+            return None
         t0 = time.perf_counter()
         tensors, types = self.convert_shard(self.reader.shards[i])
         out_path = self.tmp / self.names[i]
@@ -240,6 +327,14 @@ class Converter:
         save_file(tensors, str(part), metadata={"format": "pt"})
         del tensors
         os.replace(part, out_path)
+        gb = self._input_stamp(i)["input_size"] / 1e9
+        self._log(
+            f"[{i + 1}/{n}] {self.names[i]} {gb:.3f} GB in {time.perf_counter() - t0:.2f} s (record pending)"
+        )
+        return types
+
+    def _write_record(self, i: int, types: dict[str, str]) -> None:
+        out_path = self.tmp / self.names[i]
         rec = {
             **self._input_stamp(i),
             "fingerprint": self.fingerprint,
@@ -248,16 +343,13 @@ class Converter:
             "tensors": types,
         }
         self._record_path(i).write_text(json.dumps(rec))
-        dt = time.perf_counter() - t0
-        gb = rec["input_size"] / 1e9
-        self._log(f"[{i + 1}/{n}] {self.names[i]} {gb:.3f} GB in {dt:.2f} s ({gb / max(dt, 1e-9):.2f} GB/s)")
 
-    def _finalize(self) -> None:
+    def _finalize(self, done: list[bool]) -> None:
         weight_map: dict[str, str] = {}
         types: dict[str, str] = {}
         total = 0
         for i, name in enumerate(self.names):
-            rec = self._finished(i)
+            rec = self._finished(i, rehash=not done[i])
             if rec is None:
                 raise CheckpointError(f"{self.tmp / name}: shard missing or failed verification at finalize")
             for k, t in rec["tensors"].items():
@@ -293,9 +385,18 @@ class Converter:
         if dist.any_failed(error is not None):
             raise error or CheckpointError("quantize failed on rank 0 (see its error)")
         dist.barrier()
+        done = [False] * len(self.names)
+        self.workers = self.workers or default_workers(dist.world)
         try:
-            for i in range(dist.rank, len(self.names), dist.world):
-                self._do_shard(i)
+            with _torch_threads(1), ThreadPoolExecutor(1) as hasher:
+                records = []
+                for i in range(dist.rank, len(self.names), dist.world):
+                    types = self._do_shard(i)
+                    if types is not None:
+                        records.append(hasher.submit(self._write_record, i, types))
+                    done[i] = True
+                for r in records:
+                    r.result()
         except QuantfwError as e:
             error = e
         if dist.any_failed(error is not None):
@@ -304,8 +405,9 @@ class Converter:
             if dist.rank == 0:
                 shutil.rmtree(self.tmp, ignore_errors=True)
             raise error or CheckpointError("quantize failed on another rank (see its error)")
+        done = dist.union(done)
         if dist.rank == 0:
-            self._finalize()
+            self._finalize(done)
             self._log(f"wrote {self.out}")
         dist.barrier()
         return self.out
@@ -320,6 +422,9 @@ def quantize_checkpoint(
     proj_names: Mapping[str, str] | None = None,
     progress: bool = True,
     dist: Dist | None = None,
+    workers: int | None = None,
 ) -> Path:
-    """Quantize every routed expert of a float checkpoint folder into `output` (see module doc)."""
-    return Converter(input, output, scheme, fmt, overwrite, proj_names, progress).run(dist)
+    """Quantize every routed expert of a float checkpoint folder into `output` (see module doc).
+
+    workers: quantize threads per process (default: usable cores / local torchrun ranks)."""
+    return Converter(input, output, scheme, fmt, overwrite, proj_names, progress, workers).run(dist)
