@@ -146,6 +146,14 @@ class Converter:
         dims = self.model.dims()
         scheme.check_dims(dims)
         self.specs = projection_specs(fmt, scheme, dims)
+        unwritable = sorted(
+            {s for p in self.specs.values() for s, spec in p.items() if not spec.meta.get("encode")}
+        )
+        if unwritable:
+            raise ConfigError(
+                f"{fmt.where} declares no encode: for {unwritable}: it is read-only "
+                "(quantize to format=msmodelslim or format=compressed_tensors)"
+            )
         self.tmp = self.out.parent / f".{self.out.name}.partial"
         n = len(self.reader.shards)
         base = SHARD_BASE[fmt.metadata]

@@ -32,7 +32,7 @@ class TransformOp:
 
 
 _OPS: dict[str, TransformOp] = {}
-STEP_KEYS = {"op", "params", "roles", "out", "when"}
+STEP_KEYS = {"op", "params", "roles", "out", "when", "keep"}
 
 
 def register(name: str, *, rule, many_inputs: bool = False, args: Sequence[str] = (), doc: str = ""):
@@ -66,6 +66,7 @@ class Step:
     when: Any
     args: Mapping[str, Any]
     label: str  # "format 'msmodelslim' load step 3 (fuse_scales_fp16)" for messages
+    keep: bool = False  # inputs stay in the state (e.g. a bias computed from weight and scale)
 
 
 def parse_steps(raw: Sequence[Mapping[str, Any]], where: str) -> list[Step]:
@@ -92,7 +93,18 @@ def parse_steps(raw: Sequence[Mapping[str, Any]], where: str) -> list[Step]:
         if not set(roles) <= set(ROLES):
             raise ConfigError(f"{label}.roles: {list(roles)} (allowed: {list(ROLES)})")
         args = {k: item[k] for k in op.args if k in item}
-        steps.append(Step(op, tuple(params), roles, item.get("out"), item.get("when"), args, label))
+        steps.append(
+            Step(
+                op,
+                tuple(params),
+                roles,
+                item.get("out"),
+                item.get("when"),
+                args,
+                label,
+                bool(item.get("keep", False)),
+            )
+        )
     return steps
 
 
@@ -134,7 +146,7 @@ class Pipeline:
             self._check_step_has_inputs(step, state, env_of)
             for _, inputs, out, env in list(self._calls(step, state, env_of)):
                 decl = step.op.rule([state[n] for n in inputs], step.args, env)
-                for n in inputs:
+                for n in inputs if not step.keep else ():
                     state.pop(n)
                 if decl is not None:
                     state[out] = decl
@@ -167,7 +179,7 @@ class Pipeline:
                         )
                 decl = step.op.rule([state[n] for n in inputs], step.args, env)
                 result = step.op.run([tensors[n] for n in inputs], step.args, env)
-                for n in inputs:
+                for n in inputs if not step.keep else ():
                     tensors.pop(n)
                     state.pop(n)
                 if decl is None:
