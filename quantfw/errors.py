@@ -24,3 +24,7 @@ class CheckpointError(QuantfwError):
 
 class BackendUnavailable(QuantfwError):
     """A backend's optional dependency or device is missing (says how to get it)."""
+
+
+class CalibrationError(QuantfwError):
+    """Calibration data cannot support what the recipe asks (names layer, expert, tokens found)."""

@@ -24,4 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "checkpoint=DIR reference=DIR: per-layer error of the quantized MoE layers vs the float ones",
         "quantfw.cli.evaluate",
     ),
+    "bench": (
+        "forward latency per scheme and backend mode vs float baselines and the memory roofline; load time",
+        "quantfw.cli.bench",
+    ),
 }

@@ -75,6 +75,33 @@ class BackendConfig:
 
 
 @dataclass
+class BenchLayerConfig:
+    """The benchmark's reference layer (issue 6): E=64, H=2048, I=1408, top-6, uniform routing."""
+
+    num_experts: int = 64
+    hidden_size: int = 2048
+    moe_intermediate_size: int = 1408
+    top_k: int = 6
+
+
+@dataclass
+class BenchConfig:
+    """`quantfw bench`: what to time (see docs/performance.md)."""
+
+    tokens: list[int] = field(default_factory=lambda: [1, 16, 128, 1024])
+    modes: list[str] = field(default_factory=lambda: ["exact", "fast"])  # torch backend modes
+    schemes: list[str] = field(default_factory=lambda: ["w8a8", "w4a8_group", "w4a8_pc", "w4a8_clip"])
+    layers: list[str] = field(default_factory=lambda: ["reference", "model"])  # model = the recipe's
+    group_size: int = 256  # w4a8_group: the largest of this, 128, 64 dividing both K
+    repeats: int = 7  # timed runs per point (after one warm-up), fewer if max_seconds runs out
+    max_seconds: float = 3.0  # time budget per point: exact mode at 1024 tokens is slow
+    load: bool = True  # also time load + post-load vs a raw safetensors read
+    copy_mb: int = 1024  # size of the copy that measures memory bandwidth
+    threads: int = 0  # torch intra-op threads (0: torch's default); 1 is steadier on a busy machine
+    reference: BenchLayerConfig = field(default_factory=BenchLayerConfig)
+
+
+@dataclass
 class QuantfwConfig:
     model: ModelConfig = MISSING
     scheme: SchemeConfig = MISSING
@@ -93,6 +120,7 @@ class QuantfwConfig:
     reference: str | None = None
     out: str | None = None
     overwrite: bool = False
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 def register_configs() -> None:

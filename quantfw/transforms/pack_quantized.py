@@ -65,7 +65,7 @@ def _bias_rule(d, a, env):
     return (E, N), torch.float32
 
 
-@register("a8w4_bias_from_q", rule=_bias_rule, many_inputs=True)
+@register("a8w4_bias_from_q", rule=_bias_rule, many_inputs=True, consumes=False)
 def a8w4_bias_from_q(xs, args, env):
     """The A8W4 bias [E, N] = 8 * sum_k q[k] * S[g(k)] for formats that do not store it.
 

@@ -29,20 +29,31 @@ class TransformOp:
     many_inputs: bool  # False: applied to each listed param; True: all params feed one call
     args: frozenset[str]
     doc: str
+    consumes: bool = True  # False: the inputs stay in the state next to the output
 
 
 _OPS: dict[str, TransformOp] = {}
-STEP_KEYS = {"op", "params", "roles", "out", "when", "keep"}
+STEP_KEYS = {"op", "params", "roles", "out", "when"}
 
 
-def register(name: str, *, rule, many_inputs: bool = False, args: Sequence[str] = (), doc: str = ""):
-    """Register a transform under a name recipes can use; names are unique."""
+def register(
+    name: str,
+    *,
+    rule,
+    many_inputs: bool = False,
+    args: Sequence[str] = (),
+    doc: str = "",
+    consumes: bool = True,
+):
+    """Register a transform under a name recipes can use; names are unique.
+
+    consumes=False keeps the inputs (a step that reads several params to derive one)."""
 
     def deco(fn):
         if name in _OPS:
             raise ValueError(f"transform '{name}' is already registered")
         _OPS[name] = TransformOp(
-            name, fn, rule, many_inputs, frozenset(args), doc or (fn.__doc__ or "").strip()
+            name, fn, rule, many_inputs, frozenset(args), doc or (fn.__doc__ or "").strip(), consumes
         )
         return fn
 
@@ -66,7 +77,6 @@ class Step:
     when: Any
     args: Mapping[str, Any]
     label: str  # "format 'msmodelslim' load step 3 (fuse_scales_fp16)" for messages
-    keep: bool = False  # inputs stay in the state (e.g. a bias computed from weight and scale)
 
 
 def parse_steps(raw: Sequence[Mapping[str, Any]], where: str) -> list[Step]:
@@ -93,18 +103,7 @@ def parse_steps(raw: Sequence[Mapping[str, Any]], where: str) -> list[Step]:
         if not set(roles) <= set(ROLES):
             raise ConfigError(f"{label}.roles: {list(roles)} (allowed: {list(ROLES)})")
         args = {k: item[k] for k in op.args if k in item}
-        steps.append(
-            Step(
-                op,
-                tuple(params),
-                roles,
-                item.get("out"),
-                item.get("when"),
-                args,
-                label,
-                bool(item.get("keep", False)),
-            )
-        )
+        steps.append(Step(op, tuple(params), roles, item.get("out"), item.get("when"), args, label))
     return steps
 
 
@@ -146,7 +145,7 @@ class Pipeline:
             self._check_step_has_inputs(step, state, env_of)
             for _, inputs, out, env in list(self._calls(step, state, env_of)):
                 decl = step.op.rule([state[n] for n in inputs], step.args, env)
-                for n in inputs if not step.keep else ():
+                for n in inputs if step.op.consumes else ():
                     state.pop(n)
                 if decl is not None:
                     state[out] = decl
@@ -179,7 +178,7 @@ class Pipeline:
                         )
                 decl = step.op.rule([state[n] for n in inputs], step.args, env)
                 result = step.op.run([tensors[n] for n in inputs], step.args, env)
-                for n in inputs if not step.keep else ():
+                for n in inputs if step.op.consumes else ():
                     tensors.pop(n)
                     state.pop(n)
                 if decl is None:

@@ -1,0 +1,165 @@
+"""Per-expert calibration of the W4A8-clip alpha from a float model's own activations.
+
+`ExpertCapture` hooks float experts modules (the `forward(hidden [T,H], topk_weights, topk_ids)`
+contract of quantfw.moe) and keeps, per layer and expert, the pre-SwiGLU rows h = x @ w13[e].T in
+fp32 plus how many tokens the router sent there. `learn_expert_alphas` turns one layer's capture
+into alpha [E] with `search_alpha` (spec 1.4: the clip acts on the w2 input only) and applies the
+recipe's coverage policy to experts that saw too few tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quantfw.calibrate.alpha import search_alpha
+from quantfw.errors import CalibrationError, ConfigError
+from quantfw.quantize.experts import fake_quant_weights
+from quantfw.schemes.scheme import Scheme
+
+__all__ = ["ExpertCapture", "LayerCapture", "alpha_metadata", "learn_expert_alphas", "POLICIES"]
+
+POLICIES = ("ones", "fail")
+METHOD = "grid_search_output_mse"
+# search_alpha's defaults, recorded so the metadata says exactly what ran.
+GRID = {"lo": 0.05, "hi": 1.0, "steps": 20, "refine": 10, "never_worse_than_one": True}
+
+
+@dataclass
+class LayerCapture:
+    """One layer's calibration rows: rows[e] are h rows [M_e, 2I] (at most max_rows kept), counts[e]
+    the number of tokens routed to e (all of them, including rows beyond the cap)."""
+
+    layer: int
+    num_experts: int
+    max_rows: int | None = None
+    rows: list[list[torch.Tensor]] = field(default_factory=list)
+    counts: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.rows = [[] for _ in range(self.num_experts)]
+        self.counts = torch.zeros(self.num_experts, dtype=torch.int64)
+
+    def kept(self, e: int) -> int:
+        return sum(r.shape[0] for r in self.rows[e])
+
+    def add(self, e: int, h: torch.Tensor) -> None:
+        self.counts[e] += h.shape[0]
+        room = h.shape[0] if self.max_rows is None else self.max_rows - self.kept(e)
+        if room > 0:
+            self.rows[e].append(h[:room].detach().to(torch.float32).clone())
+
+    def h(self, e: int) -> torch.Tensor:
+        return torch.cat(self.rows[e]) if self.rows[e] else torch.zeros(0, 0)
+
+
+class ExpertCapture:
+    """Forward hooks on float experts modules that record each expert's pre-SwiGLU rows.
+
+    experts: {layer_index: (module, w13 [E, 2I, H])}. The hook reads the module's inputs
+    (hidden [T,H], topk_weights [T,k], topk_ids [T,k]) so routing is whatever the model did.
+    """
+
+    def __init__(self, experts: Mapping[int, tuple[nn.Module, torch.Tensor]], max_rows: int | None = None):
+        self.experts = dict(experts)
+        self.layers = {
+            layer: LayerCapture(layer, w13.shape[0], max_rows) for layer, (_, w13) in self.experts.items()
+        }
+
+    def _hook(self, layer: int, w13: torch.Tensor):
+        cap = self.layers[layer]
+
+        def hook(_module, args, _output):
+            hidden, _weights, ids = args[:3]
+            x = hidden.to(torch.float32)
+            for e in range(cap.num_experts):
+                tok = (ids == e).any(dim=-1)
+                if tok.any():
+                    cap.add(e, x[tok] @ w13[e].to(torch.float32).T)
+
+        return hook
+
+    @contextmanager
+    def attached(self):
+        handles = [
+            m.register_forward_hook(self._hook(layer, w13)) for layer, (m, w13) in self.experts.items()
+        ]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    @property
+    def tokens(self) -> int:
+        """Routed token-slots seen over all layers and experts."""
+        return int(sum(c.counts.sum() for c in self.layers.values()))
+
+
+def learn_expert_alphas(
+    scheme: Scheme,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    captured: LayerCapture,
+    min_tokens: int = 16,
+    policy: str = "ones",
+) -> tuple[torch.Tensor, list[dict]]:
+    """alpha [E] in (0, 1] for one layer, and one report row per expert.
+
+    The int4 down-projection is quantized as the scheme declares, so the search sees the weight
+    error the layer will run with. Experts with fewer than `min_tokens` captured rows get alpha 1
+    (policy "ones", reported as a fallback) or raise CalibrationError (policy "fail")."""
+    if policy not in POLICIES:
+        raise ConfigError(f"calibration policy '{policy}' (allowed: {', '.join(POLICIES)})")
+    if min_tokens < 1:
+        raise ConfigError(f"calibration min_tokens={min_tokens} (must be >= 1)")
+    E, two_i, _ = w13.shape
+    if captured.num_experts != E or tuple(w2.shape[:1]) != (E,):
+        raise CalibrationError(
+            f"layer {captured.layer}: capture has {captured.num_experts} experts, weights have {E}"
+        )
+    deq = fake_quant_weights(scheme, w2).dequantize()
+    alphas, report = torch.ones(E, dtype=torch.float32), []
+    for e in range(E):
+        h = captured.h(e)
+        row = {"layer": captured.layer, "expert": e, "tokens": int(captured.counts[e]), "rows": h.shape[0]}
+        if h.shape[0] < min_tokens:
+            if policy == "fail":
+                raise CalibrationError(
+                    f"layer {captured.layer} expert {e}: {h.shape[0]} calibration tokens, "
+                    f"expected >= min_tokens={min_tokens} (policy fail)"
+                )
+            report.append({**row, "alpha": 1.0, "status": "fallback_too_few_tokens"})
+            continue
+        if h.shape[1] != two_i:
+            raise CalibrationError(
+                f"layer {captured.layer} expert {e}: captured rows have width {h.shape[1]}, expected 2I={two_i}"
+            )
+        if not torch.isfinite(h).all():
+            raise CalibrationError(f"layer {captured.layer} expert {e}: non-finite calibration activations")
+        r = search_alpha(h, w2[e], deq[e], lo=GRID["lo"], steps=GRID["steps"], refine=GRID["refine"])
+        alphas[e] = r.alpha
+        report.append(
+            {**row, "alpha": r.alpha, "error": r.error, "error_at_one": r.error_at_one, "status": "learned"}
+        )
+    return alphas, report
+
+
+def alpha_metadata(report: list[dict], data: str, min_tokens: int, policy: str) -> dict:
+    """How the alphas were obtained, for checkpoint metadata (JSON-serialisable)."""
+    fallback = [(r["layer"], r["expert"]) for r in report if r["status"] != "learned"]
+    return {
+        "method": METHOD,
+        "objective": "relative L2 of the expert output (clipped int8 w2 input x int4 w2) vs float",
+        "grid": dict(GRID),
+        "tokens": int(sum(r["tokens"] for r in report)),
+        "rows_used": int(sum(r["rows"] for r in report if r["status"] == "learned")),
+        "data": data,
+        "min_tokens": min_tokens,
+        "policy": policy,
+        "fallback_experts": [list(x) for x in fallback],
+    }

@@ -1,0 +1,73 @@
+"""`quantfw bench [bench.tokens=[1,16]] [bench.modes=[fast]] out=FILE.json`.
+
+Times the reference layer (bench.reference) and the recipe's model layer (this rank's experts:
+use ep_size to shrink a large model). The JSON holds the machine, the measured bandwidth and one
+record per point; an existing file's records are kept and the new ones appended (so a --multirun
+sweep fills one file), unless overwrite=true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from omegaconf import DictConfig
+
+from quantfw.api import layer_dims
+from quantfw.errors import ConfigError
+from quantfw.eval.bench import BenchLayer, markdown_table, run_bench
+from quantfw.layout.spec import Dims
+
+KEYS = ("kind", "layer", "scheme", "mode", "tokens", "median_ms", "min_ms", "max_ms", "bytes")
+
+
+def _layers(cfg: DictConfig) -> list[BenchLayer]:
+    out = []
+    for name in cfg.bench.layers:
+        if name == "reference":
+            r = cfg.bench.reference
+            dims = Dims(E=r.num_experts, H=r.hidden_size, I=r.moe_intermediate_size)
+            out.append(BenchLayer("reference", dims, r.top_k))
+        elif name == "model":
+            out.append(BenchLayer(cfg.model.name, layer_dims(cfg), cfg.model.top_k))
+        else:
+            raise ConfigError(f"bench.layers: unknown layer '{name}' (allowed: reference, model)")
+    return out
+
+
+def _check(cfg: DictConfig) -> None:
+    from quantfw.eval.bench import scheme_variants
+
+    known = scheme_variants(Dims(E=1, H=256, I=256)).keys()
+    bad = [s for s in cfg.bench.schemes if s not in known]
+    if bad:
+        raise ConfigError(f"bench.schemes: unknown {bad} (allowed: {', '.join(known)})")
+    bad = [m for m in cfg.bench.modes if m not in ("exact", "fast")]
+    if bad:
+        raise ConfigError(f"bench.modes: unknown {bad} (allowed: exact, fast)")
+    bad = [t for t in cfg.bench.tokens if t < 1]
+    if bad:
+        raise ConfigError(f"bench.tokens: {bad} (need >= 1)")
+
+
+def run(cfg: DictConfig) -> dict:
+    _check(cfg)
+    result = run_bench(_layers(cfg), cfg.bench)
+    print(markdown_table(result))
+    if cfg.out:
+        previous = []
+        if os.path.exists(cfg.out) and not cfg.overwrite:
+            try:
+                with open(cfg.out) as f:
+                    previous = json.load(f)["records"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(
+                    f"out={cfg.out}: exists but is not a quantfw bench JSON ({e}); use overwrite=true"
+                ) from None
+        result = {**result, "records": previous + result["records"]}
+        tmp = f"{cfg.out}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, cfg.out)  # never a half-written file under the final name
+        print(f"wrote {len(result['records'])} records to {cfg.out}")
+    return result

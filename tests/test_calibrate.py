@@ -1,0 +1,131 @@
+"""Per-expert alpha calibration: capture from a float experts module, coverage policy, objective."""
+
+import pytest
+import torch
+
+from quantfw import ops
+from quantfw.calibrate.alpha import _error
+from quantfw.calibrate.experts import ExpertCapture, LayerCapture, alpha_metadata, learn_expert_alphas
+from quantfw.errors import CalibrationError, ConfigError
+from quantfw.eval import synthetic
+from quantfw.moe.reference import FloatMoE
+from quantfw.quantize.experts import fake_quant_weights
+from quantfw.schemes.scheme import Scheme
+
+E, H, I = 4, 64, 32
+
+
+@pytest.fixture(scope="module")
+def clip_scheme():
+    from quantfw.config.compose import compose
+
+    return Scheme.from_config(compose("default", ["scheme=w4a8_clip"]).scheme)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return synthetic.expert_weights(E, H, I, seed=0)
+
+
+def capture_run(w13, w2, tokens=256, k=2, max_rows=None, layer=3, skew=3.0):
+    moe = FloatMoE(w13, w2)
+    x = synthetic.hidden_states(tokens, H, seed=5)
+    tw, ids = synthetic.random_routing(tokens, E, k, seed=6, skew=skew)
+    cap = ExpertCapture({layer: (moe, w13)}, max_rows=max_rows)
+    with cap.attached():
+        moe(x, tw, ids)
+    moe(x, tw, ids)  # detached: must not record again
+    return cap.layers[layer], x, ids
+
+
+def test_capture_counts_equal_routing_and_rows_are_pre_swiglu(weights):
+    w13, w2 = weights
+    cap, x, ids = capture_run(w13, w2)
+    assert cap.counts.tolist() == torch.bincount(ids.reshape(-1), minlength=E).tolist()
+    for e in range(E):
+        tok = (ids == e).any(-1)
+        torch.testing.assert_close(cap.h(e), x[tok] @ w13[e].T, rtol=0, atol=0)
+
+
+def test_capture_row_cap_keeps_full_counts(weights):
+    w13, w2 = weights
+    cap, _, ids = capture_run(w13, w2, max_rows=20)
+    assert cap.counts.sum().item() == ids.numel()
+    assert all(cap.h(e).shape[0] == min(20, int(cap.counts[e])) for e in range(E))
+
+
+def starved_capture(w13):
+    """Expert 1 sees 3 tokens, the others 200 (rows with a few large outliers, where clipping pays)."""
+    cap = LayerCapture(layer=7, num_experts=E)
+    g = torch.Generator().manual_seed(0)
+    for e in range(E):
+        x = synthetic.hidden_states(3 if e == 1 else 200, H, seed=10 + e)
+        cap.add(e, x @ w13[e].T + 0 * torch.randn(1, generator=g))
+    return cap
+
+
+def test_policy_ones_falls_back_and_reports(clip_scheme, weights):
+    w13, w2 = weights
+    alphas, report = learn_expert_alphas(clip_scheme, w13, w2, starved_capture(w13), min_tokens=16)
+    assert alphas[1].item() == 1.0 and report[1]["status"] == "fallback_too_few_tokens"
+    assert report[1]["tokens"] == 3 and report[1]["layer"] == 7
+    assert [r["status"] for r in report].count("learned") == E - 1
+    assert torch.isfinite(alphas).all() and ((alphas > 0) & (alphas <= 1)).all()
+    meta = alpha_metadata(report, "synthetic", 16, "ones")
+    assert meta["method"] == "grid_search_output_mse" and meta["fallback_experts"] == [[7, 1]]
+    assert meta["tokens"] == 3 + 200 * (E - 1) and meta["grid"]["lo"] == 0.05
+
+
+def test_policy_fail_names_layer_and_expert(clip_scheme, weights):
+    w13, w2 = weights
+    with pytest.raises(CalibrationError) as exc:
+        learn_expert_alphas(clip_scheme, w13, w2, starved_capture(w13), min_tokens=16, policy="fail")
+    msg = str(exc.value)
+    assert "\n" not in msg and "layer 7 expert 1" in msg and "3 calibration tokens" in msg and "16" in msg
+
+
+def test_expert_with_no_tokens_and_bad_inputs(clip_scheme, weights):
+    w13, w2 = weights
+    cap = LayerCapture(layer=0, num_experts=E)  # nothing routed anywhere
+    alphas, report = learn_expert_alphas(clip_scheme, w13, w2, cap, min_tokens=1)
+    assert alphas.tolist() == [1.0] * E and all(r["rows"] == 0 for r in report)
+    with pytest.raises(ConfigError, match="policy 'maybe'"):
+        learn_expert_alphas(clip_scheme, w13, w2, cap, policy="maybe")
+    bad = starved_capture(w13)
+    bad.rows[0][0][0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match="layer 7 expert 0: non-finite"):
+        learn_expert_alphas(clip_scheme, w13, w2, bad, min_tokens=1)
+
+
+def test_learned_alphas_never_worse_than_one_and_near_brute_force(clip_scheme, weights):
+    w13, w2 = weights
+    cap = starved_capture(w13)
+    alphas, report = learn_expert_alphas(clip_scheme, w13, w2, cap, min_tokens=16)
+    deq = fake_quant_weights(clip_scheme, w2).dequantize()
+    clipped = 0
+    for e in (0, 2, 3):
+        h = cap.h(e)
+        ref = ops.swiglu(h) @ w2[e].T
+        at_alpha = _error(h, alphas[e].item(), deq[e], ref)
+        at_one = _error(h, 1.0, deq[e], ref)
+        assert at_alpha <= at_one and report[e]["error"] == pytest.approx(at_alpha)
+        brute = min(_error(h, a, deq[e], ref) for a in torch.linspace(0.05, 1.0, 60).tolist())
+        assert at_alpha <= brute * 1.01
+        clipped += alphas[e].item() < 1.0
+    assert clipped >= 1  # outlier rows: the search really clips somewhere
+
+
+def test_outlier_row_known_optimum(clip_scheme):
+    """One huge, output-irrelevant entry per row: alpha = 1 wastes the int8 range on it, so the
+    best clip sits near the bulk of the row (|y| ~ 2 of ~144), far below 1."""
+    torch.manual_seed(0)
+    w2 = torch.eye(H, I)  # int4-exact, so only activation quantization matters
+    w2[0, 0] = 1e-3  # ... and the outlier channel barely reaches the output
+    h = torch.randn(512, 2 * I)
+    h[:, 0] = 12.0
+    h[:, I] = 12.0  # y[:, 0] = silu(12) * 12 ~ 144, the rest ~ N(0, 0.5)
+    w13 = torch.zeros(E, 2 * I, H)
+    cap = LayerCapture(layer=0, num_experts=E)
+    cap.add(0, h)
+    alphas, report = learn_expert_alphas(clip_scheme, w13, w2.expand(E, H, I).contiguous(), cap, min_tokens=1)
+    assert alphas[0].item() < 0.2 and report[0]["error"] < report[0]["error_at_one"] / 2
