@@ -21,5 +21,7 @@ def run(cfg: DictConfig) -> str:
         overwrite=cfg.overwrite,
         proj_names=dict(cfg.model.proj_names),
         dist=Dist.from_env(),
+        targets=list(cfg.quantize.targets),
+        ignore=list(cfg.quantize.ignore),
     )
     return str(out)

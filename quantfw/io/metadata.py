@@ -22,6 +22,7 @@ from quantfw.schemes.scheme import Scheme
 VERSION = "0.1.0"
 DESCRIPTION_NAMES = ("quant_model_description.json", "quant_model_description_w8a8_dynamic.json")
 FLOAT = "FLOAT"
+LINEAR_W8A8 = "W8A8_DYNAMIC"  # non-expert linears written W8A8 (recipe quantize.targets)
 
 
 def expert_type(scheme: Scheme) -> str:
@@ -69,20 +70,39 @@ def _write_compressed_tensors(
         if f.get("group_size")
         else {"strategy": "channel"}
     )
-    # Only routed experts are quantized; every other linear stays float and is listed in `ignore`
-    # (so no W8A8 "Linear" group is claimed).
+    # Routed experts are group_1 (MoEGMM); non-expert linears written W8A8 are group_0 ("Linear"),
+    # claimed only when there are some. Every float `.weight` is listed in `ignore`.
     ignore = sorted(k[: -len(".weight")] for k, t in types.items() if t == FLOAT and k.endswith(".weight"))
+    linears = bool((prov.get("linears") or {}).get("w8a8"))
     qc = {
         "quant_method": "compressed-tensors",
         "format": "int-quantized",
         "quantization_status": "compressed",
         "config_groups": {
+            **(
+                {
+                    "group_0": {
+                        "targets": ["Linear"],
+                        "weights": {
+                            "num_bits": 8,
+                            "type": "int",
+                            "symmetric": True,
+                            "dynamic": False,
+                            "strategy": "channel",
+                        },
+                        "input_activations": acts,
+                        "activation_use_clip": False,
+                    }
+                }
+                if linears
+                else {}
+            ),
             "group_1": {
                 "targets": ["MoEGMM"],
                 "weights": weights,
                 "input_activations": acts,
                 "activation_use_clip": bool(f.get("activation_use_clip")),
-            }
+            },
         },
         "ignore": ignore,
         "quantfw": prov,

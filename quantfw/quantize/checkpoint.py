@@ -21,11 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from quantfw.formats.format import Format
 from quantfw.io import metadata
 from quantfw.io.experts import FUSED_RE, MoEModel, key_of, parse_expert_key, projection_specs
 from quantfw.io.reader import CheckpointReader
-from quantfw.layout.spec import ParamSpec
+from quantfw.layout.spec import Dims, ParamSpec, instantiate
 from quantfw.quantize.weights import quantize_weight
 from quantfw.schemes.scheme import Scheme
 
@@ -129,8 +130,16 @@ class Converter:
         proj_names: Mapping[str, str] | None = None,
         progress: bool = True,
         workers: int | None = None,
+        targets: Sequence[str] = (),
+        ignore: Sequence[str] = (),
     ):
         self.workers = workers
+        self.targets, self.ignore = list(targets), list(ignore)
+        for pat in (*self.targets, *self.ignore):
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ConfigError(f"quantize.targets/ignore: invalid regex {pat!r} ({e})") from None
         self.reader = CheckpointReader(input)
         self.config = self.reader.config()
         self.model = MoEModel.from_config(self.config, str(self.reader.folder / "config.json"), proj_names)
@@ -163,9 +172,19 @@ class Converter:
         self.alpha_method = (
             "none: alpha = 1 (no calibration)" if scheme.flags.get("activation_use_clip") else None
         )
+        # Non-expert linears: the format's own W8A8 tensors (one projection, role w2: N, K as is).
+        self.linear_flags = {**scheme.flags, "weight_bits": 8, "group_size": 0, "activation_use_clip": False}
         self.fingerprint = hashlib.sha256(
             json.dumps(
-                [metadata.VERSION, scheme.signature(), fmt.name, fmt.tensors, dict(self.model.proj_names)],
+                [
+                    metadata.VERSION,
+                    scheme.signature(),
+                    fmt.name,
+                    fmt.tensors,
+                    dict(self.model.proj_names),
+                    self.targets,
+                    self.ignore,
+                ],
                 sort_keys=True,
                 default=str,
             ).encode()
@@ -228,8 +247,51 @@ class Converter:
                     else:
                         parts.append((prefix, e, "down", t[e], src))
                 yield key, t, parts
+            elif self._is_target_linear(key, t):
+                yield (
+                    key,
+                    t,
+                    [
+                        (
+                            key[: -len(".weight")],
+                            None,
+                            "linear",
+                            t,
+                            f"{self.reader.folder / shard}: tensor '{key}'",
+                        )
+                    ],
+                )
             else:
                 yield key, t, []
+
+    def _is_target_linear(self, key: str, t: torch.Tensor) -> bool:
+        if not self.targets or not key.endswith(".weight") or t.dim() != 2 or t.dtype not in FLOAT_DTYPES:
+            return False
+        module = key[: -len(".weight")]
+        return any(re.search(p, module) for p in self.targets) and not any(
+            re.search(p, module) for p in self.ignore
+        )
+
+    def _encode_linear(self, module: str, w: torch.Tensor, out: dict, types: dict, src: str) -> None:
+        """A non-expert linear [N, K] as W8A8 in the format's declared tensors (weight, scale, offset...)."""
+        n, k = w.shape
+        dims = Dims(E=1, H=n, I=k)
+        specs = {
+            name.split("_", 1)[1]: spec
+            for name, spec in instantiate(
+                self.fmt.tensors, dims, {**self.linear_flags, "G": 0}, self.fmt.where
+            ).items()
+            if spec.role == "w2"
+        }
+        try:
+            qw = quantize_weight(w, self.linear_flags)
+        except ConfigError:
+            if not torch.isfinite(w).all():
+                raise CheckpointError(f"{src}: contains NaN or Inf") from None
+            raise
+        for suffix, t in encode_role(specs, qw, None, f"{self.fmt.where} {module}").items():
+            out[f"{module}.{suffix}"] = t
+            types[f"{module}.{suffix}"] = metadata.LINEAR_W8A8
 
     def convert_shard(self, shard: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Quantize one input shard. Up to `self.workers` tensors are in flight (bounded memory);
@@ -242,7 +304,10 @@ class Converter:
             if not parts:
                 return {key: t}, {key: metadata.FLOAT}
             for prefix, expert, proj, w, src in parts:
-                self._encode(prefix, expert, proj, w, out, types, src)
+                if proj == "linear":
+                    self._encode_linear(prefix, w, out, types, src)
+                else:
+                    self._encode(prefix, expert, proj, w, out, types, src)
             return out, types
 
         out: dict[str, torch.Tensor] = {}
@@ -367,6 +432,24 @@ class Converter:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         metadata.dump(self.tmp / self.index_name, index)
         prov = metadata.provenance(self.scheme, self.fmt.name, self.alpha_method)
+        if self.targets:
+            modules = sorted(
+                k[: -len(".weight")]
+                for k, t in types.items()
+                if t == metadata.LINEAR_W8A8 and k.endswith(".weight") and not parse_expert_key(k, self.model)
+            )
+            every = sorted({k[: -len(".weight")] for k in weight_map if k.endswith(".weight")})
+            unmatched = {
+                "targets": [p for p in self.targets if not any(re.search(p, m) for m in modules)],
+                "ignore": [p for p in self.ignore if not any(re.search(p, m) for m in every)],
+            }
+            prov["linears"] = {
+                "targets": self.targets,
+                "ignore": self.ignore,
+                "w8a8": modules,
+                "unmatched": unmatched,
+            }
+            self._log(f"{len(modules)} non-expert linear(s) W8A8; patterns matching nothing: {unmatched}")
         metadata.write(self.fmt.metadata, self.tmp, self.config, self.scheme, types, prov)
         for p in sorted(self.reader.folder.iterdir()):  # tokenizer, generation config, ...
             if (
@@ -431,8 +514,12 @@ def quantize_checkpoint(
     progress: bool = True,
     dist: Dist | None = None,
     workers: int | None = None,
+    targets: Sequence[str] = (),
+    ignore: Sequence[str] = (),
 ) -> Path:
     """Quantize every routed expert of a float checkpoint folder into `output` (see module doc).
 
-    workers: quantize threads per process (default: usable cores / local torchrun ranks)."""
-    return Converter(input, output, scheme, fmt, overwrite, proj_names, progress, workers).run(dist)
+    workers: quantize threads per process (default: usable cores / local torchrun ranks).
+    targets / ignore: regexes over non-expert module names to write W8A8 (recipe `quantize.*`)."""
+    conv = Converter(input, output, scheme, fmt, overwrite, proj_names, progress, workers, targets, ignore)
+    return conv.run(dist)
