@@ -1,5 +1,5 @@
 """`quantfw quantize input=DIR output=DIR [scheme/format overrides] [overwrite=true]
-[calibration.source=model calibration.tokens=N ...]`.
+[quantize.targets=[REGEX,...] quantize.ignore=[...]] [calibration.source=model calibration.tokens=N ...]`.
 
 With a clipping scheme and `calibration.source=model`, the float model in `input` is run on
 calibration tokens first and the learned per-expert alphas go into the checkpoint
@@ -41,15 +41,21 @@ def run(cfg: DictConfig) -> str:
             f"quantfw quantize: calibration.source=model ignored: scheme '{scheme.name}' does not clip",
             file=sys.stderr,
         )
-    out = quantize_checkpoint(
-        cfg.input,
-        cfg.output,
-        scheme,
-        fmt,
-        overwrite=cfg.overwrite,
-        proj_names=dict(cfg.model.proj_names),
-        dist=Dist.from_env(),
-        alphas=alphas,
-        calibration=calibration,
-    )
+    dist = Dist.from_env()
+    try:
+        out = quantize_checkpoint(
+            cfg.input,
+            cfg.output,
+            scheme,
+            fmt,
+            overwrite=cfg.overwrite,
+            proj_names=dict(cfg.model.proj_names),
+            dist=dist,
+            targets=list(cfg.quantize.targets),
+            ignore=list(cfg.quantize.ignore),
+            alphas=alphas,
+            calibration=calibration,
+        )
+    finally:
+        dist.close()
     return str(out)

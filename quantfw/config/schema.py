@@ -136,6 +136,18 @@ class BenchConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    """Non-expert linears for `quantfw quantize`: 2D `<module>.weight` tensors whose module name
+    matches a `targets` regex (re.search) and no `ignore` regex are written W8A8 (per-channel
+    int8); everything else passes through. Routed experts always follow the scheme."""
+
+    targets: list[str] = field(default_factory=list)
+    ignore: list[str] = field(
+        default_factory=lambda: [r"(^|\.)mlp\.gate$", r"(^|\.)lm_head$", r"embed", r"norm", r"(^|\.)gate$"]
+    )
+
+
+@dataclass
 class QuantfwConfig:
     model: ModelConfig = MISSING
     scheme: SchemeConfig = MISSING
@@ -157,6 +169,7 @@ class QuantfwConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
 
 
 def register_configs() -> None:

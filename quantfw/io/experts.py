@@ -5,6 +5,8 @@ A format declares tensors per role (w13 = [gate rows; up rows], w2 = down). On d
 has three projections with their own keys; gate and up each hold the first / second half of the
 w13 rows, in each tensor's own row units (packed int4: I/2 of I packed rows). So the per-projection
 layout of gate and up is the w13 layout with dim 0 halved; this is the one place that rule lives.
+A w13 entry declared `shard: replicate` is per-projection metadata: gate and up each hold the
+full declared shape and the loader keeps gate's copy.
 """
 
 from __future__ import annotations
@@ -125,6 +127,12 @@ def projection_specs(fmt: Format, scheme: Scheme, dims: Dims) -> dict[str, dict[
         )
         if spec.role == "w2":
             out["down"][suffix] = spec
+            continue
+        if (
+            spec.meta.get("shard") == "replicate"
+        ):  # per-projection metadata (e.g. weight_shape): gate's copy loads
+            for proj in ("gate", "up"):
+                out[proj][suffix] = spec
             continue
         if spec.meta.get("shard") != "rows" or not spec.shape or spec.shape[0] % 2:
             raise CheckpointError(

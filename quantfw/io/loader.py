@@ -147,6 +147,8 @@ def check(op: Opened) -> list[str]:
 def _slice(t: torch.Tensor, kind: str, rank: int, tp: int, key: str, entry: str, doc: str) -> torch.Tensor:
     if tp == 1 or kind == "replicate":
         return t
+    if kind == "cols" and t.shape[-1] == 1:
+        return t  # one column (a per-channel scale, or one group spanning K) holds for every K slice
     if kind == "refuse":
         raise CheckpointError(
             f"{key}: {doc or entry + ' is declared shard: refuse'}; tp_size>1 cannot load it (use expert parallelism)"
@@ -219,6 +221,8 @@ def layer_tensors(op: Opened, layer: int) -> dict[str, torch.Tensor]:
                             spec.meta.get("doc", ""),
                         )
                     )
+                if len(parts) > 1 and spec.meta.get("shard") == "replicate":
+                    parts = parts[:1]  # per-projection metadata, not a half of w13 (io/experts.py)
                 stacked.append(torch.cat(parts, 0) if len(parts) > 1 else parts[0])
             per_role[f"{role}_{suffix}"] = torch.stack(stacked)
     return per_role

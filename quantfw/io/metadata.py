@@ -11,6 +11,7 @@ never the global model_quant_type alone (spec section 8).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from quantfw.schemes.scheme import Scheme
 VERSION = "0.1.0"
 DESCRIPTION_NAMES = ("quant_model_description.json", "quant_model_description_w8a8_dynamic.json")
 FLOAT = "FLOAT"
+LINEAR_W8A8 = "W8A8_DYNAMIC"  # non-expert linears written W8A8 (recipe quantize.targets)
 
 
 def expert_type(scheme: Scheme) -> str:
@@ -68,20 +70,39 @@ def _write_compressed_tensors(
         if f.get("group_size")
         else {"strategy": "channel"}
     )
-    # Only routed experts are quantized; every other linear stays float and is listed in `ignore`
-    # (so no W8A8 "Linear" group is claimed).
+    # Routed experts are group_1 (MoEGMM); non-expert linears written W8A8 are group_0 ("Linear"),
+    # claimed only when there are some. Every float `.weight` is listed in `ignore`.
     ignore = sorted(k[: -len(".weight")] for k, t in types.items() if t == FLOAT and k.endswith(".weight"))
+    linears = bool((prov.get("linears") or {}).get("w8a8"))
     qc = {
         "quant_method": "compressed-tensors",
         "format": "int-quantized",
         "quantization_status": "compressed",
         "config_groups": {
+            **(
+                {
+                    "group_0": {
+                        "targets": ["Linear"],
+                        "weights": {
+                            "num_bits": 8,
+                            "type": "int",
+                            "symmetric": True,
+                            "dynamic": False,
+                            "strategy": "channel",
+                        },
+                        "input_activations": acts,
+                        "activation_use_clip": False,
+                    }
+                }
+                if linears
+                else {}
+            ),
             "group_1": {
                 "targets": ["MoEGMM"],
                 "weights": weights,
                 "input_activations": acts,
                 "activation_use_clip": bool(f.get("activation_use_clip")),
-            }
+            },
         },
         "ignore": ignore,
         "quantfw": prov,
@@ -101,6 +122,62 @@ def write(style: str, out: Path, config: dict, scheme: Scheme, types: Mapping[st
 
 # -------------------------------------------------------------------------------------- detection
 
+PACK_QUANTIZED = "pack-quantized"
+
+
+def _targets_module(targets, name: str) -> bool:
+    """compressed-tensors target matching for one Linear module: class name, exact name or `re:`."""
+    for t in targets or ():
+        if t == "Linear" or t == name or (t.startswith("re:") and re.match(t[3:], name)):
+            return True
+    return False
+
+
+def _detect_pack_quantized(reader, qc: Mapping[str, Any], weight_key: str) -> list[str]:
+    """llm-compressor int4 "pack-quantized" -> scheme w4a8 (group size from the config group
+    that targets the routed experts) read through format pack_quantized."""
+    where = reader.folder / "config.json"
+    module = weight_key.rsplit(".", 1)[0]
+    if any(
+        i == module or (isinstance(i, str) and i.startswith("re:") and re.match(i[3:], module))
+        for i in qc.get("ignore") or ()
+    ):
+        raise CheckpointError(
+            f"{where}: quantization_config ignores routed expert {module} (it is not quantized)"
+        )
+    groups = [
+        g for g in (qc.get("config_groups") or {}).values() if _targets_module(g.get("targets"), module)
+    ]
+    if not groups:
+        raise CheckpointError(f"{where}: no quantization_config group targets routed expert {module}")
+    g = groups[0]
+    fmt = g.get("format") or qc.get("format")
+    w = g.get("weights") or {}
+    facts = (fmt, w.get("num_bits"), w.get("type", "int"), w.get("symmetric"), w.get("strategy"))
+    if facts[:4] != (PACK_QUANTIZED, 4, "int", True) or facts[4] not in ("group", "channel"):
+        raise CheckpointError(
+            f"{where}: expert group {g.get('targets')} has format={fmt} num_bits={w.get('num_bits')} "
+            f"type={w.get('type')} symmetric={w.get('symmetric')} strategy={w.get('strategy')} "
+            "(readable: pack-quantized, 4-bit int, symmetric, group or channel)"
+        )
+    acts = g.get("input_activations")
+    if acts and (acts.get("num_bits"), acts.get("type", "int"), acts.get("dynamic")) != (8, "int", True):
+        raise CheckpointError(
+            f"{where}: expert input_activations {dict(acts)} (W4A8 runs int8 dynamic per-token activations)"
+        )
+    group = int(w.get("group_size") or 0) if w["strategy"] == "group" else 0
+    scale_key = module + ".weight_scale"
+    if scale_key not in reader:
+        raise CheckpointError(f"{reader.folder}: '{scale_key}' missing (pack-quantized needs weight_scale)")
+    dtype = str(reader.info(scale_key).dtype).removeprefix("torch.")
+    return [
+        "scheme=w4a8",
+        f"scheme.group_size={group}",
+        "scheme.activation_use_clip=false",
+        "format=pack_quantized",
+        f"format.tensors.weight_scale.dtype={dtype}",
+    ]
+
 
 def detect(reader, expert_keys: Mapping[str, str]) -> list[str]:
     """Recipe overrides (scheme, format, flags) that match the checkpoint.
@@ -112,6 +189,10 @@ def detect(reader, expert_keys: Mapping[str, str]) -> list[str]:
     qc = config.get("quantization_config")
     if isinstance(qc, Mapping) and qc.get("quant_method") == "compressed-tensors":
         groups = qc.get("config_groups") or {}
+        if qc.get("format") == PACK_QUANTIZED or any(
+            isinstance(g, Mapping) and g.get("format") == PACK_QUANTIZED for g in groups.values()
+        ):
+            return _detect_pack_quantized(reader, qc, expert_keys["weight"])
         moe = [g for g in groups.values() if "MoEGMM" in (g.get("targets") or [])]
         if not moe:
             raise CheckpointError(

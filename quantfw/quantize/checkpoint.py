@@ -7,6 +7,13 @@ stay float). Output goes to a hidden `.NAME.partial` folder next to the target; 
 shard gets a sidecar record (input size/mtime, output size and sha256, config fingerprint) so an
 interrupted run resumes; the folder is renamed to the target only when complete. Under torchrun
 (WORLD_SIZE > 1) rank r converts shards r, r+W, ...; rank 0 writes the index and metadata.
+
+Speed (docs/checkpoints.md, Throughput): torch runs single-threaded inside the converter and
+`workers` Python threads quantize different tensors of a shard in parallel (torch releases the GIL);
+intra-op threads on small row blocks collapse under CPU contention. The sha256 of each written
+shard is computed once, in a background thread while the next shard is quantized (hashlib
+releases the GIL); its record is written only after that, so a crash meanwhile just redoes the
+shard. finalize trusts the records of shards written or verified in this run (any rank).
 """
 
 from __future__ import annotations
@@ -14,23 +21,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from quantfw.errors import CheckpointError, QuantfwError
+from quantfw.errors import CheckpointError, ConfigError, QuantfwError
 from quantfw.formats.encoders import encode_role
 from quantfw.formats.format import Format
 from quantfw.io import metadata
 from quantfw.io.experts import FUSED_RE, MoEModel, key_of, parse_expert_key, projection_specs
 from quantfw.io.reader import CheckpointReader
-from quantfw.layout.spec import ParamSpec
+from quantfw.layout.spec import Dims, ParamSpec, instantiate
 from quantfw.quantize.weights import quantize_weight
 from quantfw.schemes.scheme import Scheme
 
@@ -45,6 +56,7 @@ class Dist:
 
     rank: int = 0
     world: int = 1
+    owned: bool = False  # this object created the process group, so it tears it down
 
     @classmethod
     def from_env(cls) -> Dist:
@@ -53,15 +65,35 @@ class Dist:
             return cls()
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        owned = not dist.is_initialized()
+        if owned:
             dist.init_process_group("gloo")
-        return cls(dist.get_rank(), dist.get_world_size())
+        return cls(dist.get_rank(), dist.get_world_size(), owned)
+
+    def close(self) -> None:
+        """Destroy a group we created: gloo's threads left to interpreter exit can abort the
+        process ("terminate called without an active exception") after the work is done."""
+        if self.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.owned = False
 
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def union(self, flags: list[bool]) -> list[bool]:
+        """Element-wise OR of a per-shard flag list over all ranks."""
+        if self.world == 1:
+            return flags
+        import torch.distributed as dist
+
+        t = torch.tensor([int(f) for f in flags])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
 
     def any_failed(self, failed: bool) -> bool:
         if self.world == 1:
@@ -71,6 +103,23 @@ class Dist:
         flag = torch.tensor([int(failed)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def default_workers(dist_world: int = 1) -> int:
+    """One quantize thread per core this process may use (cores shared by torchrun ranks)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist_world))
+    return max(1, cores // max(1, local))
 
 
 def _sha256(path: Path) -> str:
@@ -91,12 +140,22 @@ class Converter:
         overwrite: bool = False,
         proj_names: Mapping[str, str] | None = None,
         progress: bool = True,
+        workers: int | None = None,
+        targets: Sequence[str] = (),
+        ignore: Sequence[str] = (),
         alphas: Mapping[int, torch.Tensor] | None = None,
         calibration: dict | None = None,
     ):
+        self.workers = workers
         # alphas: MoE layer -> W4A8-clip alpha [E] (from quantfw.calibrate); calibration: how.
         self.alphas = {int(k): v.float() for k, v in (alphas or {}).items()}
         self.calibration = calibration
+        self.targets, self.ignore = list(targets), list(ignore)
+        for pat in (*self.targets, *self.ignore):
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ConfigError(f"quantize.targets/ignore: invalid regex {pat!r} ({e})") from None
         self.reader = CheckpointReader(input)
         self.config = self.reader.config()
         self.model = MoEModel.from_config(self.config, str(self.reader.folder / "config.json"), proj_names)
@@ -117,6 +176,14 @@ class Converter:
                     f"alphas of layer {layer}: shape {list(a.shape)}, expected [{dims.E}] values in (0, 1]"
                 )
         self.specs = projection_specs(fmt, scheme, dims)
+        unwritable = sorted(
+            {s for p in self.specs.values() for s, spec in p.items() if not spec.meta.get("encode")}
+        )
+        if unwritable:
+            raise ConfigError(
+                f"{fmt.where} declares no encode: for {unwritable}: it is read-only "
+                "(quantize to format=msmodelslim or format=compressed_tensors)"
+            )
         self.tmp = self.out.parent / f".{self.out.name}.partial"
         n = len(self.reader.shards)
         base = SHARD_BASE[fmt.metadata]
@@ -128,10 +195,20 @@ class Converter:
         )
         if self.alphas and scheme.flags.get("activation_use_clip"):
             self.alpha_method = (calibration or {}).get("method", "given")
+        # Non-expert linears: the format's own W8A8 tensors (one projection, role w2: N, K as is).
+        self.linear_flags = {**scheme.flags, "weight_bits": 8, "group_size": 0, "activation_use_clip": False}
         self.fingerprint = hashlib.sha256(
             json.dumps(
-                [metadata.VERSION, scheme.signature(), fmt.name, fmt.tensors, dict(self.model.proj_names)]
-                + [{k: v.tolist() for k, v in sorted(self.alphas.items())}] * bool(self.alphas),
+                [
+                    metadata.VERSION,
+                    scheme.signature(),
+                    fmt.name,
+                    fmt.tensors,
+                    dict(self.model.proj_names),
+                    self.targets,
+                    self.ignore,
+                    {k: v.tolist() for k, v in sorted(self.alphas.items())},
+                ],
                 sort_keys=True,
                 default=str,
             ).encode()
@@ -147,13 +224,19 @@ class Converter:
             raise CheckpointError(
                 f"{where}: tensor '{key}' has shape {list(t.shape)}, expected {list(shape)} (from config.json)"
             )
-        # One reduction first (cheap); the elementwise test only when the sum is not finite.
-        if not torch.isfinite(t.sum(dtype=torch.float64)) and not torch.isfinite(t).all():
-            raise CheckpointError(f"{where}: tensor '{key}' contains NaN or Inf")
+        # NaN / Inf are caught by quantize_weight from its amax (no extra pass here), see _encode.
 
-    def _encode(self, prefix: str, expert: int, proj: str, w: torch.Tensor, out: dict, types: dict) -> None:
+    def _encode(
+        self, prefix: str, expert: int, proj: str, w: torch.Tensor, out: dict, types: dict, src: str
+    ) -> None:
         specs: dict[str, ParamSpec] = self.specs[proj]
-        qw = quantize_weight(w.float(), self.scheme.flags)
+        try:
+            # bf16/fp16 go in as they are: the primitives convert to fp32 block by block.
+            qw = quantize_weight(w, self.scheme.flags)
+        except ConfigError:
+            if not torch.isfinite(w).all():
+                raise CheckpointError(f"{src}: contains NaN or Inf") from None
+            raise
         where = f"{self.fmt.where} {prefix}.{expert}.{proj}"
         for suffix, t in encode_role(specs, qw, self._alpha(prefix, expert, proj), where).items():
             key = key_of(prefix, expert, self.model, proj, suffix)
@@ -161,16 +244,8 @@ class Converter:
             out[key] = t.view(torch.uint64) if specs[suffix].meta.get("storage") == "uint64" else t
             types[key] = self.qtype
 
-    def _alpha(self, prefix: str, expert: int, proj: str) -> torch.Tensor | None:
-        """This expert's learned alpha (down_proj only), None = the encoder's alpha = 1."""
-        layer = int(prefix.split("layers.")[-1].split(".")[0])
-        if proj != "down" or layer not in self.alphas:
-            return None
-        return self.alphas[layer][expert]
-
-    def convert_shard(self, shard: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        out: dict[str, torch.Tensor] = {}
-        types: dict[str, str] = {}
+    def _jobs(self, shard: str) -> Iterator[tuple[str, torch.Tensor, list]]:
+        """(key, tensor, [(prefix, expert, proj, view, src)] to quantize or [] to pass through)."""
         E = self.model.num_experts
         for key, t in self.reader.iter_shard(shard):
             parsed = parse_expert_key(key, self.model)
@@ -182,21 +257,114 @@ class Converter:
                         f"{self.reader.folder / shard}: routed-expert tensor '{key}' is not supported (only .weight; expert biases are not)"
                     )
                 self._check_float(key, t, self.model.float_shape(proj), shard)
-                self._encode(prefix, expert, proj, t, out, types)
+                yield key, t, [(prefix, expert, proj, t, f"{self.reader.folder / shard}: tensor '{key}'")]
             elif fused:
                 prefix, name = fused["prefix"], fused["proj"]
                 H, I = self.model.hidden_size, self.model.moe_intermediate_size
                 shape = (E, 2 * I, H) if name == "gate_up_proj" else (E, H, I)
                 self._check_float(key, t, shape, shard)
+                parts = []
                 for e in range(E):
+                    src = f"{self.reader.folder / shard}: tensor '{key}' (expert {e})"
                     if name == "gate_up_proj":
-                        self._encode(prefix, e, "gate", t[e, :I], out, types)
-                        self._encode(prefix, e, "up", t[e, I:], out, types)
+                        parts += [(prefix, e, "gate", t[e, :I], src), (prefix, e, "up", t[e, I:], src)]
                     else:
-                        self._encode(prefix, e, "down", t[e], out, types)
+                        parts.append((prefix, e, "down", t[e], src))
+                yield key, t, parts
+            elif self._is_target_linear(key, t):
+                yield (
+                    key,
+                    t,
+                    [
+                        (
+                            key[: -len(".weight")],
+                            None,
+                            "linear",
+                            t,
+                            f"{self.reader.folder / shard}: tensor '{key}'",
+                        )
+                    ],
+                )
             else:
-                out[key] = t
-                types[key] = metadata.FLOAT
+                yield key, t, []
+
+    def _is_target_linear(self, key: str, t: torch.Tensor) -> bool:
+        if not self.targets or not key.endswith(".weight") or t.dim() != 2 or t.dtype not in FLOAT_DTYPES:
+            return False
+        module = key[: -len(".weight")]
+        return any(re.search(p, module) for p in self.targets) and not any(
+            re.search(p, module) for p in self.ignore
+        )
+
+    def _alpha(self, prefix: str, expert: int, proj: str) -> torch.Tensor | None:
+        """This expert's learned alpha (down_proj only), None = the encoder's alpha = 1."""
+        layer = int(prefix.split("layers.")[-1].split(".")[0])
+        if proj != "down" or layer not in self.alphas:
+            return None
+        return self.alphas[layer][expert]
+
+    def _encode_linear(self, module: str, w: torch.Tensor, out: dict, types: dict, src: str) -> None:
+        """A non-expert linear [N, K] as W8A8 in the format's declared tensors (weight, scale, offset...)."""
+        n, k = w.shape
+        dims = Dims(E=1, H=n, I=k)
+        specs = {
+            name.split("_", 1)[1]: spec
+            for name, spec in instantiate(
+                self.fmt.tensors, dims, {**self.linear_flags, "G": 0}, self.fmt.where
+            ).items()
+            if spec.role == "w2"
+        }
+        try:
+            qw = quantize_weight(w, self.linear_flags)
+        except ConfigError:
+            if not torch.isfinite(w).all():
+                raise CheckpointError(f"{src}: contains NaN or Inf") from None
+            raise
+        for suffix, t in encode_role(specs, qw, None, f"{self.fmt.where} {module}").items():
+            out[f"{module}.{suffix}"] = t
+            types[f"{module}.{suffix}"] = metadata.LINEAR_W8A8
+
+    def convert_shard(self, shard: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Quantize one input shard. Up to `self.workers` tensors are in flight (bounded memory);
+        results are collected in key order, so the output does not depend on thread timing."""
+        workers = self.workers or 1
+
+        def work(key, t, parts):
+            out: dict[str, torch.Tensor] = {}
+            types: dict[str, str] = {}
+            if not parts:
+                return {key: t}, {key: metadata.FLOAT}
+            for prefix, expert, proj, w, src in parts:
+                if proj == "linear":
+                    self._encode_linear(prefix, w, out, types, src)
+                else:
+                    self._encode(prefix, expert, proj, w, out, types, src)
+            return out, types
+
+        out: dict[str, torch.Tensor] = {}
+        types: dict[str, str] = {}
+
+        def collect(result):
+            o, ty = result
+            out.update(o)
+            types.update(ty)
+
+        if workers <= 1:
+            for job in self._jobs(shard):
+                collect(work(*job))
+            return out, types
+        pending: deque = deque()
+        with ThreadPoolExecutor(workers) as pool:
+            try:
+                for job in self._jobs(shard):
+                    pending.append(pool.submit(work, *job))
+                    if len(pending) > workers:
+                        collect(pending.popleft().result())
+                while pending:
+                    collect(pending.popleft().result())
+            finally:
+                for f in pending:
+                    f.cancel()
         return out, types
 
     # ------------------------------------------------------------------ resume records
@@ -208,8 +376,10 @@ class Converter:
         st = (self.reader.folder / self.reader.shards[i]).stat()
         return {"input": self.reader.shards[i], "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns}
 
-    def _finished(self, i: int) -> dict | None:
-        """The record of shard i if it is complete and verified (size and sha256), else None."""
+    def _finished(self, i: int, rehash: bool = True) -> dict | None:
+        """The record of shard i if it is complete and verified (size and sha256), else None.
+
+        rehash=False skips the sha256 for shards written or verified earlier in this same run."""
         rec_path, out_path = self._record_path(i), self.tmp / self.names[i]
         if not rec_path.is_file() or not out_path.is_file():
             return None
@@ -221,7 +391,7 @@ class Converter:
             rec.get("fingerprint") == self.fingerprint
             and all(rec.get(k) == v for k, v in self._input_stamp(i).items())
             and rec.get("size") == out_path.stat().st_size
-            and rec.get("sha256") == _sha256(out_path)
+            and (not rehash or rec.get("sha256") == _sha256(out_path))
         )
         return rec if ok else None
 
@@ -248,11 +418,12 @@ class Converter:
         if self.progress:
             print(f"quantfw quantize: {msg}", file=sys.stderr, flush=True)
 
-    def _do_shard(self, i: int) -> None:
+    def _do_shard(self, i: int) -> dict[str, str] | None:
+        """Convert and write shard i; its tensor types for the record (None: verified, skipped)."""
         n = len(self.names)
         if self._finished(i) is not None:
             self._log(f"[{i + 1}/{n}] {self.names[i]} already done (verified), skipped")
-            return
+            return None
         t0 = time.perf_counter()
         tensors, types = self.convert_shard(self.reader.shards[i])
         out_path = self.tmp / self.names[i]
@@ -260,6 +431,14 @@ class Converter:
         save_file(tensors, str(part), metadata={"format": "pt"})
         del tensors
         os.replace(part, out_path)
+        gb = self._input_stamp(i)["input_size"] / 1e9
+        self._log(
+            f"[{i + 1}/{n}] {self.names[i]} {gb:.3f} GB in {time.perf_counter() - t0:.2f} s (record pending)"
+        )
+        return types
+
+    def _write_record(self, i: int, types: dict[str, str]) -> None:
+        out_path = self.tmp / self.names[i]
         rec = {
             **self._input_stamp(i),
             "fingerprint": self.fingerprint,
@@ -268,16 +447,13 @@ class Converter:
             "tensors": types,
         }
         self._record_path(i).write_text(json.dumps(rec))
-        dt = time.perf_counter() - t0
-        gb = rec["input_size"] / 1e9
-        self._log(f"[{i + 1}/{n}] {self.names[i]} {gb:.3f} GB in {dt:.2f} s ({gb / max(dt, 1e-9):.2f} GB/s)")
 
-    def _finalize(self) -> None:
+    def _finalize(self, done: list[bool]) -> None:
         weight_map: dict[str, str] = {}
         types: dict[str, str] = {}
         total = 0
         for i, name in enumerate(self.names):
-            rec = self._finished(i)
+            rec = self._finished(i, rehash=not done[i])
             if rec is None:
                 raise CheckpointError(f"{self.tmp / name}: shard missing or failed verification at finalize")
             for k, t in rec["tensors"].items():
@@ -289,6 +465,24 @@ class Converter:
         prov = metadata.provenance(self.scheme, self.fmt.name, self.alpha_method)
         if self.calibration is not None:
             prov["alpha_calibration"] = self.calibration
+        if self.targets:
+            modules = sorted(
+                k[: -len(".weight")]
+                for k, t in types.items()
+                if t == metadata.LINEAR_W8A8 and k.endswith(".weight") and not parse_expert_key(k, self.model)
+            )
+            every = sorted({k[: -len(".weight")] for k in weight_map if k.endswith(".weight")})
+            unmatched = {
+                "targets": [p for p in self.targets if not any(re.search(p, m) for m in modules)],
+                "ignore": [p for p in self.ignore if not any(re.search(p, m) for m in every)],
+            }
+            prov["linears"] = {
+                "targets": self.targets,
+                "ignore": self.ignore,
+                "w8a8": modules,
+                "unmatched": unmatched,
+            }
+            self._log(f"{len(modules)} non-expert linear(s) W8A8; patterns matching nothing: {unmatched}")
         metadata.write(self.fmt.metadata, self.tmp, self.config, self.scheme, types, prov)
         for p in sorted(self.reader.folder.iterdir()):  # tokenizer, generation config, ...
             if (
@@ -315,9 +509,18 @@ class Converter:
         if dist.any_failed(error is not None):
             raise error or CheckpointError("quantize failed on rank 0 (see its error)")
         dist.barrier()
+        done = [False] * len(self.names)
+        self.workers = self.workers or default_workers(dist.world)
         try:
-            for i in range(dist.rank, len(self.names), dist.world):
-                self._do_shard(i)
+            with _torch_threads(1), ThreadPoolExecutor(1) as hasher:
+                records = []
+                for i in range(dist.rank, len(self.names), dist.world):
+                    types = self._do_shard(i)
+                    if types is not None:
+                        records.append(hasher.submit(self._write_record, i, types))
+                    done[i] = True
+                for r in records:
+                    r.result()
         except QuantfwError as e:
             error = e
         if dist.any_failed(error is not None):
@@ -326,8 +529,9 @@ class Converter:
             if dist.rank == 0:
                 shutil.rmtree(self.tmp, ignore_errors=True)
             raise error or CheckpointError("quantize failed on another rank (see its error)")
+        done = dist.union(done)
         if dist.rank == 0:
-            self._finalize()
+            self._finalize(done)
             self._log(f"wrote {self.out}")
         dist.barrier()
         return self.out
@@ -342,10 +546,29 @@ def quantize_checkpoint(
     proj_names: Mapping[str, str] | None = None,
     progress: bool = True,
     dist: Dist | None = None,
+    workers: int | None = None,
+    targets: Sequence[str] = (),
+    ignore: Sequence[str] = (),
     alphas: Mapping[int, torch.Tensor] | None = None,
     calibration: dict | None = None,
 ) -> Path:
-    """Quantize every routed expert of a float checkpoint folder into `output` (see module doc)."""
-    return Converter(input, output, scheme, fmt, overwrite, proj_names, progress, alphas, calibration).run(
-        dist
+    """Quantize every routed expert of a float checkpoint folder into `output` (see module doc).
+
+    workers: quantize threads per process (default: usable cores / local torchrun ranks).
+    targets / ignore: regexes over non-expert module names to write W8A8 (recipe `quantize.*`).
+    alphas / calibration: learned W4A8-clip alphas per MoE layer and how they were obtained."""
+    conv = Converter(
+        input,
+        output,
+        scheme,
+        fmt,
+        overwrite,
+        proj_names,
+        progress,
+        workers,
+        targets,
+        ignore,
+        alphas,
+        calibration,
     )
+    return conv.run(dist)

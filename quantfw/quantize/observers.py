@@ -199,9 +199,11 @@ def _ratios(flags: Mapping[str, Any]) -> torch.Tensor:
 
 @register_observer("minmax")
 def _minmax(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None) -> QuantizedWeight:
-    """Round-to-nearest with amax scales (spec section 9 defaults)."""
-    b = blocks(w, flags)
-    return b.finish(b.amax_scale())
+    """Round-to-nearest with amax scales (spec section 9 defaults): the cache-blocked primitives."""
+    bits, gs = flags["weight_bits"], flags.get("group_size", 0)
+    if bits == 4 and gs:
+        return QuantizedWeight(*P.quantize_two_level(w, gs))
+    return QuantizedWeight(*P.quantize_per_channel(w, bits))
 
 
 def mse_scales(b: Blocks, flags: Mapping[str, Any]) -> torch.Tensor:

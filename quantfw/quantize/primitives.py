@@ -2,6 +2,11 @@
 
 Weights are float [..., N, K] (leading dims such as experts allowed). Rounding is half-to-even
 (torch.round); a zero channel or group gets scale 1, never 0 or NaN. Scales are returned as fp32.
+
+Every computation here is independent per output channel (row), so each function runs its
+elementwise chain over blocks of rows sized to stay in the L2 cache: the same ops on the same
+rows (bit-identical to the whole-tensor form), but each intermediate is written to cache instead of
+to freshly page-faulted memory. That is ~5x faster on big weights (benchmarks/quantize_throughput.py).
 """
 
 from __future__ import annotations
@@ -11,6 +16,13 @@ import torch
 from quantfw.errors import ConfigError, LayoutError
 
 _QMAX = {8: 127, 4: 7}
+_BLOCK_ELEMS = 1 << 16  # elements per row block: fp32 intermediates of a few blocks fit in L2
+
+
+def _row_blocks(rows: int, k: int):
+    """Slices of consecutive rows, each about _BLOCK_ELEMS elements (at least one row)."""
+    step = max(1, _BLOCK_ELEMS // max(k, 1))
+    return [slice(r, min(rows, r + step)) for r in range(0, rows, step)]
 
 
 def _check_weight(fn: str, arg: str, w: torch.Tensor) -> None:
@@ -40,19 +52,29 @@ def quantize_per_channel(
         raise ConfigError(f"quantize_per_channel: bits must be 4 or 8, got {bits}")
     _check_weight("quantize_per_channel", "w", w)
     qmax = _QMAX[bits]
-    wc = w.to(compute_dtype)
-    s = wc.abs().amax(dim=-1)
+    k = w.shape[-1]
+    ratio = None
     if clip_ratio is not None:
         ratio = torch.as_tensor(clip_ratio, dtype=compute_dtype, device=w.device)
-        if ratio.dim() and ratio.shape != s.shape:
+        if ratio.dim() and tuple(ratio.shape) != tuple(w.shape[:-1]):
             raise LayoutError(
-                f"quantize_per_channel: argument 'clip_ratio' expected a scalar or shape {list(s.shape)}, "
+                f"quantize_per_channel: argument 'clip_ratio' expected a scalar or shape {list(w.shape[:-1])}, "
                 f"found {list(ratio.shape)}"
             )
-        s = s * ratio
-    s = _nonzero(s / qmax)
-    q = torch.clamp(torch.round(wc / s.unsqueeze(-1)), -qmax, qmax).to(torch.int8)
-    return q, s.to(torch.float32)
+        ratio = ratio.reshape(-1) if ratio.dim() else ratio
+    w2 = w.reshape(-1, k)
+    q = torch.empty(w2.shape, dtype=torch.int8, device=w.device)
+    s_out = torch.empty(w2.shape[0], dtype=torch.float32, device=w.device)
+    for b in _row_blocks(w2.shape[0], k):
+        wc = w2[b].to(compute_dtype)
+        lo, hi = torch.aminmax(wc, dim=-1)  # max(-min, max) == amax|w| exactly, NaN propagates
+        s = torch.maximum(-lo, hi)
+        if ratio is not None:
+            s = s * (ratio[b] if ratio.dim() else ratio)
+        s = _nonzero(s / qmax)
+        q[b] = torch.div(wc, s.unsqueeze(-1)).round_().clamp_(-qmax, qmax)
+        s_out[b] = s
+    return q.reshape(w.shape), s_out.reshape(w.shape[:-1])
 
 
 def quantize_two_level(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,13 +91,20 @@ def quantize_two_level(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
             f"quantize_two_level: group_size {group_size} must be a positive divisor of K = {k} "
             "(use per-channel or another divisor)"
         )
-    wf = w.to(torch.float32)
-    s1 = _nonzero(wf.abs().amax(dim=-1) / 127)
-    q8 = torch.clamp(torch.round(wf / s1.unsqueeze(-1)), -127, 127)
-    q8g = q8.reshape(*q8.shape[:-1], k // group_size, group_size)
-    s2 = _nonzero(q8g.abs().amax(dim=-1) / 7)
-    q = torch.clamp(torch.round(q8g / s2.unsqueeze(-1)), -7, 7).reshape(q8.shape).to(torch.int8)
-    return q, s1, s2
+    w2 = w.reshape(-1, k)
+    rows, ng = w2.shape[0], k // group_size
+    q = torch.empty(w2.shape, dtype=torch.int8, device=w.device)
+    s1 = torch.empty(rows, dtype=torch.float32, device=w.device)
+    s2 = torch.empty(rows, ng, dtype=torch.float32, device=w.device)
+    for b in _row_blocks(rows, k):
+        wf = w2[b].to(torch.float32)
+        s1b = _nonzero(wf.abs().amax(dim=-1) / 127)
+        q8g = torch.div(wf, s1b.unsqueeze(-1)).round_().clamp_(-127, 127).reshape(-1, ng, group_size)
+        s2b = _nonzero(q8g.abs().amax(dim=-1) / 7)
+        q[b] = torch.div(q8g, s2b.unsqueeze(-1)).round_().clamp_(-7, 7).reshape(-1, k)
+        s1[b], s2[b] = s1b, s2b
+    lead = w.shape[:-1]
+    return q.reshape(w.shape), s1.reshape(lead), s2.reshape(*lead, ng)
 
 
 def _expand_groups(s2: torch.Tensor, k: int) -> torch.Tensor:
@@ -106,12 +135,23 @@ def scale_bias_msmodelslim(
     if chunks <= 0 or k % chunks:
         raise ConfigError(f"scale_bias_msmodelslim: chunks {chunks} must divide K = {k}")
     bf = torch.bfloat16
-    deq = q.to(torch.float32)
+    q2 = q.reshape(-1, k)
+    s1b = s1.to(bf).to(torch.float32).reshape(-1)
+    s2b = None
     if s2 is not None:
-        deq = deq * _expand_groups(s2.to(bf).to(torch.float32), k)
-    deq = deq * s1.to(bf).to(torch.float32).unsqueeze(-1)
-    sums = deq.reshape(*deq.shape[:-1], chunks, k // chunks).sum(dim=-1)
-    return 8 * sums
+        if s2.shape[-1] == 0 or k % s2.shape[-1]:
+            raise LayoutError(
+                f"scales: argument 's2' expected last dim dividing K = {k}, found {list(s2.shape)}"
+            )
+        s2b = s2.to(bf).to(torch.float32).reshape(q2.shape[0], -1)
+    out = torch.empty(q2.shape[0], chunks, dtype=torch.float32, device=q.device)
+    for b in _row_blocks(q2.shape[0], k):
+        deq = q2[b].to(torch.float32)
+        if s2b is not None:
+            deq = (deq.reshape(deq.shape[0], s2b.shape[1], -1) * s2b[b].unsqueeze(-1)).reshape(deq.shape)
+        deq = deq.mul_(s1b[b].unsqueeze(-1))
+        out[b] = deq.reshape(deq.shape[0], chunks, k // chunks).sum(dim=-1)
+    return 8 * out.reshape(*q.shape[:-1], chunks)
 
 
 def a8w4_bias(q: torch.Tensor, s: torch.Tensor, compute_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -119,8 +159,14 @@ def a8w4_bias(q: torch.Tensor, s: torch.Tensor, compute_dtype: torch.dtype = tor
 
     The product is formed in compute_dtype (bf16 in the cann-recipes converter), the sum in fp32.
     """
-    prod = s.to(compute_dtype).unsqueeze(-1) * q.to(compute_dtype)
-    return 8 * prod.to(torch.float32).sum(dim=-1)
+    k = q.shape[-1]
+    q2 = q.reshape(-1, k)
+    sc = s.to(compute_dtype).reshape(-1)
+    out = torch.empty(q2.shape[0], dtype=torch.float32, device=q.device)
+    for b in _row_blocks(q2.shape[0], k):
+        prod = sc[b].unsqueeze(-1) * q2[b].to(compute_dtype)
+        out[b] = prod.sum(dim=-1, dtype=torch.float32)
+    return 8 * out.reshape(q.shape[:-1])
 
 
 def fuse_scales_fp16(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:

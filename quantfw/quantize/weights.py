@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from quantfw.errors import ConfigError
 from quantfw.quantize import primitives as P
 
 
@@ -34,4 +35,9 @@ def quantize_weight(
     from quantfw.quantize import observers
 
     observer, _ = observers.resolve(flags, x)
-    return observer.fn(w, flags, x if observer.needs_data else None)
+    qw = observer.fn(w, flags, x if observer.needs_data else None)
+    # s1 comes from amax over each row, which propagates NaN and Inf: checking it replaces a full
+    # isfinite pass over w (the slowest step of a quantize run).
+    if not torch.isfinite(qw.s1).all():
+        raise ConfigError("weight contains NaN or Inf")
+    return qw
