@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from quantfw import ops
 from quantfw.calibrate.alpha import search_alpha
 from quantfw.errors import CalibrationError, ConfigError
 from quantfw.quantize.experts import fake_quant_weights
@@ -31,30 +32,48 @@ GRID = {"lo": 0.05, "hi": 1.0, "steps": 20, "refine": 10, "holdout": 4, "never_w
 
 @dataclass
 class LayerCapture:
-    """One layer's calibration rows: rows[e] are h rows [M_e, 2I] (at most max_rows kept), counts[e]
-    the number of tokens routed to e (all of them, including rows beyond the cap)."""
+    """One layer's calibration rows: rows[e] are h rows [M_e, 2I] and inputs[e] the matching routed
+    hidden rows x [M_e, H] (at most max_rows kept), counts[e] the number of tokens routed to e (all
+    of them, including rows beyond the cap). Calling it as `cap(role, e)` gives the weight
+    observers' calibration inputs (quantfw.quantize.experts.CalibrationInputs): w13 -> x, w2 ->
+    swiglu(h)."""
 
     layer: int
     num_experts: int
     max_rows: int | None = None
     rows: list[list[torch.Tensor]] = field(default_factory=list)
     counts: torch.Tensor | None = None
+    inputs: list[list[torch.Tensor]] = field(default_factory=list)
 
     def __post_init__(self):
         self.rows = [[] for _ in range(self.num_experts)]
+        self.inputs = [[] for _ in range(self.num_experts)]
         self.counts = torch.zeros(self.num_experts, dtype=torch.int64)
 
     def kept(self, e: int) -> int:
         return sum(r.shape[0] for r in self.rows[e])
 
-    def add(self, e: int, h: torch.Tensor) -> None:
+    def add(self, e: int, h: torch.Tensor, x: torch.Tensor | None = None) -> None:
         self.counts[e] += h.shape[0]
         room = h.shape[0] if self.max_rows is None else self.max_rows - self.kept(e)
         if room > 0:
             self.rows[e].append(h[:room].detach().to(torch.float32).clone())
+            if x is not None:
+                self.inputs[e].append(x[:room].detach().to(torch.float32).clone())
 
     def h(self, e: int) -> torch.Tensor:
         return torch.cat(self.rows[e]) if self.rows[e] else torch.zeros(0, 0)
+
+    def x(self, e: int) -> torch.Tensor:
+        return torch.cat(self.inputs[e]) if self.inputs[e] else torch.zeros(0, 0)
+
+    def __call__(self, role: str, e: int) -> torch.Tensor | None:
+        """Calibration inputs of expert e's `role` projection; None when nothing was captured."""
+        if not self.rows[e]:
+            return None
+        if role == "w13":
+            return self.x(e) if self.inputs[e] else None
+        return ops.swiglu(self.h(e))
 
 
 class ExpertCapture:
@@ -79,7 +98,8 @@ class ExpertCapture:
             for e in range(cap.num_experts):
                 tok = (ids == e).any(dim=-1)
                 if tok.any():
-                    cap.add(e, x[tok] @ w13[e].to(torch.float32).T)
+                    xe = x[tok]
+                    cap.add(e, xe @ w13[e].to(torch.float32).T, xe)
 
         return hook
 

@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from quantfw.calibrate.experts import POLICIES, ExpertCapture, alpha_metadata, learn_expert_alphas
+from quantfw.calibrate.experts import (
+    POLICIES,
+    ExpertCapture,
+    LayerCapture,
+    alpha_metadata,
+    learn_expert_alphas,
+)
 from quantfw.errors import CheckpointError, ConfigError
 from quantfw.schemes.scheme import Scheme
 
@@ -27,9 +33,16 @@ SOURCES = ("none", "model")
 
 @dataclass
 class CalibrationResult:
-    alphas: dict[int, torch.Tensor]  # MoE layer index -> alpha [E] fp32
+    alphas: dict[int, torch.Tensor]  # MoE layer index -> alpha [E] fp32 (empty: scheme does not clip)
     report: list[dict]  # one row per (layer, expert): tokens, rows, alpha, status, errors
     metadata: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable provenance
+    # MoE layer index -> per-expert weight-observer inputs, `inputs[layer](role, e)` (see LayerCapture)
+    inputs: dict[int, LayerCapture] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)  # token source and coverage, alpha-independent
+
+    @property
+    def alpha_metadata(self) -> dict[str, Any] | None:
+        return self.metadata if self.alphas else None
 
 
 def load_float_model(folder: str | Path):
@@ -82,8 +95,18 @@ def _windows(ids: torch.Tensor, seq_len: int, what: str) -> torch.Tensor:
     return ids[: n * seq_len].view(n, seq_len)
 
 
+def needs_calibration(scheme: Scheme) -> bool:
+    """Whether calibration data changes what `quantize` writes: clip alphas or a data-driven
+    weight observer (asked from the observer registry)."""
+    from quantfw.quantize import observers
+
+    return bool(scheme.flags.get("activation_use_clip")) or observers.needs_data(scheme.flags)
+
+
 def calibrate_checkpoint(folder: str | Path, scheme: Scheme, calib, seed: int = 0) -> CalibrationResult:
-    """Learn every MoE layer's alphas from the float model in `folder` (see module doc).
+    """Capture every MoE layer's expert inputs from the float model in `folder` (see module doc);
+    alphas are learned only when the scheme clips. The captures are returned as `inputs` for the
+    data-driven weight observers.
 
     `calib` is the recipe's `calibration` node (tokens, seq_len, batch_size, min_tokens, policy,
     max_rows)."""
@@ -110,18 +133,28 @@ def calibrate_checkpoint(folder: str | Path, scheme: Scheme, calib, seed: int = 
         for i in range(0, len(windows), calib.batch_size):
             model(input_ids=windows[i : i + calib.batch_size], use_cache=False)
     alphas, report = {}, []
-    for layer, cap in capture.layers.items():
-        w13, w2 = weights[layer]
-        alphas[layer], rows = learn_expert_alphas(scheme, w13, w2, cap, calib.min_tokens, calib.policy)
-        report += rows
-    meta = alpha_metadata(report, data, calib.min_tokens, calib.policy)
-    meta.update(
+    if scheme.flags.get("activation_use_clip"):
+        for layer, cap in capture.layers.items():
+            w13, w2 = weights[layer]
+            alphas[layer], rows = learn_expert_alphas(scheme, w13, w2, cap, calib.min_tokens, calib.policy)
+            report += rows
+    common = dict(
+        data=data,
         token_source="tokenizer" if data.startswith("pydoc") else "pseudo_random",
+        seed=seed,
         seq_len=calib.seq_len,
         calibration_tokens=int(windows.numel()),
         max_rows=calib.max_rows,
         # coverage[layer][e] = routed calibration tokens of expert e (including rows beyond max_rows)
         coverage={str(layer): cap.counts.tolist() for layer, cap in capture.layers.items()},
-        alphas={str(layer): [round(float(a), 6) for a in alphas[layer]] for layer in alphas},
+        # rows[layer][e] = captured rows kept (what the observers and the alpha search see)
+        rows={
+            str(layer): [cap.kept(e) for e in range(cap.num_experts)] for layer, cap in capture.layers.items()
+        },
     )
-    return CalibrationResult(alphas, report, meta)
+    meta = {}
+    if alphas:
+        meta = alpha_metadata(report, data, calib.min_tokens, calib.policy)
+        meta.update({k: v for k, v in common.items() if k not in ("seed", "rows")})
+        meta["alphas"] = {str(layer): [round(float(a), 6) for a in alphas[layer]] for layer in alphas}
+    return CalibrationResult(alphas, report, meta, dict(capture.layers), common)

@@ -4,6 +4,8 @@
 With a clipping scheme and `calibration.source=model`, the float model in `input` is run on
 calibration tokens first and the learned per-expert alphas go into the checkpoint
 (`...experts.e.down_proj.alpha`), with how they were obtained in the metadata's quantfw block.
+With a data-driven weight observer (e.g. `scheme.weight_observer=gptq`) the same run captures each
+expert's inputs and the observer uses them; its report is the quantfw block's `weight_calibration`.
 """
 
 from __future__ import annotations
@@ -24,21 +26,28 @@ def run(cfg: DictConfig) -> str:
     source = cfg.calibration.source
     if source not in ("none", "model"):
         raise ConfigError(f"calibration.source={source} (allowed: none, model)")
-    alphas = calibration = None
-    if source == "model" and scheme.flags.get("activation_use_clip"):
-        from quantfw.calibrate.model import calibrate_checkpoint
+    alphas = calibration = weight_inputs = weight_data = None
+    from quantfw.calibrate.model import calibrate_checkpoint, needs_calibration
 
+    if source == "model" and needs_calibration(scheme):
         result = calibrate_checkpoint(cfg.input, scheme, cfg.calibration, cfg.seed)
-        alphas, calibration = result.alphas, result.metadata
-        fallback = calibration["fallback_experts"]
+        weight_inputs, weight_data = result.inputs, result.data
+        if result.alphas:
+            alphas, calibration = result.alphas, result.metadata
+            fallback = calibration["fallback_experts"]
+            print(
+                f"quantfw quantize: learned alphas for {len(alphas)} layer(s) from {calibration['data']}; "
+                f"{len(fallback)} expert(s) fell back to alpha = 1 (policy {calibration['policy']})",
+                file=sys.stderr,
+            )
         print(
-            f"quantfw quantize: learned alphas for {len(alphas)} layer(s) from {calibration['data']}; "
-            f"{len(fallback)} expert(s) fell back to alpha = 1 (policy {calibration['policy']})",
+            f"quantfw quantize: captured expert inputs of {len(result.inputs)} layer(s) from {result.data['data']}",
             file=sys.stderr,
         )
     elif source == "model":
         print(
-            f"quantfw quantize: calibration.source=model ignored: scheme '{scheme.name}' does not clip",
+            f"quantfw quantize: calibration.source=model ignored: scheme '{scheme.name}' neither clips "
+            "nor uses a data-driven weight observer",
             file=sys.stderr,
         )
     dist = Dist.from_env()
@@ -55,6 +64,8 @@ def run(cfg: DictConfig) -> str:
             ignore=list(cfg.quantize.ignore),
             alphas=alphas,
             calibration=calibration,
+            weight_inputs=weight_inputs,
+            weight_data=weight_data,
         )
     finally:
         dist.close()

@@ -42,6 +42,8 @@ from quantfw.io import metadata
 from quantfw.io.experts import FUSED_RE, MoEModel, key_of, parse_expert_key, projection_specs
 from quantfw.io.reader import CheckpointReader
 from quantfw.layout.spec import Dims, ParamSpec, instantiate
+from quantfw.quantize import observers
+from quantfw.quantize.experts import CalibrationInputs
 from quantfw.quantize.weights import quantize_weight
 from quantfw.schemes.scheme import Scheme
 
@@ -130,6 +132,39 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _layer_of(prefix: str) -> int:
+    return int(prefix.split("layers.")[-1].split(".")[0])
+
+
+def weight_calibration_metadata(flags: Mapping, records: list[dict], data: dict | None) -> dict:
+    """The checkpoint-metadata entry of a data-driven weight observer, kept small: the observer
+    and its parameters, the calibration data and coverage, per-layer lists of the experts that
+    fell back, and each expert's mean learned clip ratio (not every channel)."""
+    fallback: dict[str, dict[str, list[int]]] = {}
+    reasons: dict[str, int] = {}
+    clip: dict[str, dict[str, list]] = {}
+    for r in records:
+        layer = str(r["layer"])
+        if r["fallback"]:
+            fallback.setdefault(layer, {}).setdefault(r["proj"], []).append(r["expert"])
+            kind = "no calibration inputs" if r["tokens"] == 0 else "too few calibration tokens"
+            reasons[kind] = reasons.get(kind, 0) + 1
+        if r["clip_ratio_mean"] is not None:
+            clip.setdefault(layer, {}).setdefault(r["proj"], []).append([r["expert"], r["clip_ratio_mean"]])
+    meta: dict = {
+        **observers.data_params(flags),
+        "data": data or {"source": "none: no calibration inputs"},
+        "projections": len(records),
+        "data_driven": sum(1 for r in records if not r["fallback"]),
+        "tokens_used": sum(r["tokens"] for r in records if not r["fallback"]),
+        "fallback": {"observer": observers.param(flags, "fallback_observer"), "count": sum(reasons.values())},
+    }
+    meta["fallback"].update(reasons=reasons, experts=fallback)
+    if clip:
+        meta["clip_ratio_mean"] = clip  # layer -> proj -> [[expert, mean ratio over channels], ...]
+    return meta
+
+
 class Converter:
     def __init__(
         self,
@@ -145,8 +180,16 @@ class Converter:
         ignore: Sequence[str] = (),
         alphas: Mapping[int, torch.Tensor] | None = None,
         calibration: dict | None = None,
+        weight_inputs: Mapping[int, CalibrationInputs] | None = None,
+        weight_data: dict | None = None,
     ):
         self.workers = workers
+        # weight_inputs: MoE layer -> inputs(role, expert) -> x [M, K] for a data-driven weight
+        # observer (quantfw.calibrate); weight_data: where they came from (tokens, seed, coverage).
+        self.weight_inputs = {int(k): v for k, v in (weight_inputs or {}).items()}
+        self.weight_data = weight_data
+        self.observer_needs_data = observers.needs_data(scheme.flags)
+        self._wc_records: list[dict] = []
         # alphas: MoE layer -> W4A8-clip alpha [E] (from quantfw.calibrate); calibration: how.
         self.alphas = {int(k): v.float() for k, v in (alphas or {}).items()}
         self.calibration = calibration
@@ -208,6 +251,9 @@ class Converter:
                     self.targets,
                     self.ignore,
                     {k: v.tolist() for k, v in sorted(self.alphas.items())},
+                    # the weight calibration: token source + seed, per-expert row counts
+                    # (observer parameters are scheme flags, in the signature)
+                    self.weight_data if self.observer_needs_data else None,
                 ],
                 sort_keys=True,
                 default=str,
@@ -230,13 +276,31 @@ class Converter:
         self, prefix: str, expert: int, proj: str, w: torch.Tensor, out: dict, types: dict, src: str
     ) -> None:
         specs: dict[str, ParamSpec] = self.specs[proj]
+        x = None
+        if self.observer_needs_data:
+            inputs = self.weight_inputs.get(_layer_of(prefix))
+            x = inputs("w2" if proj == "down" else "w13", expert) if inputs is not None else None
         try:
             # bf16/fp16 go in as they are: the primitives convert to fp32 block by block.
-            qw = quantize_weight(w, self.scheme.flags)
+            qw = quantize_weight(w, self.scheme.flags, x)
         except ConfigError:
             if not torch.isfinite(w).all():
                 raise CheckpointError(f"{src}: contains NaN or Inf") from None
             raise
+        if self.observer_needs_data:
+            ratio = qw.info.get("clip_ratio")
+            self._wc_records.append(  # list.append is atomic: worker threads share this list
+                {
+                    "layer": _layer_of(prefix),
+                    "expert": expert,
+                    "proj": proj,
+                    "observer": qw.info["observer"],
+                    "tokens": 0 if x is None else int(x.shape[0]),
+                    "fallback": qw.info["fallback"],
+                    "clip_ratio_mean": None if ratio is None else round(float(ratio.mean()), 6),
+                }
+            )
+        del x
         where = f"{self.fmt.where} {prefix}.{expert}.{proj}"
         for suffix, t in encode_role(specs, qw, self._alpha(prefix, expert, proj), where).items():
             key = key_of(prefix, expert, self.model, proj, suffix)
@@ -298,7 +362,7 @@ class Converter:
 
     def _alpha(self, prefix: str, expert: int, proj: str) -> torch.Tensor | None:
         """This expert's learned alpha (down_proj only), None = the encoder's alpha = 1."""
-        layer = int(prefix.split("layers.")[-1].split(".")[0])
+        layer = _layer_of(prefix)
         if proj != "down" or layer not in self.alphas:
             return None
         return self.alphas[layer][expert]
@@ -418,14 +482,17 @@ class Converter:
         if self.progress:
             print(f"quantfw quantize: {msg}", file=sys.stderr, flush=True)
 
-    def _do_shard(self, i: int) -> dict[str, str] | None:
-        """Convert and write shard i; its tensor types for the record (None: verified, skipped)."""
+    def _do_shard(self, i: int) -> tuple[dict[str, str], list[dict]] | None:
+        """Convert and write shard i; its tensor types and weight-observer records for the record
+        (None: verified, skipped)."""
         n = len(self.names)
         if self._finished(i) is not None:
             self._log(f"[{i + 1}/{n}] {self.names[i]} already done (verified), skipped")
             return None
         t0 = time.perf_counter()
+        self._wc_records = []
         tensors, types = self.convert_shard(self.reader.shards[i])
+        records = sorted(self._wc_records, key=lambda r: (r["layer"], r["expert"], r["proj"]))
         out_path = self.tmp / self.names[i]
         part = out_path.with_suffix(".tmp")
         save_file(tensors, str(part), metadata={"format": "pt"})
@@ -435,9 +502,12 @@ class Converter:
         self._log(
             f"[{i + 1}/{n}] {self.names[i]} {gb:.3f} GB in {time.perf_counter() - t0:.2f} s (record pending)"
         )
-        return types
+        fell = sum(1 for r in records if r["fallback"])
+        if records:
+            self._log(f"[{i + 1}/{n}] weight observer: {len(records) - fell} data-driven, {fell} fallback")
+        return types, records
 
-    def _write_record(self, i: int, types: dict[str, str]) -> None:
+    def _write_record(self, i: int, types: dict[str, str], records: list[dict] | None = None) -> None:
         out_path = self.tmp / self.names[i]
         rec = {
             **self._input_stamp(i),
@@ -445,6 +515,7 @@ class Converter:
             "size": out_path.stat().st_size,
             "sha256": _sha256(out_path),
             "tensors": types,
+            "weight_calibration": records or [],
         }
         self._record_path(i).write_text(json.dumps(rec))
 
@@ -452,6 +523,7 @@ class Converter:
         weight_map: dict[str, str] = {}
         types: dict[str, str] = {}
         total = 0
+        records: list[dict] = []
         for i, name in enumerate(self.names):
             rec = self._finished(i, rehash=not done[i])
             if rec is None:
@@ -460,11 +532,16 @@ class Converter:
                 weight_map[k] = name
                 types[k] = t
             total += rec["size"]
+            records += rec.get("weight_calibration", [])
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         metadata.dump(self.tmp / self.index_name, index)
         prov = metadata.provenance(self.scheme, self.fmt.name, self.alpha_method)
         if self.calibration is not None:
             prov["alpha_calibration"] = self.calibration
+        if self.observer_needs_data:
+            prov["weight_calibration"] = weight_calibration_metadata(
+                self.scheme.flags, records, self.weight_data
+            )
         if self.targets:
             modules = sorted(
                 k[: -len(".weight")]
@@ -515,9 +592,9 @@ class Converter:
             with _torch_threads(1), ThreadPoolExecutor(1) as hasher:
                 records = []
                 for i in range(dist.rank, len(self.names), dist.world):
-                    types = self._do_shard(i)
-                    if types is not None:
-                        records.append(hasher.submit(self._write_record, i, types))
+                    result = self._do_shard(i)
+                    if result is not None:
+                        records.append(hasher.submit(self._write_record, i, *result))
                     done[i] = True
                 for r in records:
                     r.result()
@@ -551,12 +628,16 @@ def quantize_checkpoint(
     ignore: Sequence[str] = (),
     alphas: Mapping[int, torch.Tensor] | None = None,
     calibration: dict | None = None,
+    weight_inputs: Mapping[int, CalibrationInputs] | None = None,
+    weight_data: dict | None = None,
 ) -> Path:
     """Quantize every routed expert of a float checkpoint folder into `output` (see module doc).
 
     workers: quantize threads per process (default: usable cores / local torchrun ranks).
     targets / ignore: regexes over non-expert module names to write W8A8 (recipe `quantize.*`).
-    alphas / calibration: learned W4A8-clip alphas per MoE layer and how they were obtained."""
+    alphas / calibration: learned W4A8-clip alphas per MoE layer and how they were obtained.
+    weight_inputs / weight_data: per-layer calibration inputs of a data-driven weight observer
+    (`CalibrationResult.inputs` / `.data`); its report lands in the metadata as weight_calibration."""
     conv = Converter(
         input,
         output,
@@ -570,5 +651,7 @@ def quantize_checkpoint(
         ignore,
         alphas,
         calibration,
+        weight_inputs,
+        weight_data,
     )
     return conv.run(dist)

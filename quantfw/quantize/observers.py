@@ -99,6 +99,17 @@ def get_observer(name: str, where: str = "scheme.weight_observer") -> Observer:
     return _OBSERVERS[name]
 
 
+def needs_data(flags: Mapping[str, Any]) -> bool:
+    """Whether the scheme's selected observer uses calibration inputs."""
+    return get_observer(flags.get("weight_observer", "minmax")).needs_data
+
+
+def data_params(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The selected observer and every observer parameter in effect (for provenance)."""
+    names = [*PARAMS, *OBSERVER_REFS]
+    return {"weight_observer": flags.get("weight_observer", "minmax"), **{n: param(flags, n) for n in names}}
+
+
 def validate_flags(flags: Mapping[str, Any], where: str) -> None:
     """All observer problems of a scheme's flags in one error, each naming its key."""
     problems = []

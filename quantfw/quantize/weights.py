@@ -34,8 +34,10 @@ def quantize_weight(
     calibration inputs x [M, K]; without enough inputs the declared fallback observer runs."""
     from quantfw.quantize import observers
 
-    observer, _ = observers.resolve(flags, x)
+    observer, why = observers.resolve(flags, x)
     qw = observer.fn(w, flags, x if observer.needs_data else None)
+    # Which observer ran and why it is the fallback (None: the chosen one), for the caller's report.
+    qw.info = {**(qw.info or {}), "observer": observer.name, "fallback": why}
     # s1 comes from amax over each row, which propagates NaN and Inf: checking it replaces a full
     # isfinite pass over w (the slowest step of a quantize run).
     if not torch.isfinite(qw.s1).all():
