@@ -24,7 +24,7 @@ CALIB = ["calibration.tokens=4096", "calibration.seq_len=128"]
 WEIGHT = "model.layers.{L}.mlp.experts.{e}.{p}_proj.weight"
 
 
-def calib():
+def calib(tokens=4096):
     return OmegaConf.create(
         {
             "tokens": 4096,
@@ -58,9 +58,9 @@ def gptq_cli(src, tmp_path_factory):
     return out, r
 
 
-def api_quantize(src, dst, overrides, calibrate=True):
+def api_quantize(src, dst, overrides, calibrate=True, tokens=1024):
     scheme, fmt, _ = components(compose("default", BASE + overrides))
-    res = calibrate_checkpoint(src, scheme, calib(), 0) if calibrate else None
+    res = calibrate_checkpoint(src, scheme, calib(tokens), 0) if calibrate else None
     return quantize_checkpoint(
         src,
         dst,
