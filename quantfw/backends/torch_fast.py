@@ -17,17 +17,8 @@ import torch
 
 from quantfw import ops
 from quantfw.ops._checks import check_tensor, fail
+from quantfw.ops._checks import row_groups as _spans  # one host sync per op call
 from quantfw.transforms.cpu_fast import int4pack_group_size
-
-
-def _spans(counts: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(expert, start, end) of each expert with rows: one host sync per op call."""
-    out, start = [], 0
-    for e, c in enumerate(counts.tolist()):
-        if c:
-            out.append((e, start, start + c))
-        start += c
-    return out
 
 
 def grouped_matmul_a8w8(
