@@ -129,3 +129,26 @@ def test_outlier_row_known_optimum(clip_scheme):
     cap.add(0, h)
     alphas, report = learn_expert_alphas(clip_scheme, w13, w2.expand(E, H, I).contiguous(), cap, min_tokens=1)
     assert alphas[0].item() < 0.2 and report[0]["error"] < report[0]["error_at_one"] / 2
+
+
+def test_search_runs_on_the_rows_the_deployed_clip_sees(clip_scheme, weights):
+    """With expert inputs captured, alpha is searched on h after int8 activations and the int4
+    first GEMM (bf16), against the float expert output; computed independently here."""
+    from quantfw.calibrate.alpha import search_alpha
+
+    w13, w2 = weights
+    cap, _, _ = capture_run(w13, w2)
+    alphas, report = learn_expert_alphas(clip_scheme, w13, w2, cap, min_tokens=16)
+    d13 = fake_quant_weights(clip_scheme, w13).dequantize()
+    d2 = fake_quant_weights(clip_scheme, w2).dequantize()
+    for e in range(E):
+        x, h = cap.x(e), cap.h(e)
+        if h.shape[0] < 16:
+            continue
+        amax = x.abs().amax(-1, keepdim=True)
+        s = torch.where(amax == 0, torch.ones_like(amax), amax / 127)
+        xdq = torch.clamp(torch.round(x / s), -128, 127) * s
+        h_dep = (xdq @ d13[e].T).to(torch.bfloat16).float()
+        assert not torch.equal(h_dep, h)
+        r = search_alpha(h_dep, w2[e], d2[e], h_ref=h)
+        assert alphas[e].item() == r.alpha and report[e]["error"] == pytest.approx(r.error)

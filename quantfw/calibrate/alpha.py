@@ -38,20 +38,23 @@ def search_alpha(
     steps: int = 20,
     refine: int = 10,
     holdout: int = 4,
+    h_ref: torch.Tensor | None = None,
 ) -> AlphaResult:
-    """h [M, 2I] pre-SwiGLU rows of one expert; w2 [H, I] float and its dequantized int4 copy.
+    """h [M, 2I] pre-SwiGLU rows of one expert as the deployed clip sees them; w2 [H, I] float and
+    its dequantized int4 copy; h_ref the same rows in float (default: h), the reference output.
 
     Every `holdout`-th row is kept out of the search; the alpha found on the other rows is kept
     only if it also beats alpha = 1 on those held-out rows (0 disables the check). A clip that only
     fits the calibration tokens would make held-out text worse, which is the one thing it must not do.
     """
     h = h.float()
-    fit, val = h, None
+    h_ref = h if h_ref is None else h_ref.float()
+    fit, val, fit_ref, val_ref_rows = h, None, h_ref, None
     if holdout and h.shape[0] >= 2 * holdout:
         keep = torch.ones(h.shape[0], dtype=torch.bool)
         keep[::holdout] = False
-        fit, val = h[keep], h[~keep]
-    ref = ops.swiglu(fit) @ w2.float().T
+        fit, val, fit_ref, val_ref_rows = h[keep], h[~keep], h_ref[keep], h_ref[~keep]
+    ref = ops.swiglu(fit_ref) @ w2.float().T
     grid = torch.linspace(lo, 1.0, steps).tolist()
     errs = {a: _error(fit, a, w2_deq, ref) for a in grid}
     best = min(errs, key=errs.get)
@@ -66,11 +69,11 @@ def search_alpha(
         return AlphaResult(
             alpha=best, error=errs[best] if best != 1.0 else one, error_at_one=one, tokens=h.shape[0]
         )
-    val_ref = ops.swiglu(val) @ w2.float().T
+    val_ref = ops.swiglu(val_ref_rows) @ w2.float().T
     if best != 1.0 and _error(val, best, w2_deq, val_ref) >= _error(val, 1.0, w2_deq, val_ref):
         best = 1.0  # did not generalise to the held-out rows
     # Report on all rows: better on both parts means better on the whole.
-    ref_all = ops.swiglu(h) @ w2.float().T
+    ref_all = ops.swiglu(h_ref) @ w2.float().T
     one_all = _error(h, 1.0, w2_deq, ref_all)
     err_all = one_all if best == 1.0 else _error(h, best, w2_deq, ref_all)
     return AlphaResult(alpha=best, error=err_all, error_at_one=one_all, tokens=h.shape[0])

@@ -143,6 +143,7 @@ def learn_expert_alphas(
             f"layer {captured.layer}: capture has {captured.num_experts} experts, weights have {E}"
         )
     deq = fake_quant_weights(scheme, w2).dequantize()
+    deq13 = None  # the int4 first GEMM, built only when expert inputs were captured
     alphas, report = torch.ones(E, dtype=torch.float32), []
     for e in range(E):
         h = captured.h(e)
@@ -161,10 +162,18 @@ def learn_expert_alphas(
             )
         if not torch.isfinite(h).all():
             raise CalibrationError(f"layer {captured.layer} expert {e}: non-finite calibration activations")
+        # The deployed clip sees h after int8 activations and the int4 first GEMM (bf16 output), not
+        # the float h: search on those rows, measured against the float expert output.
+        h_dep, x = h, captured.x(e)
+        if x.numel():
+            deq13 = fake_quant_weights(scheme, w13).dequantize() if deq13 is None else deq13
+            xq, xs = ops.dynamic_quant(x)
+            h_dep = ((xq.float() * xs.unsqueeze(-1)) @ deq13[e].T).to(torch.bfloat16).float()
         r = search_alpha(
-            h,
+            h_dep,
             w2[e],
             deq[e],
+            h_ref=h,
             lo=GRID["lo"],
             steps=GRID["steps"],
             refine=GRID["refine"],
