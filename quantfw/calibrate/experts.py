@@ -191,7 +191,11 @@ def alpha_metadata(report: list[dict], data: str, min_tokens: int, policy: str) 
     fallback = [(r["layer"], r["expert"]) for r in report if r["status"] != "learned"]
     return {
         "method": METHOD,
-        "objective": "relative L2 of the expert output (clipped int8 w2 input x int4 w2) vs float",
+        "objective": (
+            "relative L2 of the expert output (clipped int8 w2 input x int4 w2) vs float; clip applied "
+            "to the deployed rows (int8 activations x int4 w13, bf16) when expert inputs were captured; "
+            "alpha < 1 kept only if it also wins on every 4th row held out"
+        ),
         "grid": dict(GRID),
         "tokens": int(sum(r["tokens"] for r in report)),
         "rows_used": int(sum(r["rows"] for r in report if r["status"] == "learned")),
