@@ -10,6 +10,7 @@ from quantfw.backends import Backend, get_backend
 from quantfw.config.compose import compose
 from quantfw.errors import ConfigError
 from quantfw.formats.format import Format
+from quantfw.io.loader import from_checkpoint  # noqa: F401  (public API; one definition, in the loader)
 from quantfw.layout.spec import Dims
 from quantfw.moe.layer import MoELayer
 from quantfw.schemes.scheme import Scheme
@@ -36,20 +37,3 @@ def build_layer(cfg: DictConfig) -> MoELayer:
 
 def build_from_recipe(recipe: str = "default", overrides: Sequence[str] = ()) -> MoELayer:
     return build_layer(compose(recipe, overrides))
-
-
-def from_checkpoint(
-    path,
-    layer: int = -1,
-    backend: str = "torch",
-    ep_rank: int = 0,
-    ep_size: int = 1,
-    tp_rank: int = 0,
-    tp_size: int = 1,
-    recipe_overrides: Sequence[str] | None = None,
-) -> MoELayer:
-    """The generic MoE layer of a quantized checkpoint's MoE layer `layer` (-1: the first), scheme
-    and format detected from its metadata, this rank's experts loaded and post-load done."""
-    from quantfw.io.loader import from_checkpoint as _load
-
-    return _load(path, layer, backend, ep_rank, ep_size, tp_rank, tp_size, recipe_overrides)
