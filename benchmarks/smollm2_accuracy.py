@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantfw.api import components  # noqa: E402
-from quantfw.calibrate.experts import ExpertCapture, alpha_metadata, learn_expert_alphas  # noqa: E402
+from quantfw.calibrate.experts import GRID, ExpertCapture, alpha_metadata, learn_expert_alphas  # noqa: E402
 from quantfw.config.compose import compose  # noqa: E402
 from quantfw.eval.perplexity import perplexity_details  # noqa: E402
 from quantfw.eval.text import token_splits  # noqa: E402
@@ -120,6 +120,14 @@ def main(argv=None):
     p.add_argument("--min-tokens", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--topk", type=int, default=6, help="active experts of the second configuration")
+    p.add_argument(
+        "--eval-split",
+        default="heldout",
+        choices=["heldout", "validation"],
+        help="heldout = the second half of the text; validation = calibration-half tokens after the ones "
+        "calibration uses (for design choices, so the held-out numbers stay untouched)",
+    )
+    p.add_argument("--token-weight", default=None, choices=["uniform", "relative"])
     p.add_argument("--only", nargs="*", default=None, help="subset of configs (labels) to run")
     p.add_argument(
         "--routing",
@@ -132,6 +140,9 @@ def main(argv=None):
     torch.manual_seed(0)
     base, tokenizer = load_smollm2()
     splits = token_splits(tokenizer)
+    evaluate = splits.heldout if args.eval_split == "heldout" else splits.calibration[2 * args.calib_tokens :]
+    if args.token_weight:
+        GRID["token_weight"] = args.token_weight
     results = {
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized)",
         "experts": E,
@@ -143,7 +154,7 @@ def main(argv=None):
         runs, labels = {}, CONFIGS if top_k is None else {k: CONFIGS[k] for k in TOPK_CONFIGS}
         if args.only is not None:
             labels = {k: v for k, v in labels.items() if k in args.only}
-        runs["float"] = run_config(base, top_k, "float", None, None, splits.heldout, args)
+        runs["float"] = run_config(base, top_k, "float", None, None, evaluate, args)
         for label, (overrides, learned) in labels.items():
             alphas = None
             if learned:
@@ -153,7 +164,7 @@ def main(argv=None):
                 meta["seconds"] = time.perf_counter() - t
                 runs["alphas"] = {"stats": stats(alphas), "metadata": meta, "per_expert": rows}
                 print(f"  alphas {stats(alphas)} ({meta['seconds']:.0f}s)", flush=True)
-            runs[label] = run_config(base, top_k, label, overrides, alphas, splits.heldout, args)
+            runs[label] = run_config(base, top_k, label, overrides, alphas, evaluate, args)
         for label, r in runs.items():
             if label not in ("float", "alphas"):
                 r["delta_vs_float"] = r["perplexity"] / runs["float"]["perplexity"] - 1

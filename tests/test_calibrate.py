@@ -152,3 +152,69 @@ def test_search_runs_on_the_rows_the_deployed_clip_sees(clip_scheme, weights):
         assert not torch.equal(h_dep, h)
         r = search_alpha(h_dep, w2[e], d2[e], h_ref=h)
         assert alphas[e].item() == r.alpha and report[e]["error"] == pytest.approx(r.error)
+
+
+def _shared_outlier_experts(n=512, i=16, h_out=8, seed=0):
+    """Two experts that see the same tokens, each with one large SwiGLU channel whose w2 column is
+    the same output direction: their clip errors add coherently in the layer output, their int8
+    rounding errors do not."""
+    from quantfw.calibrate.alpha import ExpertRows
+
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(h_out, generator=g)
+    rows = []
+    for _ in range(2):
+        h = torch.randn(n, 2 * i, generator=g)
+        h[:, 0] = 6.0 + torch.rand(n, generator=g)  # y[:, 0] = silu(h0) * h0, ~40 vs bulk ~0.5
+        h[:, i] = h[:, 0]
+        w2 = torch.randn(h_out, i, generator=g)
+        w2[:, 0] = shared * 0.005
+        rows.append(
+            ExpertRows(h=h, ref=ops.swiglu(h) @ w2.T, w2_deq=w2, tokens=torch.arange(n), weight=torch.ones(n))
+        )
+    return rows
+
+
+def _layer_error(rows, alphas):
+    from quantfw.calibrate.alpha import _expert_error
+
+    err = sum(
+        r.weight.unsqueeze(-1) * _expert_error(r.h, a, r.w2_deq, r.ref)
+        for r, a in zip(rows, alphas, strict=True)
+    )
+    ref = sum(r.weight.unsqueeze(-1) * r.ref for r in rows)
+    return (err.norm() / ref.norm()).item()
+
+
+def test_layer_objective_matches_the_joint_brute_force_optimum():
+    """Coordinate descent on the layer output finds the joint (alpha_0, alpha_1) optimum of a 2D
+    brute force, and it differs from optimising each expert alone, which over-clips."""
+    from quantfw.calibrate.alpha import search_alpha, search_layer_alphas
+
+    rows = _shared_outlier_experts()
+    found = search_layer_alphas(rows, holdout=0)
+    grid = torch.linspace(0.05, 1.0, 40).tolist()
+    brute = min(_layer_error(rows, (a, b)) for a in grid for b in grid)
+    assert found.error == pytest.approx(_layer_error(rows, found.alphas.tolist()), rel=1e-4)
+    assert found.error <= brute * 1.005 and found.error < found.error_at_one
+    alone = [search_alpha(r.h, r.w2_deq, r.w2_deq, holdout=0).alpha for r in rows]
+    assert all(a < b for a, b in zip(alone, found.alphas.tolist(), strict=True))  # alone clips harder
+    assert _layer_error(rows, alone) > found.error * 1.01
+
+
+def test_held_out_tokens_reject_a_clip_that_does_not_carry_over():
+    """Rows where clipping helps only on the search tokens: the held-out paired test resets alpha to 1,
+    and the report carries the statistic."""
+    from quantfw.calibrate.alpha import search_alpha
+
+    torch.manual_seed(0)
+    h = torch.randn(400, 64)
+    w2 = torch.randn(16, 32) * 0.1
+    held = torch.arange(400) % 4 == 0
+    h[~held, 0] = 12.0  # the outlier the clip would cut exists only on the search rows ...
+    h[~held, 32] = 12.0
+    w2[:, 0] *= 1e-3  # ... and barely reaches the output
+    r = search_alpha(h, w2, w2)
+    assert r.alpha == 1.0 and r.z is not None and r.z < 2.0
+    unchecked = search_alpha(h, w2, w2, min_z=-float("inf"))
+    assert unchecked.alpha < 0.5  # the same search without the test clips hard

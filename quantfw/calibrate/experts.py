@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from quantfw import ops
-from quantfw.calibrate.alpha import search_alpha
+from quantfw.calibrate.alpha import ExpertRows, search_layer_alphas
 from quantfw.errors import CalibrationError, ConfigError
 from quantfw.quantize.experts import fake_quant_weights
 from quantfw.schemes.scheme import Scheme
@@ -27,14 +27,25 @@ __all__ = ["ExpertCapture", "LayerCapture", "alpha_metadata", "learn_expert_alph
 POLICIES = ("ones", "fail")
 METHOD = "grid_search_output_mse"
 # search_alpha's defaults, recorded so the metadata says exactly what ran.
-GRID = {"lo": 0.05, "hi": 1.0, "steps": 20, "refine": 10, "holdout": 4, "never_worse_than_one": True}
+GRID = {
+    "lo": 0.05,
+    "hi": 1.0,
+    "steps": 20,
+    "refine": 10,
+    "holdout": 4,
+    "min_z": 2.0,
+    "sweeps": 2,
+    "token_weight": "uniform",
+}
 
 
 @dataclass
 class LayerCapture:
     """One layer's calibration rows: rows[e] are h rows [M_e, 2I] and inputs[e] the matching routed
     hidden rows x [M_e, H] (at most max_rows kept), counts[e] the number of tokens routed to e (all
-    of them, including rows beyond the cap). Calling it as `cap(role, e)` gives the weight
+    of them, including rows beyond the cap). tokens[e] / weights[e] say which layer token each kept
+    row belongs to and its routing weight, so the alpha search can score the combined layer output
+    (rows added without a token get one of their own). Calling it as `cap(role, e)` gives the weight
     observers' calibration inputs (quantfw.quantize.experts.CalibrationInputs): w13 -> x, w2 ->
     swiglu(h)."""
 
@@ -44,20 +55,38 @@ class LayerCapture:
     rows: list[list[torch.Tensor]] = field(default_factory=list)
     counts: torch.Tensor | None = None
     inputs: list[list[torch.Tensor]] = field(default_factory=list)
+    tokens: list[list[torch.Tensor]] = field(default_factory=list)
+    weights: list[list[torch.Tensor]] = field(default_factory=list)
+    seen: int = 0  # layer tokens numbered so far
 
     def __post_init__(self):
         self.rows = [[] for _ in range(self.num_experts)]
         self.inputs = [[] for _ in range(self.num_experts)]
+        self.tokens = [[] for _ in range(self.num_experts)]
+        self.weights = [[] for _ in range(self.num_experts)]
         self.counts = torch.zeros(self.num_experts, dtype=torch.int64)
 
     def kept(self, e: int) -> int:
         return sum(r.shape[0] for r in self.rows[e])
 
-    def add(self, e: int, h: torch.Tensor, x: torch.Tensor | None = None) -> None:
-        self.counts[e] += h.shape[0]
-        room = h.shape[0] if self.max_rows is None else self.max_rows - self.kept(e)
+    def add(
+        self,
+        e: int,
+        h: torch.Tensor,
+        x: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> None:
+        n = h.shape[0]
+        if tokens is None:
+            tokens, self.seen = torch.arange(self.seen, self.seen + n), self.seen + n
+        self.counts[e] += n
+        room = n if self.max_rows is None else self.max_rows - self.kept(e)
         if room > 0:
             self.rows[e].append(h[:room].detach().to(torch.float32).clone())
+            self.tokens[e].append(tokens[:room].to(torch.int64).clone())
+            w = torch.ones(n) if weights is None else weights
+            self.weights[e].append(w[:room].detach().to(torch.float32).clone())
             if x is not None:
                 self.inputs[e].append(x[:room].detach().to(torch.float32).clone())
 
@@ -93,13 +122,17 @@ class ExpertCapture:
         cap = self.layers[layer]
 
         def hook(_module, args, _output):
-            hidden, _weights, ids = args[:3]
+            hidden, weights, ids = args[:3]
             x = hidden.to(torch.float32)
+            number = torch.arange(cap.seen, cap.seen + x.shape[0])
+            cap.seen += x.shape[0]
             for e in range(cap.num_experts):
-                tok = (ids == e).any(dim=-1)
+                hit = ids == e
+                tok = hit.any(dim=-1)
                 if tok.any():
                     xe = x[tok]
-                    cap.add(e, xe @ w13[e].to(torch.float32).T, xe)
+                    w = (weights.to(torch.float32) * hit).sum(-1)[tok]
+                    cap.add(e, xe @ w13[e].to(torch.float32).T, xe, tokens=number[tok], weights=w)
 
         return hook
 
@@ -130,8 +163,8 @@ def learn_expert_alphas(
 ) -> tuple[torch.Tensor, list[dict]]:
     """alpha [E] in (0, 1] for one layer, and one report row per expert.
 
-    The int4 down-projection is quantized as the scheme declares, so the search sees the weight
-    error the layer will run with. Experts with fewer than `min_tokens` captured rows get alpha 1
+    The int4 weights are quantized as the scheme declares, so the search sees the weight error the
+    layer will run with; alphas minimise the layer output error (quantfw.calibrate.alpha). Experts with fewer than `min_tokens` captured rows get alpha 1
     (policy "ones", reported as a fallback) or raise CalibrationError (policy "fail")."""
     if policy not in POLICIES:
         raise ConfigError(f"calibration policy '{policy}' (allowed: {', '.join(POLICIES)})")
@@ -144,17 +177,20 @@ def learn_expert_alphas(
         )
     deq = fake_quant_weights(scheme, w2).dequantize()
     deq13 = None  # the int4 first GEMM, built only when expert inputs were captured
-    alphas, report = torch.ones(E, dtype=torch.float32), []
+    rows: list[ExpertRows | None] = [None] * E
+    report: list[dict] = []
     for e in range(E):
         h = captured.h(e)
-        row = {"layer": captured.layer, "expert": e, "tokens": int(captured.counts[e]), "rows": h.shape[0]}
+        report.append(
+            {"layer": captured.layer, "expert": e, "tokens": int(captured.counts[e]), "rows": h.shape[0]}
+        )
         if h.shape[0] < min_tokens:
             if policy == "fail":
                 raise CalibrationError(
                     f"layer {captured.layer} expert {e}: {h.shape[0]} calibration tokens, "
                     f"expected >= min_tokens={min_tokens} (policy fail)"
                 )
-            report.append({**row, "alpha": 1.0, "status": "fallback_too_few_tokens"})
+            report[e].update(alpha=1.0, status="fallback_too_few_tokens")
             continue
         if h.shape[1] != two_i:
             raise CalibrationError(
@@ -169,20 +205,30 @@ def learn_expert_alphas(
             deq13 = fake_quant_weights(scheme, w13).dequantize() if deq13 is None else deq13
             xq, xs = ops.dynamic_quant(x)
             h_dep = ((xq.float() * xs.unsqueeze(-1)) @ deq13[e].T).to(torch.bfloat16).float()
-        r = search_alpha(
-            h_dep,
-            w2[e],
-            deq[e],
-            h_ref=h,
-            lo=GRID["lo"],
-            steps=GRID["steps"],
-            refine=GRID["refine"],
-            holdout=GRID["holdout"],
+        rows[e] = ExpertRows(
+            h=h_dep,
+            ref=ops.swiglu(h) @ w2[e].float().T,
+            w2_deq=deq[e].float(),
+            tokens=torch.cat(captured.tokens[e]),
+            weight=torch.cat(captured.weights[e]),
         )
-        alphas[e] = r.alpha
-        report.append(
-            {**row, "alpha": r.alpha, "error": r.error, "error_at_one": r.error_at_one, "status": "learned"}
-        )
+    found = search_layer_alphas(
+        rows,
+        lo=GRID["lo"],
+        steps=GRID["steps"],
+        refine=GRID["refine"],
+        holdout=GRID["holdout"],
+        min_z=GRID["min_z"],
+        sweeps=GRID["sweeps"],
+        token_weight=GRID["token_weight"],
+    )
+    for e, r in enumerate(found.experts):
+        if r is not None:
+            report[e].update(
+                alpha=r.alpha, error=r.error, error_at_one=r.error_at_one, heldout_z=r.z, status="learned"
+            )
+            report[e]["layer_error"], report[e]["layer_error_at_one"] = found.error, found.error_at_one
+    alphas = found.alphas
     return alphas, report
 
 
@@ -192,9 +238,11 @@ def alpha_metadata(report: list[dict], data: str, min_tokens: int, policy: str) 
     return {
         "method": METHOD,
         "objective": (
-            "relative L2 of the expert output (clipped int8 w2 input x int4 w2) vs float; clip applied "
-            "to the deployed rows (int8 activations x int4 w13, bf16) when expert inputs were captured; "
-            "alpha < 1 kept only if it also wins on every 4th row held out"
+            "relative L2 of the layer output (routing-weighted sum of the experts' clipped int8 w2 input "
+            "x int4 w2) vs float, coordinate descent over experts; clip applied to the deployed rows "
+            "(int8 activations x int4 w13, bf16) when expert inputs were captured; alpha < 1 kept only if, "
+            "on every 4th token (held out of the search), its mean per-token gain over alpha = 1 is at "
+            "least min_z standard errors above zero"
         ),
         "grid": dict(GRID),
         "tokens": int(sum(r["tokens"] for r in report)),

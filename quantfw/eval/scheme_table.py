@@ -8,14 +8,14 @@ from dataclasses import dataclass
 import torch
 
 from quantfw.backends import Backend
-from quantfw.calibrate.alpha import search_alpha
+from quantfw.calibrate.experts import ExpertCapture, learn_expert_alphas
 from quantfw.eval import synthetic
 from quantfw.eval.metrics import compare
 from quantfw.formats.format import Format
 from quantfw.layout.spec import Dims
 from quantfw.moe.layer import MoELayer
 from quantfw.moe.reference import FloatMoE
-from quantfw.quantize.experts import fake_quant_weights, quantize_experts
+from quantfw.quantize.experts import quantize_experts
 from quantfw.schemes.scheme import Scheme
 
 
@@ -27,20 +27,14 @@ class Variant:
     learn_alpha: bool = False
 
 
-def learn_alphas(scheme: Scheme, w13, w2, x, topk_ids) -> tuple[torch.Tensor, list]:
-    """Per-expert alpha from the calibration tokens routed to each expert (alpha = 1 if none)."""
-    deq = fake_quant_weights(scheme, w2).dequantize()
-    alphas, results = torch.ones(w13.shape[0]), []
-    for e in range(w13.shape[0]):
-        rows = (topk_ids == e).any(-1)
-        if not rows.any():
-            results.append(None)
-            continue
-        h = x[rows].float() @ w13[e].float().T
-        r = search_alpha(h, w2[e], deq[e])
-        alphas[e] = r.alpha
-        results.append(r)
-    return alphas, results
+def learn_alphas(scheme: Scheme, w13, w2, x, topk_weights, topk_ids) -> tuple[torch.Tensor, list[dict]]:
+    """Per-expert alpha the way `quantfw quantize calibration.source=model` learns it: capture the
+    float layer's routed rows, then `learn_expert_alphas` (coverage policy "ones")."""
+    moe = FloatMoE(w13, w2)
+    capture = ExpertCapture({0: (moe, w13)})
+    with torch.no_grad(), capture.attached():
+        moe(x, topk_weights, topk_ids)
+    return learn_expert_alphas(scheme, w13, w2, capture.layers[0])
 
 
 def evaluate_schemes(
@@ -65,7 +59,7 @@ def evaluate_schemes(
     for v in variants:
         alpha = None
         if v.learn_alpha:
-            alpha, _ = learn_alphas(v.scheme, w13, w2, x_cal.to(torch.bfloat16).float(), ids_cal)
+            alpha, _ = learn_alphas(v.scheme, w13, w2, x_cal.to(torch.bfloat16).float(), w_cal, ids_cal)
         tensors = quantize_experts(v.scheme, v.format, w13, w2, alpha=alpha)
         layer = MoELayer(v.scheme, v.format, backend, dims).load(tensors, source=f"in-memory {v.label}")
         out = layer(x_bf16, w, ids)
