@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantfw.api import components  # noqa: E402
-from quantfw.calibrate.experts import GRID, ExpertCapture, alpha_metadata, learn_expert_alphas  # noqa: E402
+from quantfw.calibrate.experts import ExpertCapture, alpha_metadata, learn_expert_alphas  # noqa: E402
 from quantfw.config.compose import compose  # noqa: E402
-from quantfw.eval.perplexity import perplexity_details  # noqa: E402
+from quantfw.eval.perplexity import paired_delta, perplexity_details  # noqa: E402
 from quantfw.eval.text import token_splits  # noqa: E402
 from quantfw.integrations.smollm2 import load_smollm2, mlp_to_moe  # noqa: E402
 from quantfw.layout.spec import Dims  # noqa: E402
@@ -72,9 +72,11 @@ def calibrate(base, top_k, calib_ids, scheme, args):
         en.layer_index: (model.get_submodule(en.path).experts, weights[en.layer_index][0])
         for en in report.entries
     }
-    capture = ExpertCapture(experts, max_rows=args.max_rows)
+    capture = ExpertCapture(experts, max_rows=args.max_rows or None)
+    # Windows spread evenly over the split: the text changes topic every few hundred tokens.
     n = min(len(calib_ids), args.calib_tokens) // args.seq_len
-    data = calib_ids[: n * args.seq_len].view(n, args.seq_len)
+    starts = torch.linspace(0, len(calib_ids) - args.seq_len, n).long()
+    data = torch.stack([calib_ids[s : s + args.seq_len] for s in starts.tolist()])
     with torch.no_grad(), capture.attached():
         for i in range(0, n, 4):
             model(input_ids=data[i : i + 4], use_cache=False)
@@ -85,7 +87,10 @@ def calibrate(base, top_k, calib_ids, scheme, args):
             scheme, w13, w2, cap, min_tokens=args.min_tokens, policy="ones"
         )
         rows += r
-    source = f"pydoc_data.topics calibration split, first {n * args.seq_len} tokens, seq_len {args.seq_len}"
+    source = (
+        f"pydoc_data.topics calibration split, {n} windows of {args.seq_len} tokens spread evenly over "
+        f"its first {len(calib_ids)} tokens"
+    )
     return alphas, rows, alpha_metadata(rows, source, args.min_tokens, "ones")
 
 
@@ -98,7 +103,20 @@ def run_config(base, top_k, label, overrides, alphas, heldout, args):
         mlp_to_moe(model, num_experts=E, top_k=top_k, factory=factory)
     r = perplexity_details(model, heldout, seq_len=args.seq_len, max_tokens=args.max_tokens)
     print(f"  top_k={top_k or E} {label:<20} ppl {r.perplexity:8.3f}  ({r.seconds:.0f}s)", flush=True)
-    return {"perplexity": r.perplexity, "tokens": r.predicted_tokens, "seconds": r.seconds}
+    return r
+
+
+def summary(label, r, runs):
+    """JSON row of one run: perplexity and its paired change vs float (and vs alpha = 1 for learned)."""
+    if label == "alphas":
+        return r
+    row = {"perplexity": r.perplexity, "tokens": r.predicted_tokens, "seconds": r.seconds}
+    row["window_nll"] = list(r.window_nll)
+    if label != "float":
+        row["vs_float"] = paired_delta(runs["float"], r)
+    if label == "w4a8_clip_learned" and "w4a8_clip_alpha1" in runs:
+        row["vs_alpha1"] = paired_delta(runs["w4a8_clip_alpha1"], r)
+    return row
 
 
 def stats(alphas):
@@ -116,7 +134,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="JSON results path")
     p.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens for perplexity")
     p.add_argument("--calib-tokens", type=int, default=2048)
-    p.add_argument("--max-rows", type=int, default=1024, help="calibration rows kept per expert")
+    p.add_argument("--max-rows", type=int, default=1024, help="calibration rows kept per expert (0: all)")
     p.add_argument("--min-tokens", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--topk", type=int, default=6, help="active experts of the second configuration")
@@ -127,7 +145,6 @@ def main(argv=None):
         help="heldout = the second half of the text; validation = calibration-half tokens after the ones "
         "calibration uses (for design choices, so the held-out numbers stay untouched)",
     )
-    p.add_argument("--token-weight", default=None, choices=["uniform", "relative"])
     p.add_argument("--only", nargs="*", default=None, help="subset of configs (labels) to run")
     p.add_argument(
         "--routing",
@@ -140,9 +157,11 @@ def main(argv=None):
     torch.manual_seed(0)
     base, tokenizer = load_smollm2()
     splits = token_splits(tokenizer)
-    evaluate = splits.heldout if args.eval_split == "heldout" else splits.calibration[2 * args.calib_tokens :]
-    if args.token_weight:
-        GRID["token_weight"] = args.token_weight
+    # Calibration windows come from the first 3/4 of the calibration half; its last 1/4 is a
+    # validation text for design choices, so the held-out half is only read for the final table.
+    cut = len(splits.calibration) * 3 // 4
+    calibration = splits.calibration[:cut]
+    evaluate = splits.heldout if args.eval_split == "heldout" else splits.calibration[cut:]
     results = {
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized)",
         "experts": E,
@@ -160,15 +179,12 @@ def main(argv=None):
             if learned:
                 t = time.perf_counter()
                 _, scheme = quant_factory(overrides)
-                alphas, rows, meta = calibrate(base, top_k, splits.calibration, scheme, args)
+                alphas, rows, meta = calibrate(base, top_k, calibration, scheme, args)
                 meta["seconds"] = time.perf_counter() - t
                 runs["alphas"] = {"stats": stats(alphas), "metadata": meta, "per_expert": rows}
                 print(f"  alphas {stats(alphas)} ({meta['seconds']:.0f}s)", flush=True)
             runs[label] = run_config(base, top_k, label, overrides, alphas, evaluate, args)
-        for label, r in runs.items():
-            if label not in ("float", "alphas"):
-                r["delta_vs_float"] = r["perplexity"] / runs["float"]["perplexity"] - 1
-        results["runs"][key] = runs
+        results["runs"][key] = {label: summary(label, r, runs) for label, r in runs.items()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
@@ -176,17 +192,23 @@ def main(argv=None):
 
 
 def table(results):
-    lines = [f"{'config':<8} {'scheme':<20} {'ppl':>8} {'vs float':>9}"]
+    lines = [f"{'config':<8} {'scheme':<20} {'ppl':>8} {'vs float (95% CI)':>28} {'vs alpha=1 (95% CI)':>28}"]
+
+    def ci(d):
+        return f"{d['delta']:+.2%} [{d['ci95'][0]:+.2%}, {d['ci95'][1]:+.2%}]" if d else ""
+
     for key, runs in results["runs"].items():
         for label, r in runs.items():
             if label == "alphas":
                 s = r["stats"]
                 lines.append(
                     f"{key:<8} {'alphas':<20} min {s['min']:.3f} mean {s['mean']:.3f} max {s['max']:.3f}"
+                    f" below 1: {s['below_one']}"
                 )
                 continue
-            d = r.get("delta_vs_float", 0.0)
-            lines.append(f"{key:<8} {label:<20} {r['perplexity']:8.3f} {d:+9.2%}")
+            lines.append(
+                f"{key:<8} {label:<20} {r['perplexity']:8.3f} {ci(r.get('vs_float')):>28} {ci(r.get('vs_alpha1')):>28}"
+            )
     return "\n".join(lines)
 
 

@@ -54,6 +54,25 @@ def test_perplexity_windows_and_uniform_model():
         perplexity(Uniform(), ids[:10], seq_len=64)
 
 
+def test_paired_delta_uses_the_window_differences():
+    from quantfw.eval.perplexity import PerplexityResult, paired_delta
+
+    def result(nll):
+        return PerplexityResult(math.exp(sum(nll) / len(nll)), sum(nll) / len(nll), 0, len(nll), 0.0, tuple(nll))
+
+    base = result([2.0, 3.0, 2.5, 4.0])
+    assert paired_delta(base, base) == {"delta": 0.0, "ci95": [0.0, 0.0], "windows": 4}
+    shifted = result([2.01, 3.01, 2.51, 4.01])  # the same shift on every window: no spread
+    d = paired_delta(base, shifted)
+    assert math.isclose(d["delta"], math.exp(0.01) - 1, rel_tol=1e-9)
+    assert math.isclose(d["ci95"][0], d["ci95"][1], rel_tol=1e-6)
+    noisy = result([2.05, 2.97, 2.53, 4.01])  # mean +0.015, spread 0.034: the interval spans zero
+    lo, hi = paired_delta(base, noisy)["ci95"]
+    assert lo < 0 < hi
+    with pytest.raises(ConfigError):
+        paired_delta(base, result([2.0, 3.0]))
+
+
 def test_perplexity_on_tiny_model_runs():
     pytest.importorskip("transformers")
     from quantfw.integrations.hf import tiny_moe_model

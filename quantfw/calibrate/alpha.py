@@ -104,7 +104,6 @@ def search_layer_alphas(
     holdout: int = 4,
     min_z: float = 2.0,
     sweeps: int = 2,
-    token_weight: str = "uniform",
 ) -> LayerAlphas:
     """Per-expert alpha minimising the layer output error (module doc). Experts given as None keep
     alpha = 1. Tokens with `token % holdout == 0` are held out of the search (0: no check); each
@@ -128,10 +127,6 @@ def search_layer_alphas(
         w = x.weight.float().unsqueeze(-1)
         resid.index_add_(0, slot[e], w * _expert_error(x.h, 1.0, x.w2_deq, x.ref))
         ref.index_add_(0, slot[e], w * x.ref)
-    # Per-token weight of the squared error: uniform (layer MSE) or 1/||ref_t||^2 (relative per token).
-    tw = (
-        torch.ones(ids.shape[0]) if token_weight == "uniform" else 1.0 / ref.square().sum(-1).clamp_min(1e-12)
-    )
 
     grid = sorted(set(torch.linspace(lo, 1.0, steps).tolist()) | {1.0})
     step = (1.0 - lo) / (steps - 1)
@@ -141,12 +136,11 @@ def search_layer_alphas(
             rows_fit = fit[slot[e]]
             w = x.weight.float().unsqueeze(-1)
             others = resid[slot[e]] - w * _expert_error(x.h, alphas[e].item(), x.w2_deq, x.ref)
-            tok_w = tw[slot[e]][rows_fit]
 
-            def loss(cands, x=x, w=w, others=others, rows_fit=rows_fit, tok_w=tok_w):
+            def loss(cands, x=x, w=w, others=others, rows_fit=rows_fit):
                 out = {}
                 for chunk, y in _outputs(x.h, cands, x.w2_deq):
-                    tot = ((others + w * (y - x.ref))[:, rows_fit].square().sum(-1) * tok_w).sum(-1)
+                    tot = (others + w * (y - x.ref))[:, rows_fit].square().sum((-1, -2))
                     out.update(zip(chunk, tot.tolist(), strict=True))
                 return out
 
@@ -171,8 +165,7 @@ def search_layer_alphas(
             cur = resid[slot[e]]
             without = cur - w * _expert_error(x.h, alphas[e].item(), x.w2_deq, x.ref)
             without = without + w * _expert_error(x.h, 1.0, x.w2_deq, x.ref)
-            tok_w = tw[slot[e]][rows_held]
-            z = paired_z(without[rows_held].square().sum(-1) * tok_w, cur[rows_held].square().sum(-1) * tok_w)
+            z = paired_z(without[rows_held].square().sum(-1), cur[rows_held].square().sum(-1))
             z_of[e] = z
             if z < min_z:  # did not carry over to tokens the search never saw
                 alphas[e] = 1.0

@@ -35,7 +35,6 @@ GRID = {
     "holdout": 4,
     "min_z": 2.0,
     "sweeps": 2,
-    "token_weight": "uniform",
 }
 
 
@@ -220,7 +219,6 @@ def learn_expert_alphas(
         holdout=GRID["holdout"],
         min_z=GRID["min_z"],
         sweeps=GRID["sweeps"],
-        token_weight=GRID["token_weight"],
     )
     for e, r in enumerate(found.experts):
         if r is not None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from quantfw.errors import ConfigError
 
-__all__ = ["PerplexityResult", "perplexity", "perplexity_details"]
+__all__ = ["PerplexityResult", "paired_delta", "perplexity", "perplexity_details"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,22 @@ class PerplexityResult:
     predicted_tokens: int  # windows * (seq_len - 1)
     windows: int
     seconds: float
+    window_nll: tuple[float, ...] = ()  # mean NLL of each window, for paired comparisons
+
+
+def paired_delta(base: PerplexityResult, other: PerplexityResult) -> dict:
+    """Perplexity change of `other` vs `base` on the same windows, with a 95% interval from the
+    window-to-window spread of the NLL difference (the same text, so most text noise cancels)."""
+    if len(base.window_nll) != len(other.window_nll) or not base.window_nll:
+        raise ConfigError("paired_delta needs per-window NLLs of the same windows")
+    d = torch.tensor(other.window_nll, dtype=torch.float64) - torch.tensor(base.window_nll, dtype=torch.float64)
+    mean = d.mean().item()
+    se = d.std().item() / math.sqrt(d.numel()) if d.numel() > 1 else math.inf
+    return {
+        "delta": math.exp(mean) - 1,
+        "ci95": [math.exp(mean - 1.96 * se) - 1, math.exp(mean + 1.96 * se) - 1],
+        "windows": d.numel(),
+    }
 
 
 def perplexity_details(
@@ -34,7 +50,7 @@ def perplexity_details(
         raise ConfigError(f"need at least one window of seq_len={seq_len} >= 2 tokens, got {len(ids)} tokens")
     device = next(model.parameters()).device
     data = ids[: windows * seq_len].view(windows, seq_len)
-    total = 0.0
+    per_window: list[float] = []
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -43,14 +59,13 @@ def perplexity_details(
             for i in range(0, windows, batch_size):
                 batch = data[i : i + batch_size].to(device)
                 logits = model(input_ids=batch, use_cache=False).logits.float()
-                total += F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-                ).item()
+                nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")
+                per_window += nll.mean(-1).tolist()
     finally:
         model.train(was_training)
     count = windows * (seq_len - 1)
-    nll = total / count
-    return PerplexityResult(math.exp(nll), nll, count, windows, time.perf_counter() - start)
+    nll = sum(per_window) / windows  # equal-length windows: the mean of means is the token mean
+    return PerplexityResult(math.exp(nll), nll, count, windows, time.perf_counter() - start, tuple(per_window))
 
 
 def perplexity(model, token_ids: torch.Tensor, seq_len: int = 512, max_tokens: int = 16384) -> float:
