@@ -24,7 +24,7 @@ from quantfw.api import components  # noqa: E402
 from quantfw.calibrate.experts import ExpertCapture, alpha_metadata, learn_expert_alphas  # noqa: E402
 from quantfw.config.compose import compose  # noqa: E402
 from quantfw.eval.perplexity import paired_delta, perplexity_details  # noqa: E402
-from quantfw.eval.text import token_splits  # noqa: E402
+from quantfw.eval.text import spread_windows, token_splits  # noqa: E402
 from quantfw.integrations.smollm2 import load_smollm2, mlp_to_moe  # noqa: E402
 from quantfw.layout.spec import Dims  # noqa: E402
 from quantfw.moe.layer import MoELayer  # noqa: E402
@@ -73,10 +73,8 @@ def calibrate(base, top_k, calib_ids, scheme, args):
         for en in report.entries
     }
     capture = ExpertCapture(experts, max_rows=args.max_rows or None)
-    # Windows spread evenly over the split: the text changes topic every few hundred tokens.
-    n = min(len(calib_ids), args.calib_tokens) // args.seq_len
-    starts = torch.linspace(0, len(calib_ids) - args.seq_len, n).long()
-    data = torch.stack([calib_ids[s : s + args.seq_len] for s in starts.tolist()])
+    data = spread_windows(calib_ids, args.calib_tokens, args.seq_len)
+    n = data.shape[0]
     with torch.no_grad(), capture.attached():
         for i in range(0, n, 4):
             model(input_ids=data[i : i + 4], use_cache=False)

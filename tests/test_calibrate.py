@@ -218,3 +218,17 @@ def test_held_out_tokens_reject_a_clip_that_does_not_carry_over():
     assert r.alpha == 1.0 and r.z is not None and r.z < 2.0
     unchecked = search_alpha(h, w2, w2, min_z=-float("inf"))
     assert unchecked.alpha < 0.5  # the same search without the test clips hard
+
+
+def test_row_cap_keeps_a_uniform_sample_of_the_whole_run():
+    cap = LayerCapture(layer=0, num_experts=1, max_rows=100)
+    src = torch.randn(1000, 2 * I)
+    for i in range(0, 1000, 50):
+        cap.add(0, src[i : i + 50], x=src[i : i + 50, : H // 2], weights=torch.full((50,), 0.5))
+    tokens = torch.cat(cap.tokens[0])
+    assert cap.counts[0] == 1000 and cap.kept(0) == 100 and tokens.unique().numel() == 100
+    torch.testing.assert_close(cap.h(0), src[tokens], rtol=0, atol=0)  # rows stay with their tokens
+    torch.testing.assert_close(cap.x(0), src[tokens, : H // 2], rtol=0, atol=0)
+    assert torch.cat(cap.weights[0]).eq(0.5).all()
+    halves = (tokens < 500).sum().item()
+    assert 30 < halves < 70  # both halves of the run, not the first 100 rows

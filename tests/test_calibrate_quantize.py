@@ -71,7 +71,7 @@ def independent_alphas(src, overrides, c, seed=0):
     cap = ExpertCapture(
         {e.layer_index: (model.get_submodule(e.path).experts, weights[e.layer_index][0]) for e in rep.entries}
     )
-    ids, _ = calibration_tokens(src, model.config.vocab_size, c.tokens, seed)
+    ids, _ = calibration_tokens(src, model.config.vocab_size, c.tokens, seed, seq_len=c.seq_len)
     with torch.no_grad(), cap.attached():
         model(input_ids=ids.view(-1, c.seq_len), use_cache=False)
     return {

@@ -178,3 +178,14 @@ def test_mlp_to_moe_top_k_routing(smollm2, heldout):
         assert (sparse(x).logits - ref).abs().max() > 1.0
     with pytest.raises(ConfigError, match="divide"):
         mlp_to_moe(copy.deepcopy(dense), num_experts=7)
+
+
+def test_spread_windows_cover_the_whole_split():
+    from quantfw.eval.text import spread_windows
+
+    ids = torch.arange(10_000)
+    w = spread_windows(ids, 2048, 512)
+    assert w.shape == (4, 512) and w[0, 0] == 0 and w[-1, -1] == 9_999
+    assert (w[:, 1:] - w[:, :-1]).eq(1).all()  # contiguous text inside a window
+    with pytest.raises(ConfigError, match="seq_len=512"):
+        spread_windows(ids[:100], 2048, 512)

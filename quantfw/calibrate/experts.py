@@ -41,7 +41,8 @@ GRID = {
 @dataclass
 class LayerCapture:
     """One layer's calibration rows: rows[e] are h rows [M_e, 2I] and inputs[e] the matching routed
-    hidden rows x [M_e, H] (at most max_rows kept), counts[e] the number of tokens routed to e (all
+    hidden rows x [M_e, H] (at most max_rows kept: a uniform sample of every row the expert saw, not
+    the first ones, since calibration text changes topic as it goes), counts[e] the number of tokens routed to e (all
     of them, including rows beyond the cap). tokens[e] / weights[e] say which layer token each kept
     row belongs to and its routing weight, so the alpha search can score the combined layer output
     (rows added without a token get one of their own). Calling it as `cap(role, e)` gives the weight
@@ -57,8 +58,11 @@ class LayerCapture:
     tokens: list[list[torch.Tensor]] = field(default_factory=list)
     weights: list[list[torch.Tensor]] = field(default_factory=list)
     seen: int = 0  # layer tokens numbered so far
+    keys: list[list[torch.Tensor]] = field(default_factory=list)  # random sampling key of each kept row
 
     def __post_init__(self):
+        self._gen = torch.Generator().manual_seed(self.layer)
+        self.keys = [[] for _ in range(self.num_experts)]
         self.rows = [[] for _ in range(self.num_experts)]
         self.inputs = [[] for _ in range(self.num_experts)]
         self.tokens = [[] for _ in range(self.num_experts)]
@@ -80,14 +84,22 @@ class LayerCapture:
         if tokens is None:
             tokens, self.seen = torch.arange(self.seen, self.seen + n), self.seen + n
         self.counts[e] += n
-        room = n if self.max_rows is None else self.max_rows - self.kept(e)
-        if room > 0:
-            self.rows[e].append(h[:room].detach().to(torch.float32).clone())
-            self.tokens[e].append(tokens[:room].to(torch.int64).clone())
-            w = torch.ones(n) if weights is None else weights
-            self.weights[e].append(w[:room].detach().to(torch.float32).clone())
-            if x is not None:
-                self.inputs[e].append(x[:room].detach().to(torch.float32).clone())
+        new = {
+            "rows": h.detach().to(torch.float32),
+            "tokens": tokens.to(torch.int64),
+            "weights": (torch.ones(n) if weights is None else weights.detach()).to(torch.float32),
+            "keys": torch.rand(n, generator=self._gen),
+        }
+        if x is not None:
+            new["inputs"] = x.detach().to(torch.float32)
+        full = self.max_rows is not None and self.kept(e) + n > self.max_rows
+        for name, t in new.items():
+            getattr(self, name)[e].append(t if full else t.clone())
+        if full:  # bottom-k by key over all rows so far: a uniform sample, whatever the order
+            keep = torch.cat(self.keys[e]).topk(self.max_rows, largest=False).indices.sort().values
+            for name in new:
+                parts = getattr(self, name)[e]
+                parts[:] = [torch.cat(parts)[keep]]
 
     def h(self, e: int) -> torch.Tensor:
         return torch.cat(self.rows[e]) if self.rows[e] else torch.zeros(0, 0)

@@ -71,17 +71,32 @@ def _tokenizer(folder: str | Path):
 
 
 def calibration_tokens(
-    folder: str | Path, vocab_size: int, count: int, seed: int, split: str = "calibration"
+    folder: str | Path,
+    vocab_size: int,
+    count: int,
+    seed: int,
+    split: str = "calibration",
+    seq_len: int | None = None,
 ):
-    """(token ids int64 [count], description). Text split of pydoc topics when a tokenizer exists,
-    else pseudo-random ids in [0, vocab_size) from `seed` (calibration and held-out use disjoint
-    seeds so they never coincide)."""
+    """(token ids int64 [count], description). Text split of pydoc topics when a tokenizer exists
+    (the first `count` tokens, or with `seq_len` windows spread over the whole split), else
+    pseudo-random ids in [0, vocab_size) from `seed` (calibration and held-out use disjoint seeds so
+    they never coincide)."""
     tok = _tokenizer(folder)
     if tok is not None:
-        from quantfw.eval.text import token_splits
+        from quantfw.eval.text import spread_windows, token_splits
 
-        ids = getattr(token_splits(tok), split)[:count]
-        desc = f"pydoc_data.topics {split} split, first {len(ids)} tokens, tokenizer of {Path(folder).name}"
+        ids = getattr(token_splits(tok), split)
+        name = Path(folder).name
+        if seq_len is None:
+            ids = ids[:count]
+            return ids, f"pydoc_data.topics {split} split, first {len(ids)} tokens, tokenizer of {name}"
+        n = len(ids)
+        ids = spread_windows(ids, count, seq_len).reshape(-1)
+        desc = (
+            f"pydoc_data.topics {split} split, {len(ids) // seq_len} windows of {seq_len} tokens spread "
+            f"over its {n} tokens, tokenizer of {name}"
+        )
         return ids, desc
     g = torch.Generator().manual_seed(seed + (0 if split == "calibration" else 7919))
     ids = torch.randint(0, vocab_size, (count,), generator=g, dtype=torch.int64)
@@ -127,7 +142,7 @@ def calibrate_checkpoint(folder: str | Path, scheme: Scheme, calib, seed: int = 
         e.layer_index: (model.get_submodule(e.path).experts, weights[e.layer_index][0]) for e in swap.entries
     }
     capture = ExpertCapture(experts, max_rows=calib.max_rows)
-    ids, data = calibration_tokens(folder, model.config.vocab_size, calib.tokens, seed)
+    ids, data = calibration_tokens(folder, model.config.vocab_size, calib.tokens, seed, seq_len=calib.seq_len)
     windows = _windows(ids, calib.seq_len, "calibration.tokens")
     with torch.no_grad(), capture.attached():
         for i in range(0, len(windows), calib.batch_size):

@@ -8,7 +8,7 @@ import torch
 
 from quantfw.errors import ConfigError
 
-__all__ = ["TokenSplits", "english_text", "token_splits"]
+__all__ = ["TokenSplits", "english_text", "spread_windows", "token_splits"]
 
 
 def english_text() -> str:
@@ -33,3 +33,13 @@ def token_splits(tokenizer, calibration_fraction: float = 0.5) -> TokenSplits:
     ids = torch.tensor(ids, dtype=torch.int64)
     cut = int(len(ids) * calibration_fraction)
     return TokenSplits(calibration=ids[:cut], heldout=ids[cut:])
+
+
+def spread_windows(ids: torch.Tensor, count: int, seq_len: int) -> torch.Tensor:
+    """count // seq_len windows [n, seq_len] spread evenly from the start to the end of `ids`
+    (the topic help changes subject every few hundred tokens: a prefix would cover a few topics)."""
+    n = min(len(ids), count) // seq_len
+    if seq_len < 1 or n < 1:
+        raise ConfigError(f"{len(ids)} tokens (of {count} asked) do not fill one window of seq_len={seq_len}")
+    starts = torch.linspace(0, len(ids) - seq_len, n).long().tolist()
+    return torch.stack([ids[s : s + seq_len] for s in starts])
