@@ -38,12 +38,20 @@ def learn_alphas(scheme: Scheme, w13, w2, x, topk_weights, topk_ids) -> tuple[to
 
 
 def evaluate_schemes(
-    variants: Sequence[Variant], backend: Backend, dims: Dims, top_k: int, tokens: int, seed: int = 0
+    variants: Sequence[Variant],
+    backend: Backend,
+    dims: Dims,
+    top_k: int,
+    tokens: int,
+    seed: int = 0,
+    calibration_tokens: int = 2048,
 ) -> list[dict]:
+    """Float experts, `tokens` held-out tokens to measure on and a disjoint calibration set for the
+    learned alphas (the held-out test inside the search needs a few thousand tokens to confirm a clip)."""
     w13, w2 = synthetic.expert_weights(dims.E, dims.H, dims.I, seed=seed)
-    x_cal = synthetic.hidden_states(tokens, dims.H, seed=seed + 1, channel_seed=seed)
+    x_cal = synthetic.hidden_states(calibration_tokens, dims.H, seed=seed + 1, channel_seed=seed)
     x = synthetic.hidden_states(tokens, dims.H, seed=seed + 4, channel_seed=seed)  # held-out tokens
-    w_cal, ids_cal = synthetic.random_routing(tokens, dims.E, top_k, seed=seed + 2, skew=2.0)
+    w_cal, ids_cal = synthetic.random_routing(calibration_tokens, dims.E, top_k, seed=seed + 2, skew=2.0)
     w, ids = synthetic.random_routing(tokens, dims.E, top_k, seed=seed + 3, skew=2.0)
     x_bf16 = x.to(torch.bfloat16)
     ref = FloatMoE(w13, w2)(x_bf16.float(), w, ids)
