@@ -193,7 +193,7 @@ def table(results):
     lines = [f"{'config':<8} {'scheme':<20} {'ppl':>8} {'vs float (95% CI)':>28} {'vs alpha=1 (95% CI)':>28}"]
 
     def ci(d):
-        return f"{d['delta']:+.2%} [{d['ci95'][0]:+.2%}, {d['ci95'][1]:+.2%}]" if d else ""
+        return f"{d['delta']:+.2%} [{d['ci95'][0]:+.2%}, {d['ci95'][1]:+.2%}]" if d and d["ci95"] else ""
 
     for key, runs in results["runs"].items():
         for label, r in runs.items():

@@ -66,6 +66,8 @@ def test_perplexity_float_and_swapped_quantized(ckpts):
     assert p8["float"] == pytest.approx(perplexity_details(model, ids, seq_len=128).perplexity, rel=1e-6)
     assert p8["token_source"] == "pseudo_random" and p8["predicted_tokens"] == 2 * 127
     assert p8["quantized"] != p8["float"] and abs(p8["delta"]) < 0.01  # W8A8: close, not equal
+    lo, hi = p8["delta_ci95"]
+    assert p8["windows"] == 2 and lo < p8["delta"] < hi
     pc = checkpoint_perplexity(ckpts["clip"], ckpts["float"], tokens=256, seq_len=128)
     assert pc["float"] == p8["float"] and pc["quantized"] != p8["quantized"]
 

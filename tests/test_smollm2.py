@@ -69,6 +69,7 @@ def test_paired_delta_uses_the_window_differences():
     noisy = result([2.05, 2.97, 2.53, 4.01])  # mean +0.015, spread 0.034: the interval spans zero
     lo, hi = paired_delta(base, noisy)["ci95"]
     assert lo < 0 < hi
+    assert paired_delta(result([2.0]), result([2.1]))["ci95"] is None
     with pytest.raises(ConfigError):
         paired_delta(base, result([2.0, 3.0]))
 

@@ -89,7 +89,7 @@ def checkpoint_perplexity(
     pseudo-random ids (recorded in `token_source`)."""
     from quantfw.calibrate.model import calibration_tokens, load_float_model
     from quantfw.errors import CheckpointError
-    from quantfw.eval.perplexity import perplexity_details
+    from quantfw.eval.perplexity import paired_delta, perplexity_details
     from quantfw.integrations.hf import swap_moe_experts
 
     op = open_checkpoint(checkpoint, recipe, recipe_overrides)
@@ -110,6 +110,9 @@ def checkpoint_perplexity(
         "float": base.perplexity,
         "quantized": quant.perplexity,
         "delta": quant.perplexity / base.perplexity - 1,
+        # 95% interval of the delta from the window-to-window spread (same windows for both models)
+        "delta_ci95": paired_delta(base, quant)["ci95"],
+        "windows": quant.windows,
         "predicted_tokens": quant.predicted_tokens,
         "seq_len": seq_len,
         "token_source": "tokenizer" if data.startswith("pydoc") else "pseudo_random",

@@ -29,12 +29,17 @@ def paired_delta(base: PerplexityResult, other: PerplexityResult) -> dict:
     window-to-window spread of the NLL difference (the same text, so most text noise cancels)."""
     if len(base.window_nll) != len(other.window_nll) or not base.window_nll:
         raise ConfigError("paired_delta needs per-window NLLs of the same windows")
-    d = torch.tensor(other.window_nll, dtype=torch.float64) - torch.tensor(base.window_nll, dtype=torch.float64)
+    d = torch.tensor(other.window_nll, dtype=torch.float64) - torch.tensor(
+        base.window_nll, dtype=torch.float64
+    )
     mean = d.mean().item()
-    se = d.std().item() / math.sqrt(d.numel()) if d.numel() > 1 else math.inf
+    ci = None  # one window: no spread to estimate the interval from
+    if d.numel() > 1:
+        se = d.std().item() / math.sqrt(d.numel())
+        ci = [math.exp(mean - 1.96 * se) - 1, math.exp(mean + 1.96 * se) - 1]
     return {
         "delta": math.exp(mean) - 1,
-        "ci95": [math.exp(mean - 1.96 * se) - 1, math.exp(mean + 1.96 * se) - 1],
+        "ci95": ci,
         "windows": d.numel(),
     }
 
@@ -65,7 +70,9 @@ def perplexity_details(
         model.train(was_training)
     count = windows * (seq_len - 1)
     nll = sum(per_window) / windows  # equal-length windows: the mean of means is the token mean
-    return PerplexityResult(math.exp(nll), nll, count, windows, time.perf_counter() - start, tuple(per_window))
+    return PerplexityResult(
+        math.exp(nll), nll, count, windows, time.perf_counter() - start, tuple(per_window)
+    )
 
 
 def perplexity(model, token_ids: torch.Tensor, seq_len: int = 512, max_tokens: int = 16384) -> float:

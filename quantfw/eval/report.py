@@ -25,7 +25,15 @@ OPT_NUM = (int, float, type(None))
 METRICS = {"rel_l2": OPT_NUM, "cosine": OPT_NUM, "max_abs": OPT_NUM}
 EXPERT_KEYS = {"expert": (int,), "tokens": (int,), **METRICS}
 LAYER_KEYS = {"layer": (int,), "scheme": (str,), "format": (str,), "tokens": (int,), **METRICS}
-PPL_KEYS = {"float": NUM, "quantized": NUM, "delta": NUM, "predicted_tokens": (int,), "token_source": (str,)}
+PPL_KEYS = {
+    "float": NUM,
+    "quantized": NUM,
+    "delta": NUM,
+    "delta_ci95": (list, type(None)),
+    "windows": (int,),
+    "predicted_tokens": (int,),
+    "token_source": (str,),
+}
 ROW_KEYS = {
     "key": (str,),
     "checkpoint": (str,),
