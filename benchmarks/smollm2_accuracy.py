@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantfw.api import components  # noqa: E402
 from quantfw.calibrate.experts import ExpertCapture, alpha_metadata, learn_expert_alphas  # noqa: E402
+from quantfw.calibrate.guard import guard_layers, split_guard_windows  # noqa: E402
 from quantfw.config.compose import compose  # noqa: E402
 from quantfw.eval.perplexity import paired_delta, perplexity_details  # noqa: E402
 from quantfw.eval.text import spread_windows, token_splits  # noqa: E402
@@ -73,7 +74,8 @@ def calibrate(base, top_k, calib_ids, scheme, args):
         for en in report.entries
     }
     capture = ExpertCapture(experts, max_rows=args.max_rows or None)
-    data = spread_windows(calib_ids, args.calib_tokens, args.seq_len)
+    windows = spread_windows(calib_ids, args.calib_tokens + args.guard_tokens, args.seq_len)
+    data, guard = split_guard_windows(windows, args.guard_tokens // args.seq_len)
     n = data.shape[0]
     with torch.no_grad(), capture.attached():
         for i in range(0, n, 4):
@@ -89,7 +91,33 @@ def calibrate(base, top_k, calib_ids, scheme, args):
         f"pydoc_data.topics calibration split, {n} windows of {args.seq_len} tokens spread evenly over "
         f"its first {len(calib_ids)} tokens"
     )
-    return alphas, rows, alpha_metadata(rows, source, args.min_tokens, "ones")
+    meta = alpha_metadata(rows, source, args.min_tokens, "ones")
+    if guard.shape[0]:
+        alphas, meta["guard"] = run_guard(base, top_k, weights, alphas, guard)
+    return alphas, rows, meta
+
+
+def run_guard(base, top_k, weights, alphas, windows):
+    """Keep a layer's learned alphas only where the quantized model's NLL on guard windows says so."""
+    overrides = CONFIGS["w4a8_clip_learned"][0]
+    ones, _ = quant_factory(overrides)
+    learned, _ = quant_factory(overrides, alphas)
+    model = copy.deepcopy(base)
+    report = mlp_to_moe(model, num_experts=E, top_k=top_k, factory=ones)
+    path = {en.layer_index: en.path for en in report.entries}
+    clipped = sorted(layer for layer, a in alphas.items() if (a < 1).any())
+    layers = {
+        layer: (model.get_submodule(path[layer]).experts, learned(*weights[layer], layer))
+        for layer in clipped
+    }
+
+    def set_learned(layer, on):
+        model.get_submodule(path[layer]).experts = layers[layer][1 if on else 0]
+
+    kept, guard = guard_layers(model, set_learned, clipped, windows)
+    print(f"  guard kept {len(kept)} of {len(clipped)} clipped layers: {sorted(kept)}", flush=True)
+    final = {layer: a if layer in kept else torch.ones_like(a) for layer, a in alphas.items()}
+    return final, guard
 
 
 def run_config(base, top_k, label, overrides, alphas, heldout, args):
@@ -132,6 +160,12 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="JSON results path")
     p.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens for perplexity")
     p.add_argument("--calib-tokens", type=int, default=2048)
+    p.add_argument(
+        "--guard-tokens",
+        type=int,
+        default=2048,
+        help="calibration tokens for the model-level guard (0: none)",
+    )
     p.add_argument("--max-rows", type=int, default=1024, help="calibration rows kept per expert (0: all)")
     p.add_argument("--min-tokens", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
