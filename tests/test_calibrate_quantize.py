@@ -150,3 +150,26 @@ def test_loading_applies_learned_alphas(floats, tmp_path):
     x = hidden_states(64, 512, seed=1)
     w, ids = random_routing(64, 8, 2, seed=2)
     assert not torch.equal(learned(x, w, ids), ones(x, w, ids))
+
+
+def test_guard_in_calibrate_checkpoint_reverts_layers_it_cannot_confirm(floats):
+    """With guard tokens, every clipped layer is judged by the quantized model's NLL; layers that are
+    not kept are written with alpha = 1, kept ones with their learned alphas, and the report says so."""
+    scheme, fmt, backend = components(compose("default", CLIP_CT))
+    src = floats["qwen3_moe"]
+    free = calibrate_checkpoint(src, scheme, calib(tokens=512), 0)
+    guarded = calibrate_checkpoint(
+        src, scheme, calib(tokens=512, guard_tokens=256), 0, fmt=fmt, backend=backend
+    )
+    g = guarded.metadata["guard"]
+    assert g["tokens"] == 2 * 127 and g["min_z"] == 3.0 and g["windows"] == 2
+    judged = {r["layer"]: r for r in g["layers"]}
+    assert set(judged) == {L for L, a in free.alphas.items() if (a < 1).any()}  # every clipped layer
+    for L, a in guarded.alphas.items():
+        if L in g["kept_layers"]:
+            assert judged[L]["kept"] and (a < 1).any()
+        else:
+            assert a.eq(1).all(), L
+    assert guarded.metadata["calibration_tokens"] == 512  # the guard windows are extra
+    with pytest.raises(Exception, match="guard_tokens=-1"):
+        calibrate_checkpoint(src, scheme, calib(guard_tokens=-1), 0, fmt=fmt, backend=backend)

@@ -3,7 +3,7 @@
 The float model is loaded with transformers (offline, fp32), its MoE blocks are swapped for
 `FloatMoE` (the same float experts, so the model output is unchanged), calibration tokens are run
 through it while `ExpertCapture` records every expert's pre-SwiGLU rows, and `learn_expert_alphas`
-turns each layer's rows into alpha [E]. Tokens: the first `tokens` of the calibration split of
+turns each layer's rows into alpha [E]. Tokens: `tokens` (+ `guard_tokens`) in windows spread over the calibration split of
 `quantfw.eval.text` tokenised with the checkpoint's tokenizer when it has one, else deterministic
 pseudo-random ids from the seed (tiny test models ship no tokenizer); which one ran is recorded.
 """
@@ -23,6 +23,7 @@ from quantfw.calibrate.experts import (
     alpha_metadata,
     learn_expert_alphas,
 )
+from quantfw.calibrate.guard import guard_layers, split_guard_windows
 from quantfw.errors import CheckpointError, ConfigError
 from quantfw.schemes.scheme import Scheme
 
@@ -103,6 +104,34 @@ def calibration_tokens(
     return ids, f"pseudo-random token ids (seed {seed}, {split}, no tokenizer in checkpoint), {count} tokens"
 
 
+def _guard(model, swap, weights, alphas, windows, scheme, fmt, backend, calib):
+    """Swap quantized experts (alpha = 1) into every MoE block, then let the guard decide which
+    layers keep their learned alphas; those that do not get alpha = 1."""
+    from quantfw.layout.spec import Dims
+    from quantfw.moe.layer import MoELayer
+    from quantfw.quantize.experts import quantize_experts
+
+    def build(layer, alpha):
+        w13, w2 = weights[layer]
+        dims = Dims(E=w13.shape[0], H=w13.shape[2], I=w13.shape[1] // 2)
+        tensors = quantize_experts(scheme, fmt, w13, w2, alpha=alpha)
+        return MoELayer(scheme, fmt, backend, dims).load(tensors, source=f"calibration guard, layer {layer}")
+
+    path = {e.layer_index: e.path for e in swap.entries}
+    ones = {layer: build(layer, torch.ones_like(a)) for layer, a in alphas.items()}
+    clipped = sorted(layer for layer, a in alphas.items() if (a < 1).any())
+    learned = {layer: build(layer, alphas[layer]) for layer in clipped}
+    for layer, module in ones.items():
+        model.get_submodule(path[layer]).experts = module
+
+    def set_learned(layer, on):
+        model.get_submodule(path[layer]).experts = (learned if on else ones)[layer]
+
+    kept, report = guard_layers(model, set_learned, clipped, windows, batch_size=calib.batch_size)
+    report["windows"] = int(windows.shape[0])
+    return {layer: a if layer in kept else torch.ones_like(a) for layer, a in alphas.items()}, report
+
+
 def _windows(ids: torch.Tensor, seq_len: int, what: str) -> torch.Tensor:
     n = len(ids) // seq_len
     if seq_len < 1 or n < 1:
@@ -118,13 +147,16 @@ def needs_calibration(scheme: Scheme) -> bool:
     return bool(scheme.flags.get("activation_use_clip")) or observers.needs_data(scheme.flags)
 
 
-def calibrate_checkpoint(folder: str | Path, scheme: Scheme, calib, seed: int = 0) -> CalibrationResult:
+def calibrate_checkpoint(
+    folder: str | Path, scheme: Scheme, calib, seed: int = 0, fmt=None, backend=None
+) -> CalibrationResult:
     """Capture every MoE layer's expert inputs from the float model in `folder` (see module doc);
     alphas are learned only when the scheme clips. The captures are returned as `inputs` for the
     data-driven weight observers.
 
     `calib` is the recipe's `calibration` node (tokens, seq_len, batch_size, min_tokens, policy,
-    max_rows)."""
+    max_rows, guard_tokens). With `guard_tokens` > 0 and the checkpoint format and backend given,
+    learned alphas pass the model-level guard (quantfw.calibrate.guard) on that many extra tokens."""
     from quantfw.integrations.hf import swap_moe_experts
     from quantfw.moe.reference import FloatMoE
 
@@ -142,17 +174,26 @@ def calibrate_checkpoint(folder: str | Path, scheme: Scheme, calib, seed: int = 
         e.layer_index: (model.get_submodule(e.path).experts, weights[e.layer_index][0]) for e in swap.entries
     }
     capture = ExpertCapture(experts, max_rows=calib.max_rows)
-    ids, data = calibration_tokens(folder, model.config.vocab_size, calib.tokens, seed, seq_len=calib.seq_len)
+    clips = bool(scheme.flags.get("activation_use_clip"))
+    guard_tokens = int(calib.get("guard_tokens", 0) or 0) if clips and fmt is not None else 0
+    if guard_tokens < 0:
+        raise ConfigError(f"calibration.guard_tokens={guard_tokens} (must be >= 0)")
+    ids, data = calibration_tokens(
+        folder, model.config.vocab_size, calib.tokens + guard_tokens, seed, seq_len=calib.seq_len
+    )
     windows = _windows(ids, calib.seq_len, "calibration.tokens")
+    windows, guard_windows = split_guard_windows(windows, guard_tokens // calib.seq_len)
     with torch.no_grad(), capture.attached():
         for i in range(0, len(windows), calib.batch_size):
             model(input_ids=windows[i : i + calib.batch_size], use_cache=False)
-    alphas, report = {}, []
-    if scheme.flags.get("activation_use_clip"):
+    alphas, report, guard = {}, [], None
+    if clips:
         for layer, cap in capture.layers.items():
             w13, w2 = weights[layer]
             alphas[layer], rows = learn_expert_alphas(scheme, w13, w2, cap, calib.min_tokens, calib.policy)
             report += rows
+        if guard_windows.shape[0]:
+            alphas, guard = _guard(model, swap, weights, alphas, guard_windows, scheme, fmt, backend, calib)
     common = dict(
         data=data,
         token_source="tokenizer" if data.startswith("pydoc") else "pseudo_random",
@@ -172,4 +213,5 @@ def calibrate_checkpoint(folder: str | Path, scheme: Scheme, calib, seed: int = 
         meta = alpha_metadata(report, data, calib.min_tokens, calib.policy)
         meta.update({k: v for k, v in common.items() if k not in ("seed", "rows")})
         meta["alphas"] = {str(layer): [round(float(a), 6) for a in alphas[layer]] for layer in alphas}
+        meta["guard"] = guard
     return CalibrationResult(alphas, report, meta, dict(capture.layers), common)

@@ -22,7 +22,7 @@ from quantfw.quantize.checkpoint import Dist, quantize_checkpoint
 def run(cfg: DictConfig) -> str:
     if not cfg.input or not cfg.output:
         raise ConfigError("quantize needs input=DIR (float HF checkpoint) and output=DIR")
-    scheme, fmt, _ = components(cfg)
+    scheme, fmt, backend = components(cfg)
     source = cfg.calibration.source
     if source not in ("none", "model"):
         raise ConfigError(f"calibration.source={source} (allowed: none, model)")
@@ -30,7 +30,7 @@ def run(cfg: DictConfig) -> str:
     from quantfw.calibrate.model import calibrate_checkpoint, needs_calibration
 
     if source == "model" and needs_calibration(scheme):
-        result = calibrate_checkpoint(cfg.input, scheme, cfg.calibration, cfg.seed)
+        result = calibrate_checkpoint(cfg.input, scheme, cfg.calibration, cfg.seed, fmt=fmt, backend=backend)
         weight_inputs, weight_data = result.inputs, result.data
         if result.alphas:
             alphas, calibration = result.alphas, result.metadata

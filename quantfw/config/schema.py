@@ -94,6 +94,7 @@ class CalibrationConfig:
     min_tokens: int = 16  # experts with fewer routed calibration tokens follow `policy`
     policy: str = "ones"  # ones (alpha = 1, reported) | fail (error naming layer/expert)
     max_rows: int | None = 1024  # pre-SwiGLU rows kept per expert for the alpha search
+    guard_tokens: int = 1024  # extra tokens for the model-level guard on learned alphas (0: off)
 
 
 @dataclass
