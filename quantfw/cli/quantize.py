@@ -40,6 +40,14 @@ def run(cfg: DictConfig) -> str:
                 f"{len(fallback)} expert(s) fell back to alpha = 1 (policy {calibration['policy']})",
                 file=sys.stderr,
             )
+            guard = calibration.get("guard")
+            if guard is not None:
+                judged = len(guard["layers"])
+                print(
+                    f"quantfw quantize: guard ({guard['tokens']} tokens) kept the learned alphas of "
+                    f"{len(guard['kept_layers'])} of {judged} clipped layer(s); the others use alpha = 1",
+                    file=sys.stderr,
+                )
         print(
             f"quantfw quantize: captured expert inputs of {len(result.inputs)} layer(s) from {result.data['data']}",
             file=sys.stderr,
