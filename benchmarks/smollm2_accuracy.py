@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantfw.api import components  # noqa: E402
 from quantfw.calibrate.experts import ExpertCapture, alpha_metadata, learn_expert_alphas  # noqa: E402
-from quantfw.calibrate.guard import guard_layers, split_guard_windows  # noqa: E402
+from quantfw.calibrate.guard import guard_alphas, split_guard_windows  # noqa: E402
 from quantfw.config.compose import compose  # noqa: E402
 from quantfw.eval.perplexity import paired_delta, perplexity_details  # noqa: E402
 from quantfw.eval.text import spread_windows, token_splits  # noqa: E402
@@ -93,31 +93,13 @@ def calibrate(base, top_k, calib_ids, scheme, args):
     )
     meta = alpha_metadata(rows, source, args.min_tokens, "ones")
     if guard.shape[0]:
-        alphas, meta["guard"] = run_guard(base, top_k, weights, alphas, guard)
+        _, fmt, backend = components(compose("default", CONFIGS["w4a8_clip_learned"][0]))
+        alphas, meta["guard"] = guard_alphas(model, report, weights, alphas, guard, scheme, fmt, backend)
+        kept = meta["guard"]["kept_layers"]
+        print(
+            f"  guard kept {len(kept)} of {len(meta['guard']['layers'])} clipped layers: {kept}", flush=True
+        )
     return alphas, rows, meta
-
-
-def run_guard(base, top_k, weights, alphas, windows):
-    """Keep a layer's learned alphas only where the quantized model's NLL on guard windows says so."""
-    overrides = CONFIGS["w4a8_clip_learned"][0]
-    ones, _ = quant_factory(overrides)
-    learned, _ = quant_factory(overrides, alphas)
-    model = copy.deepcopy(base)
-    report = mlp_to_moe(model, num_experts=E, top_k=top_k, factory=ones)
-    path = {en.layer_index: en.path for en in report.entries}
-    clipped = sorted(layer for layer, a in alphas.items() if (a < 1).any())
-    layers = {
-        layer: (model.get_submodule(path[layer]).experts, learned(*weights[layer], layer))
-        for layer in clipped
-    }
-
-    def set_learned(layer, on):
-        model.get_submodule(path[layer]).experts = layers[layer][1 if on else 0]
-
-    kept, guard = guard_layers(model, set_learned, clipped, windows)
-    print(f"  guard kept {len(kept)} of {len(clipped)} clipped layers: {sorted(kept)}", flush=True)
-    final = {layer: a if layer in kept else torch.ones_like(a) for layer, a in alphas.items()}
-    return final, guard
 
 
 def run_config(base, top_k, label, overrides, alphas, heldout, args):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from quantfw.calibrate.alpha import paired_z
 
-__all__ = ["MIN_Z", "guard_layers", "split_guard_windows", "token_nll"]
+__all__ = ["MIN_Z", "guard_alphas", "guard_layers", "split_guard_windows", "token_nll"]
 
 MIN_Z = 3.0
 
@@ -99,6 +99,36 @@ def guard_layers(
         "kept_layers": sorted(kept),
     }
     return kept, report
+
+
+def guard_alphas(model, swap, weights, alphas, windows, scheme, fmt, backend, batch_size: int = 4):
+    """Swap quantized experts (alpha = 1) into every MoE block of `model` (swapped before by
+    `swap`, a SwapReport), let `guard_layers` decide which layers keep their learned alphas on
+    `windows`, and return ({layer: alpha, alpha = 1 where not kept}, report). weights: {layer:
+    (w13, w2)} float. The model is left with quantized experts."""
+    from quantfw.layout.spec import Dims
+    from quantfw.moe.layer import MoELayer
+    from quantfw.quantize.experts import quantize_experts
+
+    def build(layer, alpha):
+        w13, w2 = weights[layer]
+        dims = Dims(E=w13.shape[0], H=w13.shape[2], I=w13.shape[1] // 2)
+        tensors = quantize_experts(scheme, fmt, w13, w2, alpha=alpha)
+        return MoELayer(scheme, fmt, backend, dims).load(tensors, source=f"calibration guard, layer {layer}")
+
+    path = {e.layer_index: e.path for e in swap.entries}
+    ones = {layer: build(layer, torch.ones_like(a)) for layer, a in alphas.items()}
+    clipped = sorted(layer for layer, a in alphas.items() if (a < 1).any())
+    learned = {layer: build(layer, alphas[layer]) for layer in clipped}
+    for layer, module in ones.items():
+        model.get_submodule(path[layer]).experts = module
+
+    def set_learned(layer, on):
+        model.get_submodule(path[layer]).experts = (learned if on else ones)[layer]
+
+    kept, report = guard_layers(model, set_learned, clipped, windows, batch_size=batch_size)
+    report["windows"] = int(windows.shape[0])
+    return {layer: a if layer in kept else torch.ones_like(a) for layer, a in alphas.items()}, report
 
 
 def _finite(z: float) -> float | None:

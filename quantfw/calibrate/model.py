@@ -23,7 +23,7 @@ from quantfw.calibrate.experts import (
     alpha_metadata,
     learn_expert_alphas,
 )
-from quantfw.calibrate.guard import guard_layers, split_guard_windows
+from quantfw.calibrate.guard import guard_alphas, split_guard_windows
 from quantfw.errors import CheckpointError, ConfigError
 from quantfw.schemes.scheme import Scheme
 
@@ -104,34 +104,6 @@ def calibration_tokens(
     return ids, f"pseudo-random token ids (seed {seed}, {split}, no tokenizer in checkpoint), {count} tokens"
 
 
-def _guard(model, swap, weights, alphas, windows, scheme, fmt, backend, calib):
-    """Swap quantized experts (alpha = 1) into every MoE block, then let the guard decide which
-    layers keep their learned alphas; those that do not get alpha = 1."""
-    from quantfw.layout.spec import Dims
-    from quantfw.moe.layer import MoELayer
-    from quantfw.quantize.experts import quantize_experts
-
-    def build(layer, alpha):
-        w13, w2 = weights[layer]
-        dims = Dims(E=w13.shape[0], H=w13.shape[2], I=w13.shape[1] // 2)
-        tensors = quantize_experts(scheme, fmt, w13, w2, alpha=alpha)
-        return MoELayer(scheme, fmt, backend, dims).load(tensors, source=f"calibration guard, layer {layer}")
-
-    path = {e.layer_index: e.path for e in swap.entries}
-    ones = {layer: build(layer, torch.ones_like(a)) for layer, a in alphas.items()}
-    clipped = sorted(layer for layer, a in alphas.items() if (a < 1).any())
-    learned = {layer: build(layer, alphas[layer]) for layer in clipped}
-    for layer, module in ones.items():
-        model.get_submodule(path[layer]).experts = module
-
-    def set_learned(layer, on):
-        model.get_submodule(path[layer]).experts = (learned if on else ones)[layer]
-
-    kept, report = guard_layers(model, set_learned, clipped, windows, batch_size=calib.batch_size)
-    report["windows"] = int(windows.shape[0])
-    return {layer: a if layer in kept else torch.ones_like(a) for layer, a in alphas.items()}, report
-
-
 def _windows(ids: torch.Tensor, seq_len: int, what: str) -> torch.Tensor:
     n = len(ids) // seq_len
     if seq_len < 1 or n < 1:
@@ -193,7 +165,9 @@ def calibrate_checkpoint(
             alphas[layer], rows = learn_expert_alphas(scheme, w13, w2, cap, calib.min_tokens, calib.policy)
             report += rows
         if guard_windows.shape[0]:
-            alphas, guard = _guard(model, swap, weights, alphas, guard_windows, scheme, fmt, backend, calib)
+            alphas, guard = guard_alphas(
+                model, swap, weights, alphas, guard_windows, scheme, fmt, backend, calib.batch_size
+            )
     common = dict(
         data=data,
         token_source="tokenizer" if data.startswith("pydoc") else "pseudo_random",
