@@ -171,15 +171,14 @@ def search_layer_alphas(
                 alphas[e] = 1.0
                 resid[slot[e]] = without
 
+    one = torch.zeros_like(resid)  # the layer error with every expert at alpha = 1, for the report
     for e in live:
         x = experts[e]
-        at_one = _error(x.h, 1.0, x.w2_deq, x.ref)
+        err_one = _expert_error(x.h, 1.0, x.w2_deq, x.ref)
+        one.index_add_(0, slot[e], x.weight.float().unsqueeze(-1) * err_one)
+        at_one = _rel(err_one.square().sum(), x.ref)
         err = at_one if alphas[e] == 1.0 else _error(x.h, alphas[e].item(), x.w2_deq, x.ref)
         results[e] = AlphaResult(alphas[e].item(), err, at_one, x.h.shape[0], z_of.get(e))
-    one = torch.zeros_like(resid)
-    for e in live:
-        x = experts[e]
-        one.index_add_(0, slot[e], x.weight.float().unsqueeze(-1) * _expert_error(x.h, 1.0, x.w2_deq, x.ref))
     return LayerAlphas(alphas, results, _rel(resid.square().sum(), ref), _rel(one.square().sum(), ref))
 
 
