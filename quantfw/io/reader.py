@@ -33,6 +33,7 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,  # FP8 releases; dequantized with quantfw.io.fp8
 }
 
 
