@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 
 from quantfw.api import components
 from quantfw.errors import ConfigError
-from quantfw.quantize.checkpoint import Dist, quantize_checkpoint
+from quantfw.parallel.dist import Dist
+from quantfw.quantize.checkpoint import quantize_checkpoint
 
 
 def run(cfg: DictConfig) -> str:

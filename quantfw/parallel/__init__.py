@@ -1,0 +1,1 @@
+"""torch.distributed process groups shared by quantize, calibrate, eval and bench."""

@@ -1,0 +1,136 @@
+"""One float projection -> the format's on-disk tensors: quantize with the scheme's observer,
+encode with the format's registered encoders, name with the checkpoint's expert keys.
+
+Routed experts follow the scheme; non-expert linears written W8A8 use the format's own W8A8
+tensors (one projection, role w2: N and K as they are).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from quantfw.errors import CheckpointError, ConfigError
+from quantfw.formats.encoders import encode_role
+from quantfw.formats.format import Format
+from quantfw.io import metadata
+from quantfw.io.experts import MoEModel, key_of, projection_specs
+from quantfw.layout.spec import Dims, ParamSpec, instantiate
+from quantfw.quantize import observers
+from quantfw.quantize.weights import QuantizedWeight, quantize_weight
+from quantfw.schemes.scheme import Scheme
+
+
+def layer_of(prefix: str) -> int:
+    return int(prefix.split("layers.")[-1].split(".")[0])
+
+
+def _quantize(w: torch.Tensor, flags: Mapping, x: torch.Tensor | None, src: str) -> QuantizedWeight:
+    try:
+        # bf16/fp16 go in as they are: the primitives convert to fp32 block by block.
+        return quantize_weight(w, flags, x)
+    except ConfigError:
+        if not torch.isfinite(w).all():
+            raise CheckpointError(f"{src}: contains NaN or Inf") from None
+        raise
+
+
+class ExpertEncoder:
+    def __init__(self, scheme: Scheme, fmt: Format, model: MoEModel, dims: Dims):
+        self.scheme, self.fmt, self.model = scheme, fmt, model
+        self.specs = projection_specs(fmt, scheme, dims)
+        unwritable = sorted(
+            {s for p in self.specs.values() for s, spec in p.items() if not spec.meta.get("encode")}
+        )
+        if unwritable:
+            raise ConfigError(
+                f"{fmt.where} declares no encode: for {unwritable}: it is read-only "
+                "(quantize to format=msmodelslim or format=compressed_tensors)"
+            )
+        self.qtype = metadata.expert_type(scheme)
+        self.needs_data = observers.needs_data(scheme.flags)
+        self.linear_flags = {**scheme.flags, "weight_bits": 8, "group_size": 0, "activation_use_clip": False}
+
+    def expert(
+        self,
+        prefix: str,
+        expert: int,
+        proj: str,
+        w: torch.Tensor,
+        x: torch.Tensor | None,
+        alpha: torch.Tensor | None,
+        src: str,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict | None]:
+        """(tensors, per-tensor types, weight-observer record or None) of one expert projection.
+        alpha None: the encoder's alpha = 1."""
+        specs: dict[str, ParamSpec] = self.specs[proj]
+        qw = _quantize(w, self.scheme.flags, x, src)
+        record = None
+        if self.needs_data:
+            ratio = qw.info.get("clip_ratio")
+            record = {
+                "layer": layer_of(prefix),
+                "expert": expert,
+                "proj": proj,
+                "observer": qw.info["observer"],
+                "tokens": 0 if x is None else int(x.shape[0]),
+                "fallback": qw.info["fallback"],
+                "clip_ratio_mean": None if ratio is None else round(float(ratio.mean()), 6),
+            }
+        out, types = {}, {}
+        where = f"{self.fmt.where} {prefix}.{expert}.{proj}"
+        for suffix, t in encode_role(specs, qw, alpha, where).items():
+            key = key_of(prefix, expert, self.model, proj, suffix)
+            # Declared uint64 is stored as safetensors U64 (torch keeps it in int64, spec 1.5).
+            out[key] = t.view(torch.uint64) if specs[suffix].meta.get("storage") == "uint64" else t
+            types[key] = self.qtype
+        return out, types, record
+
+    def linear(
+        self, module: str, w: torch.Tensor, src: str
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """A non-expert linear [N, K] as W8A8 in the format's declared tensors (weight, scale, offset...)."""
+        n, k = w.shape
+        specs = {
+            name.split("_", 1)[1]: spec
+            for name, spec in instantiate(
+                self.fmt.tensors, Dims(E=1, H=n, I=k), {**self.linear_flags, "G": 0}, self.fmt.where
+            ).items()
+            if spec.role == "w2"
+        }
+        qw = _quantize(w, self.linear_flags, None, src)
+        out, types = {}, {}
+        for suffix, t in encode_role(specs, qw, None, f"{self.fmt.where} {module}").items():
+            out[f"{module}.{suffix}"] = t
+            types[f"{module}.{suffix}"] = metadata.LINEAR_W8A8
+        return out, types
+
+
+def weight_calibration_metadata(flags: Mapping, records: list[dict], data: dict | None) -> dict:
+    """The checkpoint-metadata entry of a data-driven weight observer, kept small: the observer
+    and its parameters, the calibration data and coverage, per-layer lists of the experts that
+    fell back, and each expert's mean learned clip ratio (not every channel)."""
+    fallback: dict[str, dict[str, list[int]]] = {}
+    reasons: dict[str, int] = {}
+    clip: dict[str, dict[str, list]] = {}
+    for r in records:
+        layer = str(r["layer"])
+        if r["fallback"]:
+            fallback.setdefault(layer, {}).setdefault(r["proj"], []).append(r["expert"])
+            kind = "no calibration inputs" if r["tokens"] == 0 else "too few calibration tokens"
+            reasons[kind] = reasons.get(kind, 0) + 1
+        if r["clip_ratio_mean"] is not None:
+            clip.setdefault(layer, {}).setdefault(r["proj"], []).append([r["expert"], r["clip_ratio_mean"]])
+    meta: dict = {
+        **observers.data_params(flags),
+        "data": data or {"source": "none: no calibration inputs"},
+        "projections": len(records),
+        "data_driven": sum(1 for r in records if not r["fallback"]),
+        "tokens_used": sum(r["tokens"] for r in records if not r["fallback"]),
+        "fallback": {"observer": observers.param(flags, "fallback_observer"), "count": sum(reasons.values())},
+    }
+    meta["fallback"].update(reasons=reasons, experts=fallback)
+    if clip:
+        meta["clip_ratio_mean"] = clip  # layer -> proj -> [[expert, mean ratio over channels], ...]
+    return meta
