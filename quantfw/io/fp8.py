@@ -77,3 +77,19 @@ def dequantize(
     if k % bk:
         out[:, full * bk :].mul_(s[:, full : full + 1])
     return out
+
+
+def read_float(reader, key: str, block: tuple[int, int] | None = None) -> torch.Tensor:
+    """One tensor of a checkpoint as float: FP8 weights dequantized with their scale_inv (fp32),
+    anything else as stored. `reader` is a quantfw.io.reader.CheckpointReader."""
+    info = reader.info(key)
+    if info.dtype not in FP8_DTYPES:
+        return reader.get(key)
+    where = f"{reader.folder / info.shard}: tensor '{key}'"
+    skey = scale_key(key)
+    if skey not in reader:
+        raise CheckpointError(f"{where}: FP8 weight without its {skey.rsplit('.', 1)[-1]} tensor")
+    block = block or block_size(reader.config(), str(reader.folder / "config.json"))
+    check_scale(info.shape, reader.info(skey).shape, block, where)
+    t = reader.read_many([key, skey])
+    return dequantize(t[key], t[skey], block, where)
