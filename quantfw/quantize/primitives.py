@@ -53,6 +53,12 @@ def quantize_per_channel(
     _check_weight("quantize_per_channel", "w", w)
     qmax = _QMAX[bits]
     k = w.shape[-1]
+    if clip_ratio is None and compute_dtype == torch.float32:
+        from quantfw.quantize.fused import quantize_per_channel_fused
+
+        fast = quantize_per_channel_fused(w, bits)  # same bits, one compiled pass (big weights only)
+        if fast is not None:
+            return fast
     ratio = None
     if clip_ratio is not None:
         ratio = torch.as_tensor(clip_ratio, dtype=compute_dtype, device=w.device)

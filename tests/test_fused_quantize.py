@@ -1,0 +1,61 @@
+"""The compiled min-max kernel gives the eager primitives' bits (quantfw/quantize/fused.py)."""
+
+import pytest
+import torch
+
+from quantfw.io.fp8 import dequantize
+from quantfw.quantize import fused
+from quantfw.quantize import primitives as P
+
+
+@pytest.fixture
+def small_threshold(monkeypatch):
+    monkeypatch.setattr(fused, "MIN_ELEMS", 1)
+
+
+def _eager(w, bits):
+    old, fused.MIN_ELEMS = fused.MIN_ELEMS, 1 << 62
+    try:
+        return P.quantize_per_channel(w, bits)
+    finally:
+        fused.MIN_ELEMS = old
+
+
+def _weight(n=256, k=384, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.02
+    w[3] = 0  # a zero row gets scale 1
+    w[5, 7] = 1.5  # an outlier
+    return w
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_weights_bit_identical(small_threshold, bits, dtype):
+    w = _weight().to(dtype)
+    q, s = fused.quantize_per_channel_fused(w, bits)
+    q0, s0 = _eager(w, bits)
+    assert torch.equal(q, q0) and torch.equal(s, s0)
+    assert float(s[3]) == 1.0
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fp8_blocks_dequantized_in_the_kernel(small_threshold, bits):
+    sinv = torch.rand(2, 3, generator=torch.Generator().manual_seed(1)) * 1e-3 + 1e-4
+    w8 = (_weight() / sinv.repeat_interleave(128, 0).repeat_interleave(128, 1)).to(torch.float8_e4m3fn)
+    q, s = fused.quantize_per_channel_fused(w8, bits, sinv, (128, 128))
+    q0, s0 = _eager(dequantize(w8, sinv, (128, 128)), bits)
+    assert torch.equal(q, q0) and torch.equal(s, s0)
+
+
+def test_primitives_dispatch_and_nan(small_threshold):
+    w = _weight()
+    assert torch.equal(P.quantize_per_channel(w, 4)[0], _eager(w, 4)[0])
+    w[10, 3] = float("nan")
+    _, s = P.quantize_per_channel(w, 4)
+    assert torch.isnan(s[10]) and torch.isfinite(s[11])
+
+
+def test_small_or_untileable_weights_stay_eager():
+    assert not fused.applies(torch.zeros(8, 8), 4)
+    assert not fused.applies(torch.zeros(1 << 11, 1 << 11), 4, (128, 100))
