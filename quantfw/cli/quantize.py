@@ -71,6 +71,7 @@ def run(cfg: DictConfig) -> str:
             dist=dist,
             targets=list(cfg.quantize.targets),
             ignore=list(cfg.quantize.ignore),
+            mtp=cfg.quantize.mtp,
             alphas=alphas,
             calibration=calibration,
             weight_inputs=weight_inputs,

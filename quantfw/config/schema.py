@@ -140,12 +140,16 @@ class BenchConfig:
 class QuantizeConfig:
     """Non-expert linears for `quantfw quantize`: 2D `<module>.weight` tensors whose module name
     matches a `targets` regex (re.search) and no `ignore` regex are written W8A8 (per-channel
-    int8); everything else passes through. Routed experts always follow the scheme."""
+    int8); everything else passes through. Routed experts always follow the scheme.
+    `mtp`: the MTP layers of a DeepSeek release (`num_nextn_predict_layers`): `quantize` them as
+    any other layer (routed experts per the scheme; the reference converter does too) or `drop`
+    them (config num_nextn_predict_layers becomes 0)."""
 
     targets: list[str] = field(default_factory=list)
     ignore: list[str] = field(
         default_factory=lambda: [r"(^|\.)mlp\.gate$", r"(^|\.)lm_head$", r"embed", r"norm", r"(^|\.)gate$"]
     )
+    mtp: str = "quantize"  # quantize | drop
 
 
 @dataclass

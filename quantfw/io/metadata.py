@@ -56,7 +56,8 @@ def _write_msmodelslim(out: Path, config: dict, scheme: Scheme, types: Mapping[s
     desc["model_quant_type"] = expert_type(scheme)
     desc["quantfw"] = prov
     dump(out / "quant_model_description.json", desc)
-    dump(out / "config.json", config)
+    # The input's own quantization_config (an FP8 release's) does not describe this output.
+    dump(out / "config.json", {k: v for k, v in config.items() if k != "quantization_config"})
 
 
 def _write_compressed_tensors(
@@ -107,7 +108,7 @@ def _write_compressed_tensors(
         "ignore": ignore,
         "quantfw": prov,
     }
-    dump(out / "config.json", {**config, "quantization_config": qc})
+    dump(out / "config.json", {**config, "quantization_config": qc})  # replaces the input's, never merged
 
 
 WRITERS: dict[str, Callable[..., None]] = {

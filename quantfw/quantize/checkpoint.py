@@ -71,6 +71,7 @@ class ConvertOptions:
 
     workers: quantize threads per process (default: usable cores / local torchrun ranks).
     targets / ignore: regexes over non-expert module names to write W8A8 (recipe `quantize.*`).
+    mtp: what becomes of the MTP layers, `quantize` or `drop` (recipe `quantize.mtp`, routing.py).
     alphas / calibration: learned W4A8-clip alphas per MoE layer and how they were obtained.
     weight_inputs / weight_data: per-layer calibration inputs of a data-driven weight observer
     (`CalibrationResult.inputs` / `.data`); its report lands in the metadata as weight_calibration."""
@@ -81,6 +82,7 @@ class ConvertOptions:
     workers: int | None = None
     targets: Sequence[str] = ()
     ignore: Sequence[str] = ()
+    mtp: str = "quantize"
     alphas: Mapping[int, torch.Tensor] | None = None
     calibration: dict | None = None
     weight_inputs: Mapping[int, CalibrationInputs] | None = None
@@ -104,7 +106,8 @@ class Converter:
         self.reader = CheckpointReader(input)
         self.config = self.reader.config()
         self.model = MoEModel.from_config(self.config, str(self.reader.folder / "config.json"), o.proj_names)
-        self.router = TensorRouter(self.reader, self.model, o.targets, o.ignore)
+        self.router = TensorRouter(self.reader, self.model, o.targets, o.ignore, o.mtp)
+        self.config = self.router.output_config(self.config)
         self.targets, self.ignore = self.router.targets, self.router.ignore
         self.scheme, self.fmt, self.progress = scheme, fmt, o.progress
         self.out = Path(output).resolve()
@@ -143,6 +146,7 @@ class Converter:
                     dict(self.model.proj_names),
                     self.targets,
                     self.ignore,
+                    o.mtp,
                     {k: v.tolist() for k, v in sorted(self.alphas.items())},
                     # the weight calibration: token source + seed, per-expert row counts
                     # (observer parameters are scheme flags, in the signature)

@@ -1,6 +1,16 @@
 """Which input tensors a conversion quantizes, and how: routed experts (per-expert keys or the
 transformers-5 fused `experts.gate_up_proj` / `experts.down_proj`), non-expert linears matched by
-the recipe's `quantize.targets` / `quantize.ignore` regexes, or pass-through."""
+the recipe's `quantize.targets` / `quantize.ignore` regexes, or pass-through.
+
+FP8 releases (spec section 12): every float8_e4m3fn tensor is dequantized (fp32, quantfw.io.fp8)
+as it streams by, with its `_scale_inv` companion read from whichever shard holds it; the
+companions are consumed, never written. An FP8 tensor that is not quantized passes through as
+bf16, so nothing leaves as FP8 under a config that no longer describes it.
+
+The MTP layers (DeepSeek `num_nextn_predict_layers`, indices num_hidden_layers and up) follow
+the recipe's `quantize.mtp`: `quantize` treats them as any other layer (routed experts per the
+scheme, linears per targets/ignore), `drop` leaves them out of the output.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from quantfw.errors import CheckpointError, ConfigError
+from quantfw.io import fp8
 from quantfw.io.experts import FUSED_RE, MoEModel, parse_expert_key
 from quantfw.io.reader import CheckpointReader
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MTP_MODES = ("quantize", "drop")
+LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 @dataclass
@@ -28,11 +41,28 @@ class Part:
     src: str  # for error messages: file and tensor
 
 
+def mtp_layers(config: dict) -> range:
+    """Layer indices of the MTP modules (DeepSeek: [num_hidden_layers, + num_nextn_predict_layers))."""
+    n, extra = config.get("num_hidden_layers"), config.get("num_nextn_predict_layers") or 0
+    return range(n, n + extra) if isinstance(n, int) and isinstance(extra, int) else range(0)
+
+
 class TensorRouter:
     def __init__(
-        self, reader: CheckpointReader, model: MoEModel, targets: Sequence[str], ignore: Sequence[str]
+        self,
+        reader: CheckpointReader,
+        model: MoEModel,
+        targets: Sequence[str],
+        ignore: Sequence[str],
+        mtp: str = "quantize",
     ):
         self.reader, self.model = reader, model
+        config = reader.config()
+        self.block = fp8.block_size(config, str(reader.folder / "config.json"))
+        if mtp not in MTP_MODES:
+            raise ConfigError(f"quantize.mtp={mtp!r} (allowed: {', '.join(MTP_MODES)})")
+        self.mtp = mtp
+        self.mtp_layers = mtp_layers(config)
         self.targets, self.ignore = list(targets), list(ignore)
         for pat in (*self.targets, *self.ignore):
             try:
@@ -50,11 +80,40 @@ class TensorRouter:
             )
         # NaN / Inf are caught by quantize_weight from its amax (no extra pass here).
 
+    def output_config(self, config: dict) -> dict:
+        """config.json of the output: without the dropped MTP layers."""
+        if self.mtp == "drop" and self.mtp_layers:
+            return {**config, "num_nextn_predict_layers": 0}
+        return config
+
+    def dropped(self, key: str) -> bool:
+        m = LAYER_RE.search(key)
+        return self.mtp == "drop" and m is not None and int(m[1]) in self.mtp_layers
+
+    def check_scale_owner(self, key: str, src: str) -> None:
+        """A `_scale_inv` is consumed with its FP8 weight; one without one is an error."""
+        weight = fp8.weight_of(key)
+        if weight not in self.reader:
+            raise CheckpointError(f"{src}: scale without its FP8 weight '{weight}'")
+        dtype = self.reader.info(weight).dtype
+        if dtype not in fp8.FP8_DTYPES:
+            raise CheckpointError(
+                f"{src}: scale of '{weight}', which has dtype {dtype}, not float8_e4m3fn (a stale scale_inv)"
+            )
+
     def jobs(self, shard: str) -> Iterator[tuple[str, torch.Tensor, list[Part]]]:
         """(key, tensor, parts to quantize, or [] to pass the tensor through) in key order."""
         E = self.model.num_experts
         for key, t in self.reader.iter_shard(shard):
             src = f"{self.reader.folder / shard}: tensor '{key}'"
+            if fp8.is_scale_key(key):
+                self.check_scale_owner(key, src)
+                continue
+            if self.dropped(key):
+                continue
+            was_fp8 = t.dtype in fp8.FP8_DTYPES
+            if was_fp8:
+                t = fp8.float_of(self.reader, key, t, self.block)
             parsed = parse_expert_key(key, self.model)
             fused = FUSED_RE.match(key)
             if parsed:
@@ -84,7 +143,7 @@ class TensorRouter:
             elif self.is_target_linear(key, t):
                 yield key, t, [Part(key[: -len(".weight")], None, "linear", t, src)]
             else:
-                yield key, t, []
+                yield key, (t.to(torch.bfloat16) if was_fp8 else t), []
 
     def is_target_linear(self, key: str, t: torch.Tensor) -> bool:
         if not self.targets or not key.endswith(".weight") or t.dim() != 2 or t.dtype not in FLOAT_DTYPES:
