@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from quantfw import ops
-from quantfw.errors import LayoutError
+from quantfw.errors import CheckpointError, LayoutError
 from quantfw.layout.spec import ParamSpec
 from quantfw.quantize import primitives as P
 from quantfw.quantize.weights import QuantizedWeight
@@ -67,7 +67,8 @@ def _scale_bias(spec, qw, alpha):
 
 @encoder("bias")
 def _bias(spec, qw, alpha):
-    """The A8W4 bias [N] = 8*sum_k s*q, computed in bf16 as the cann-recipes converter does."""
+    """The A8W4 bias [N] = 8*sum_k s*q, computed in bf16 as the cann-recipes converter does
+    (rows that overflow it are recomputed in fp64)."""
     if qw.s2 is not None:
         raise LayoutError("encode 'bias' stores per-channel int4 only; this weight has per-group scales")
     return P.a8w4_bias(qw.q, qw.s1)
@@ -86,11 +87,21 @@ def encode_role(
 ) -> dict[str, torch.Tensor]:
     """All declared tensors of one role from its quantized weight (leading dims as qw's)."""
     out = {}
+    for name, scale in (("scale", qw.s1), ("second-level scale", qw.s2)):
+        if scale is not None and not bool(torch.isfinite(scale).all()):
+            raise CheckpointError(f"{where}: the {name} is not finite (weight values too large for fp32)")
     for name, spec in specs.items():
         t = get(spec.meta.get("encode", ""), f"{where}: {name}")(spec, qw, alpha)
         if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
             raise LayoutError(
                 f"{where}: encoder '{spec.meta.get('encode')}' made {name} {list(t.shape)} {t.dtype}, declared {spec.describe()}"
+            )
+        # Weights are integers and scales are checked above: only the small float tensors here.
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = (~torch.isfinite(t)).sum().item()
+            raise CheckpointError(
+                f"{where}: {name} would hold {bad} non-finite value(s) of {t.numel()} "
+                "(the weight is too large for an fp32 bias/scale); quantize writes finite values only"
             )
         out[name] = t
     return out
