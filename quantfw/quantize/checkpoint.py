@@ -44,7 +44,8 @@ from quantfw.parallel.dist import Dist
 from quantfw.quantize.encode import ExpertEncoder, layer_of, weight_calibration_metadata
 from quantfw.quantize.experts import CalibrationInputs
 from quantfw.quantize.routing import Part, TensorRouter
-from quantfw.quantize.store import ShardStore, os_error, step
+from quantfw.quantize import store as output_store
+from quantfw.quantize.store import ShardStore, os_error
 from quantfw.schemes.scheme import Scheme
 
 SHARD_BASE = {"msmodelslim": "quant_model_weight_w8a8_dynamic", "compressed_tensors": "model"}
@@ -236,7 +237,12 @@ class Converter:
 
     def _log(self, msg: str) -> None:
         if self.progress:
-            print(f"quantfw quantize: {msg}", file=sys.stderr, flush=True)
+            self._note(msg)
+
+    @staticmethod
+    def _note(msg: str) -> None:
+        """Printed even without progress: what happened to an earlier run's lock or output."""
+        print(f"quantfw quantize: {msg}", file=sys.stderr, flush=True)
 
     def _do_shard(self, i: int) -> tuple[dict[str, str], list[dict]] | None:
         """Convert and write shard i; its tensor types and weight-observer records for the record
@@ -284,7 +290,7 @@ class Converter:
         # journaled commit then replaces the target.
         self._copy_extra_files()  # before the metadata, whose config.json replaces the input's
         metadata.dump(self.tmp / self.index_name, index)
-        step()
+        output_store.step()
         prov = metadata.provenance(self.scheme, self.fmt.name, self.alpha_method)
         if self.calibration is not None:
             prov["alpha_calibration"] = self.calibration
@@ -311,7 +317,7 @@ class Converter:
             }
             self._log(f"{len(modules)} non-expert linear(s) W8A8; patterns matching nothing: {unmatched}")
         metadata.write(self.fmt.metadata, self.tmp, self.config, self.scheme, types, prov)
-        step()
+        output_store.step()
         self.store.commit(self.names)
 
     def _copy_extra_files(self) -> None:
@@ -347,8 +353,8 @@ class Converter:
         try:
             if dist.rank == 0:
                 with self._os_errors():
-                    self.store.lock.acquire(self._log)
-                    complete = self.store.prepare(self.overwrite, self._log)
+                    self.store.lock.acquire(self._note)
+                    complete = self.store.prepare(self.overwrite, self._note)
         except QuantfwError as e:
             error = e
         if dist.any_failed(error is not None):
