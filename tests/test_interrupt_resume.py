@@ -5,6 +5,7 @@ Ctrl-C and OS errors keep the partial state."""
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -74,9 +75,11 @@ def test_killed_at_every_step_resumes_byte_identical(src, fresh, tmp_path, monke
     """previous: an older quantfw output (another scheme) is replaced with overwrite=true, so the
     move-aside and delete of the old output are among the steps."""
 
+    older = quantize(src, tmp_path / "older", "w8a8") if previous else None
+
     def setup(out):
         if previous:
-            quantize(src, out, "w8a8")
+            shutil.copytree(older, out)
 
     probe = tmp_path / "probe"
     setup(probe)
@@ -124,10 +127,16 @@ def _cli_quantize(src, out, *extra, env=None):
     return cli("quantize", f"input={src}", f"output={out}", *SCHEMES["clip"], *extra, env=env)
 
 
-def test_sigkill_of_a_real_process_resumes_byte_identical(src, fresh, tmp_path, monkeypatch):
-    """A real SIGKILL (QUANTFW_CRASH_AT hook) early, in finalize, between the renames, at the end."""
+@pytest.mark.parametrize(
+    "before_end",
+    # Each is two CLI subprocesses; the in-process test above covers every step.
+    [8, 1] + [pytest.param(b, marks=pytest.mark.slow) for b in (-1, 2)],
+    ids=lambda b: {8: "finalize", 1: "after-rename", -1: "first-shard", 2: "records-dropped"}[b],
+)
+def test_sigkill_of_a_real_process_resumes_byte_identical(src, fresh, tmp_path, monkeypatch, before_end):
+    """A real SIGKILL (the QUANTFW_CRASH_AT hook) at the step `before_end` steps before the last."""
     total = _count_steps(monkeypatch, lambda: quantize(src, tmp_path / "probe", "clip"))
-    for n in (2, total - 8, total - 2, total - 1):
+    for n in [2 if before_end < 0 else total - before_end]:
         out = tmp_path / f"k{n}"
         r = _cli_quantize(src, out, env={"QUANTFW_CRASH_AT": str(n)})
         assert r.returncode == -signal.SIGKILL, (n, r.returncode, r.stderr)
@@ -177,7 +186,12 @@ def test_second_run_refused_while_the_first_holds_the_lock(src, tmp_path):
 def test_lock_of_a_dead_process_is_taken_over(src, fresh, tmp_path, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = {"pid": dead.pid, "host": socket.gethostname(), "started": "yesterday", "command": "quantfw quantize"}
+    stale = {
+        "pid": dead.pid,
+        "host": socket.gethostname(),
+        "started": "yesterday",
+        "command": "quantfw quantize",
+    }
     (tmp_path / ".out.lock").write_text(json.dumps(stale))
     out = quantize(src, tmp_path / "out", "clip")
     err = capsys.readouterr().err

@@ -87,21 +87,22 @@ def encode_role(
 ) -> dict[str, torch.Tensor]:
     """All declared tensors of one role from its quantized weight (leading dims as qw's)."""
     out = {}
-    for name, scale in (("scale", qw.s1), ("second-level scale", qw.s2)):
-        if scale is not None and not bool(torch.isfinite(scale).all()):
-            raise CheckpointError(f"{where}: the {name} is not finite (weight values too large for fp32)")
     for name, spec in specs.items():
         t = get(spec.meta.get("encode", ""), f"{where}: {name}")(spec, qw, alpha)
         if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
             raise LayoutError(
                 f"{where}: encoder '{spec.meta.get('encode')}' made {name} {list(t.shape)} {t.dtype}, declared {spec.describe()}"
             )
-        # Weights are integers and scales are checked above: only the small float tensors here.
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = (~torch.isfinite(t)).sum().item()
-            raise CheckpointError(
-                f"{where}: {name} would hold {bad} non-finite value(s) of {t.numel()} "
-                "(the weight is too large for an fp32 bias/scale); quantize writes finite values only"
-            )
         out[name] = t
     return out
+
+
+def check_finite(src: str, key: str, t: torch.Tensor) -> None:
+    """The last guard before `key` is written: a float tensor (bias, scale, alpha) must be finite.
+    Weights are integers; u64-encoded scales are checked as floats by the caller."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(
+            f"{src}: output tensor '{key}' would hold {bad} non-finite value(s) of {t.numel()} "
+            "(the weight is too large for an fp32 bias or scale); quantize writes finite values only"
+        )

@@ -41,10 +41,10 @@ from quantfw.io import metadata
 from quantfw.io.experts import MoEModel, parse_expert_key
 from quantfw.io.reader import CheckpointReader
 from quantfw.parallel.dist import Dist
+from quantfw.quantize import store as output_store
 from quantfw.quantize.encode import ExpertEncoder, layer_of, weight_calibration_metadata
 from quantfw.quantize.experts import CalibrationInputs
 from quantfw.quantize.routing import Part, TensorRouter
-from quantfw.quantize import store as output_store
 from quantfw.quantize.store import ShardStore, os_error
 from quantfw.schemes.scheme import Scheme
 
