@@ -48,6 +48,8 @@ from quantfw.quantize.routing import Part, TensorRouter
 from quantfw.quantize.store import ShardStore, os_error
 from quantfw.schemes.scheme import Scheme
 
+# Never copied to the output: weights (the output has its own) and pickles.
+WEIGHT_FILES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf")
 SHARD_BASE = {"msmodelslim": "quant_model_weight_w8a8_dynamic", "compressed_tensors": "model"}
 
 
@@ -321,13 +323,10 @@ class Converter:
         self.store.commit(self.names)
 
     def _copy_extra_files(self) -> None:
-        """The input's other files (tokenizer, generation config, ...) into the partial folder."""
+        """The input's other files (tokenizer, generation config, ...) into the partial folder;
+        not its weights in any format (pickled `.bin`/`.pt` files are float weights, not ours)."""
         for p in sorted(self.reader.folder.iterdir()):
-            if (
-                p.is_file()
-                and not p.name.endswith((".safetensors", ".index.json"))
-                and not self.store.is_bookkeeping(p.name)
-            ):
+            if p.is_file() and not p.name.endswith(WEIGHT_FILES) and not self.store.is_bookkeeping(p.name):
                 self.store.copy_in(p)
 
     def run(self, dist: Dist | None = None) -> Path:
