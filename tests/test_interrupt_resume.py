@@ -123,6 +123,35 @@ def test_killed_between_metadata_files_resumes(src, fresh, tmp_path, monkeypatch
     assert files_bytes(out) == files_bytes(ref)
 
 
+def test_interrupted_commit_of_an_earlier_run_is_completed_first(src, fresh, tmp_path, monkeypatch, capsys):
+    """Killed in the final renames of a clip run; a w8a8 run with overwrite=true first completes
+    the clip output (a finished product), then replaces it."""
+    total = _count_steps(monkeypatch, lambda: quantize(src, tmp_path / "probe", "clip"))
+    out = tmp_path / "out"
+    _kill_from(monkeypatch, total - 1)  # the partial folder is renamed, the journal not yet gone
+    with pytest.raises(Killed):
+        quantize(src, out, "clip")
+    monkeypatch.undo()
+    assert (tmp_path / ".out.commit.json").is_file() and files_bytes(out) == files_bytes(fresh)
+    with pytest.raises(CheckpointError, match="not empty"):
+        quantize(src, out, "w8a8")
+    assert "earlier run" in capsys.readouterr().err and _siblings(out) == []
+    ref = quantize(src, tmp_path / "ref", "w8a8")
+    quantize(src, out, "w8a8", overwrite=True)
+    assert files_bytes(out) == files_bytes(ref) and _siblings(out) == []
+
+
+def test_output_below_missing_folders_and_a_planted_lock_symlink(src, fresh, tmp_path):
+    out = quantize(src, tmp_path / "a" / "b" / "out", "clip")
+    assert files_bytes(out) == files_bytes(fresh)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / ".out.lock").symlink_to(victim)
+    with pytest.raises(OutputKeptError, match=".out.lock"):
+        quantize(src, tmp_path / "out", "clip")
+    assert victim.read_text() == "keep me"
+
+
 def _cli_quantize(src, out, *extra, env=None):
     return cli("quantize", f"input={src}", f"output={out}", *SCHEMES["clip"], *extra, env=env)
 
@@ -276,7 +305,8 @@ def bigger(tmp_path_factory):
     return src, quantize(src, root / "fresh", "clip")
 
 
-def test_sigint_to_a_real_process_keeps_resumable_state(bigger, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
+def test_signal_to_a_real_process_keeps_resumable_state(bigger, tmp_path, sig):
     src, ref = bigger
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "quantfw", "quantize", f"input={src}", f"output={out}", *SCHEMES["clip"]]
@@ -286,13 +316,14 @@ def test_sigint_to_a_real_process_keeps_resumable_state(bigger, tmp_path):
     deadline = time.monotonic() + 120
     while not list(partial.glob("*.done.json")) and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     err = p.communicate(timeout=120)[1]
     assert p.returncode != 0, err
     assert not out.exists() and (partial / store.MARKER).is_file()
     done = len(list(partial.glob("*.done.json")))
     assert 1 <= done < 12
-    _assert_one_interrupt_line(err)
+    if sig == signal.SIGINT:
+        _assert_one_interrupt_line(err)
     r = cli("quantize", f"input={src}", f"output={out}", *SCHEMES["clip"])
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("already done (verified), skipped") == done

@@ -67,7 +67,8 @@ def sha256(path: Path) -> str:
 def write_atomic(path: Path, data: bytes) -> None:
     """`path` holds `data` or what it held before, never a part of it."""
     part = path.with_name(path.name + ".tmp")
-    with open(part, "wb") as f:
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with open(fd, "wb") as f:
         f.write(data)
     os.replace(part, path)
     step()
@@ -77,10 +78,12 @@ def os_error(e: OSError, kept: Path) -> OutputKeptError:
     """One line for an OS error while converting (disk full, permission, not a directory...)."""
     code = errno.errorcode.get(e.errno, "") if e.errno else ""
     what = f"{e.strerror or e}" + (f" [{code}]" if code else "")
-    return OutputKeptError(
-        f"{e.filename or kept}: {what}; the partial output {kept} is kept: fix this and rerun the "
-        "same command to resume"
+    state = (
+        f"the partial output {kept} is kept: fix this and rerun the same command to resume"
+        if kept.is_dir()
+        else "nothing was converted yet"
     )
+    return OutputKeptError(f"{e.filename or kept}: {what}; {state}")
 
 
 def check_apart(source: Path, paths: list[Path]) -> None:
@@ -133,8 +136,9 @@ class OutputLock:
         return h if isinstance(h, dict) else {}
 
     def acquire(self, log: Callable[[str], None]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
