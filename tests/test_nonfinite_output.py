@@ -101,8 +101,9 @@ def test_copied_float_tensor_must_be_finite(src, tmp_path, value):
     norm = torch.ones(128)
     norm[7] = value
     bad = _with(src, tmp_path, key, norm)
-    with pytest.raises(CheckpointError, match=f"{key} contains NaN or Inf"):
+    with pytest.raises(CheckpointError, match=f"tensor '{key}' contains NaN or Inf"):
         quantize(bad, tmp_path / "out", "w8a8")
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 
 def test_primitives_recompute_overflowed_rows_in_fp64():

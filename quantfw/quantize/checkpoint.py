@@ -195,7 +195,8 @@ class Converter:
             if not parts:
                 if t.dtype in _FINITE_CHECKED and not _all_finite(t):
                     raise CheckpointError(
-                        f"{shard}: {key} contains NaN or Inf (quantize writes finite values only)"
+                        f"{self.reader.folder / shard}: tensor '{key}' contains NaN or Inf "
+                        "(quantize writes finite values only)"
                     )
                 return {key: t}, {key: metadata.FLOAT}
             for part in parts:
