@@ -28,3 +28,7 @@ class BackendUnavailable(QuantfwError):
 
 class CalibrationError(QuantfwError):
     """Calibration data cannot support what the recipe asks (names layer, expert, tokens found)."""
+
+
+class OutputKeptError(CheckpointError):
+    """Writing the output failed (disk full, permission...); its partial state is kept for resume."""

@@ -95,6 +95,12 @@ def test_nonempty_output_refused_unless_overwrite(sharded, tmp_path):
     r = cli("quantize", f"input={sharded}", f"output={out}", "scheme=w8a8")
     _assert_refused(r, str(out), "not empty", "overwrite=true")
     assert (out / "keep.txt").read_text() == "user data"
+    # overwrite=true replaces a quantfw output only (tests/test_untrusted_output_loss.py), here
+    # a quantfw output the user added a file to.
+    quantize(sharded, tmp_path / "earlier", "w8a8")
+    shutil.rmtree(out)
+    shutil.copytree(tmp_path / "earlier", out)
+    (out / "keep.txt").write_text("user data")
     r = cli(
         "quantize", f"input={sharded}", f"output={out}", "scheme=w8a8", "format=msmodelslim", "overwrite=true"
     )

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from quantfw import ops
-from quantfw.errors import LayoutError
+from quantfw.errors import CheckpointError, LayoutError
 from quantfw.layout.spec import ParamSpec
 from quantfw.quantize import primitives as P
 from quantfw.quantize.weights import QuantizedWeight
@@ -67,7 +67,8 @@ def _scale_bias(spec, qw, alpha):
 
 @encoder("bias")
 def _bias(spec, qw, alpha):
-    """The A8W4 bias [N] = 8*sum_k s*q, computed in bf16 as the cann-recipes converter does."""
+    """The A8W4 bias [N] = 8*sum_k s*q, computed in bf16 as the cann-recipes converter does
+    (rows that overflow it are recomputed in fp64)."""
     if qw.s2 is not None:
         raise LayoutError("encode 'bias' stores per-channel int4 only; this weight has per-group scales")
     return P.a8w4_bias(qw.q, qw.s1)
@@ -94,3 +95,14 @@ def encode_role(
             )
         out[name] = t
     return out
+
+
+def check_finite(src: str, key: str, t: torch.Tensor) -> None:
+    """The last guard before `key` is written: a float tensor (bias, scale, alpha) must be finite.
+    Weights are integers; u64-encoded scales are checked as floats by the caller."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(
+            f"{src}: output tensor '{key}' would hold {bad} non-finite value(s) of {t.numel()} "
+            "(the weight is too large for an fp32 bias or scale); quantize writes finite values only"
+        )

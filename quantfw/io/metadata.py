@@ -45,6 +45,24 @@ def dump(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def produced_by_quantfw(folder: Path) -> bool:
+    """Whether `folder` holds a checkpoint quantfw wrote (its metadata carries the quantfw block)."""
+    for name, block in (
+        ("quant_model_description.json", lambda d: d.get("quantfw")),
+        ("config.json", lambda d: (d.get("quantization_config") or {}).get("quantfw")),
+    ):
+        path = folder / name
+        if not path.is_file() or path.stat().st_size > 1 << 26:
+            continue
+        try:
+            prov = block(json.loads(path.read_text()))
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(prov, dict) and prov.get("producer") == "quantfw":
+            return True
+    return False
+
+
 # ---------------------------------------------------------------------------------------- writers
 
 

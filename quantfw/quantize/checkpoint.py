@@ -12,6 +12,10 @@ intra-op threads on small row blocks collapse under CPU contention. The sha256 o
 shard is computed once, in a background thread while the next shard is quantized (hashlib
 releases the GIL); its record is written only after that, so a crash meanwhile just redoes the
 shard. finalize trusts the records of shards written or verified in this run (any rank).
+
+Nothing lost (`ShardStore`): the output may not overlap the input; rank 0 holds the output's lock;
+a kill anywhere, finalize included, resumes to the same bytes; Ctrl-C and OS errors keep the
+partial state, only bad input discards it.
 """
 
 from __future__ import annotations
@@ -20,31 +24,32 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from quantfw.errors import CheckpointError, QuantfwError
+from quantfw.errors import CheckpointError, OutputKeptError, QuantfwError
 from quantfw.formats.format import Format
 from quantfw.io import metadata
 from quantfw.io.experts import MoEModel, parse_expert_key
 from quantfw.io.reader import CheckpointReader
 from quantfw.parallel.dist import Dist
+from quantfw.quantize import store as output_store
 from quantfw.quantize.encode import ExpertEncoder, layer_of, weight_calibration_metadata
 from quantfw.quantize.experts import CalibrationInputs
 from quantfw.quantize.routing import Part, TensorRouter
-from quantfw.quantize.store import ShardStore
+from quantfw.quantize.store import ShardStore, os_error
 from quantfw.schemes.scheme import Scheme
 
+# Never copied to the output: weights (the output has its own) and pickles.
+WEIGHT_FILES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf")
 SHARD_BASE = {"msmodelslim": "quant_model_weight_w8a8_dynamic", "compressed_tensors": "model"}
 
 
@@ -111,12 +116,7 @@ class Converter:
         self.targets, self.ignore = self.router.targets, self.router.ignore
         self.scheme, self.fmt, self.progress = scheme, fmt, o.progress
         self.out = Path(output).resolve()
-        if self.out == self.reader.folder.resolve():
-            raise CheckpointError(f"output {self.out} is the input folder; choose another output")
-        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())) and not o.overwrite:
-            raise CheckpointError(
-                f"output {self.out} exists and is not empty (pass overwrite=true to replace it)"
-            )
+        self.overwrite = o.overwrite
         fmt.check_compatible(scheme)
         dims = self.model.dims()
         scheme.check_dims(dims)
@@ -158,6 +158,8 @@ class Converter:
         ).hexdigest()
         self.store = ShardStore(self.out, fingerprint, self.reader.folder)
         self.tmp = self.store.tmp
+        if not self.store.journal.exists():  # early; checked again under the lock
+            self.store.check_target(self.overwrite)
 
     # ------------------------------------------------------------------ one projection / shard
 
@@ -195,6 +197,11 @@ class Converter:
             out: dict[str, torch.Tensor] = {}
             types: dict[str, str] = {}
             if not parts:
+                if t.dtype in _FINITE_CHECKED and not _all_finite(t):
+                    raise CheckpointError(
+                        f"{self.reader.folder / shard}: tensor '{key}' contains NaN or Inf "
+                        "(quantize writes finite values only)"
+                    )
                 return {key: t}, {key: metadata.FLOAT}
             for part in parts:
                 self._quantize_part(part, out, types)
@@ -237,7 +244,12 @@ class Converter:
 
     def _log(self, msg: str) -> None:
         if self.progress:
-            print(f"quantfw quantize: {msg}", file=sys.stderr, flush=True)
+            self._note(msg)
+
+    @staticmethod
+    def _note(msg: str) -> None:
+        """Printed even without progress: what happened to an earlier run's lock or output."""
+        print(f"quantfw quantize: {msg}", file=sys.stderr, flush=True)
 
     def _do_shard(self, i: int) -> tuple[dict[str, str], list[dict]] | None:
         """Convert and write shard i; its tensor types and weight-observer records for the record
@@ -250,11 +262,8 @@ class Converter:
         self._wc_records = []
         tensors, types = self.convert_shard(self.reader.shards[i])
         records = sorted(self._wc_records, key=lambda r: (r["layer"], r["expert"], r["proj"]))
-        out_path = self.tmp / self.names[i]
-        part = out_path.with_suffix(".tmp")
-        save_file(tensors, str(part), metadata={"format": "pt"})
+        self.store.write_shard(self.names[i], tensors)
         del tensors
-        os.replace(part, out_path)
         gb = self._input_stamp(i)["input_size"] / 1e9
         self._log(
             f"[{i + 1}/{n}] {self.names[i]} {gb:.3f} GB in {time.perf_counter() - t0:.2f} s (record pending)"
@@ -284,7 +293,11 @@ class Converter:
             total += rec["size"]
             records += rec.get("weight_calibration", [])
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        # Everything lands in the partial folder first and is rewritten whole on a rerun; the
+        # journaled commit then replaces the target.
+        self._copy_extra_files()  # before the metadata, whose config.json replaces the input's
         metadata.dump(self.tmp / self.index_name, index)
+        output_store.step()
         prov = metadata.provenance(self.scheme, self.fmt.name, self.alpha_method)
         if self.calibration is not None:
             prov["alpha_calibration"] = self.calibration
@@ -311,30 +324,52 @@ class Converter:
             }
             self._log(f"{len(modules)} non-expert linear(s) W8A8; patterns matching nothing: {unmatched}")
         metadata.write(self.fmt.metadata, self.tmp, self.config, self.scheme, types, prov)
-        for p in sorted(self.reader.folder.iterdir()):  # tokenizer, generation config, ...
-            if (
-                p.is_file()
-                and not p.name.endswith((".safetensors", ".index.json"))
-                and not (self.tmp / p.name).exists()
-            ):
-                shutil.copyfile(p, self.tmp / p.name)
+        output_store.step()
         self.store.commit(self.names)
 
+    def _copy_extra_files(self) -> None:
+        """The input's other files (tokenizer, generation config, ...) into the partial folder;
+        not its weights in any format (pickled `.bin`/`.pt` files are float weights, not ours)."""
+        for p in sorted(self.reader.folder.iterdir()):
+            if p.is_file() and not p.name.endswith(WEIGHT_FILES) and not self.store.is_bookkeeping(p.name):
+                self.store.copy_in(p)
+
     def run(self, dist: Dist | None = None) -> Path:
+        """Convert under the output's lock (rank 0 holds it); see the module doc for what an
+        error, an interrupt or a kill leaves behind."""
         dist = dist or Dist()
+        try:
+            return self._run_locked(dist)
+        finally:
+            if dist.rank == 0:
+                self.store.lock.release()
+
+    @contextmanager
+    def _os_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            raise os_error(e, self.tmp) from None
+
+    def _run_locked(self, dist: Dist) -> Path:
         error: QuantfwError | None = None
+        complete = False
         try:
             if dist.rank == 0:
-                self.store.prepare()
+                with self._os_errors():
+                    self.store.lock.acquire(self._note)
+                    complete = self.store.prepare(self.overwrite, self._note)
         except QuantfwError as e:
             error = e
         if dist.any_failed(error is not None):
             raise error or CheckpointError("quantize failed on rank 0 (see its error)")
+        if dist.union([complete])[0]:
+            return self.out
         dist.barrier()
         done = [False] * len(self.names)
         self.workers = self.workers or default_workers(dist.world)
         try:
-            with _torch_threads(1), ThreadPoolExecutor(1) as hasher:
+            with self._os_errors(), _torch_threads(1), ThreadPoolExecutor(1) as hasher:
                 records = []
                 for i in range(dist.rank, len(self.names), dist.world):
                     result = self._do_shard(i)
@@ -345,18 +380,31 @@ class Converter:
                     r.result()
         except QuantfwError as e:
             error = e
-        if dist.any_failed(error is not None):
-            # Bad input: nothing worth resuming; leave no partial output behind.
+        failed, kept = dist.union([error is not None, isinstance(error, OutputKeptError)])
+        if failed:
             dist.barrier()
-            if dist.rank == 0:
-                self.store.discard()
+            if dist.rank == 0 and not kept:
+                # Bad input: nothing worth resuming; leave no partial output behind.
+                with suppress(OSError):
+                    self.store.discard()
             raise error or CheckpointError("quantize failed on another rank (see its error)")
         done = dist.union(done)
         if dist.rank == 0:
-            self._finalize(done)
+            with self._os_errors():
+                self._finalize(done)
             self._log(f"wrote {self.out}")
         dist.barrier()
         return self.out
+
+
+_FINITE_CHECKED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """torch.isfinite over bounded slices (an embedding would need a GB-sized bool tensor)."""
+    flat = t.reshape(-1)
+    step_ = 1 << 24
+    return all(bool(torch.isfinite(flat[i : i + step_]).all()) for i in range(0, flat.numel(), step_))
 
 
 def quantize_checkpoint(

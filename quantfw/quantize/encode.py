@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from quantfw.errors import CheckpointError, ConfigError
-from quantfw.formats.encoders import encode_role
+from quantfw.formats.encoders import check_finite, encode_role
 from quantfw.formats.format import Format
 from quantfw.io import metadata
 from quantfw.io.experts import MoEModel, key_of, projection_specs
@@ -29,11 +29,15 @@ def layer_of(prefix: str) -> int:
 def _quantize(w: torch.Tensor, flags: Mapping, x: torch.Tensor | None, src: str) -> QuantizedWeight:
     try:
         # bf16/fp16 go in as they are: the primitives convert to fp32 block by block.
-        return quantize_weight(w, flags, x)
+        qw = quantize_weight(w, flags, x)
     except ConfigError:
         if not torch.isfinite(w).all():
             raise CheckpointError(f"{src}: contains NaN or Inf") from None
         raise
+    for level, s in (("scale", qw.s1), ("second-level scale", qw.s2)):
+        if s is not None:
+            check_finite(src, level, s.float())  # u64-encoded scales are written as integers
+    return qw
 
 
 class ExpertEncoder:
@@ -82,6 +86,7 @@ class ExpertEncoder:
         where = f"{self.fmt.where} {prefix}.{expert}.{proj}"
         for suffix, t in encode_role(specs, qw, alpha, where).items():
             key = key_of(prefix, expert, self.model, proj, suffix)
+            check_finite(src, key, t)
             # Declared uint64 is stored as safetensors U64 (torch keeps it in int64, spec 1.5).
             out[key] = t.view(torch.uint64) if specs[suffix].meta.get("storage") == "uint64" else t
             types[key] = self.qtype
@@ -102,6 +107,7 @@ class ExpertEncoder:
         qw = _quantize(w, self.linear_flags, None, src)
         out, types = {}, {}
         for suffix, t in encode_role(specs, qw, None, f"{self.fmt.where} {module}").items():
+            check_finite(src, f"{module}.{suffix}", t)
             out[f"{module}.{suffix}"] = t
             types[f"{module}.{suffix}"] = metadata.LINEAR_W8A8
         return out, types

@@ -157,7 +157,28 @@ def scale_bias_msmodelslim(
             deq = (deq.reshape(deq.shape[0], s2b.shape[1], -1) * s2b[b].unsqueeze(-1)).reshape(deq.shape)
         deq = deq.mul_(s1b[b].unsqueeze(-1))
         out[b] = deq.reshape(deq.shape[0], chunks, k // chunks).sum(dim=-1)
-    return 8 * out.reshape(*q.shape[:-1], chunks)
+    out = 8 * out
+
+    def exact(rows):
+        deq = q2[rows].double()
+        if s2b is not None:
+            deq = (deq.reshape(deq.shape[0], s2b.shape[1], -1) * s2b[rows].double().unsqueeze(-1)).reshape(
+                deq.shape
+            )
+        deq = deq * s1b[rows].double().unsqueeze(-1)
+        return 8 * deq.reshape(deq.shape[0], chunks, k // chunks).sum(dim=-1)
+
+    return _redo_overflowed(out, exact).reshape(*q.shape[:-1], chunks)
+
+
+def _redo_overflowed(out: torch.Tensor, exact) -> torch.Tensor:
+    """Rows of an fp32 result [R, ...] that overflowed (weights near the float max), recomputed
+    by `exact(rows)` in fp64; a value that still exceeds fp32 stays inf for the caller to refuse."""
+    bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=-1)
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(-1)
+        out[rows] = exact(rows).to(torch.float32)
+    return out
 
 
 def a8w4_bias(q: torch.Tensor, s: torch.Tensor, compute_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -172,7 +193,15 @@ def a8w4_bias(q: torch.Tensor, s: torch.Tensor, compute_dtype: torch.dtype = tor
     for b in _row_blocks(q2.shape[0], k):
         prod = sc[b].unsqueeze(-1) * q2[b].to(compute_dtype)
         out[b] = prod.sum(dim=-1, dtype=torch.float32)
-    return 8 * out.reshape(q.shape[:-1])
+    out = 8 * out
+
+    def exact(rows):
+        # the compute_dtype products where they are finite, fp64 ones where they overflowed
+        q64, s64 = q2[rows].double(), s.reshape(-1)[rows].double().unsqueeze(-1)
+        prod = (sc[rows].unsqueeze(-1) * q2[rows].to(compute_dtype)).double()
+        return 8 * torch.where(torch.isfinite(prod), prod, s64 * q64).sum(dim=-1)
+
+    return _redo_overflowed(out, exact).reshape(q.shape[:-1])
 
 
 def fuse_scales_fp16(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:

@@ -1,22 +1,59 @@
-"""The partial output folder of a conversion: a marker naming the run, one verified record per
-finished output shard (input stamp, size, sha256, the run's fingerprint), and the final rename.
+"""Where a conversion writes: the partial output folder, its lock and the journaled commit.
 
-Output goes to a hidden `.NAME.partial` folder next to the target; a shard counts as done only
-when its record matches the file, so an interrupted run resumes where it stopped and a changed
-input or recipe starts over. The folder becomes the target only when complete.
+Output goes to a hidden `.NAME.partial` folder next to the target, with a marker naming the run
+and one verified record per finished shard (input stamp, size, sha256, the run's fingerprint):
+an interrupted run resumes where it stopped, a changed input or recipe starts over. Every file is
+written under a temporary name and renamed, so a kill at any point leaves whole files only.
+
+Siblings of the target, all hidden and all quantfw's own:
+- `.NAME.lock`: held (flock) by the one process writing this output; its text names the holder.
+  The kernel drops the flock when the holder dies, so a lock left by a dead process is taken over.
+- `.NAME.commit.json`: the journal of the final replacement. Written once the partial folder holds
+  the complete output; the commit (drop records and marker, move an old output to `.NAME.old`,
+  rename the partial folder onto the target, delete `.NAME.old`) is a sequence of idempotent steps
+  that any later run completes before doing anything else.
+
+The target is only ever replaced when it is absent, an empty folder or a quantfw output.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from quantfw.errors import CheckpointError
+import torch
+from safetensors.torch import save
+
+from quantfw.errors import CheckpointError, OutputKeptError
+from quantfw.io.metadata import produced_by_quantfw
 
 MARKER = "quantfw-partial.json"
+RECORD_SUFFIX = ".done.json"
+
+# Test hook, inert unless set: QUANTFW_CRASH_AT=N SIGKILLs this process at its Nth durable step.
+_CRASH_AT = int(os.environ.get("QUANTFW_CRASH_AT") or 0)
+_steps = 0
+_steps_lock = threading.Lock()
+
+
+def step() -> None:
+    """One durable change of the output is on disk (a file written, renamed or removed)."""
+    global _steps
+    with _steps_lock:
+        _steps += 1
+        if _steps == _CRASH_AT:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def sha256(path: Path) -> str:
@@ -27,34 +64,203 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """`path` holds `data` or what it held before, never a part of it."""
+    part = path.with_name(path.name + ".tmp")
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with open(fd, "wb") as f:
+        f.write(data)
+    os.replace(part, path)
+    step()
+
+
+def os_error(e: OSError, kept: Path) -> OutputKeptError:
+    """One line for an OS error while converting (disk full, permission, not a directory...)."""
+    code = errno.errorcode.get(e.errno, "") if e.errno else ""
+    what = f"{e.strerror or e}" + (f" [{code}]" if code else "")
+    state = (
+        f"the partial output {kept} is kept: fix this and rerun the same command to resume"
+        if kept.is_dir()
+        else "nothing was converted yet"
+    )
+    return OutputKeptError(f"{e.filename or kept}: {what}; {state}")
+
+
+def check_apart(source: Path, paths: list[Path]) -> None:
+    """Refuse output paths that equal, contain or lie inside the input (symlinks resolved)."""
+    src = source.resolve()
+    for p in paths:
+        p = p.resolve()
+        how = (
+            "is the input folder"
+            if p == src
+            else f"lies inside the input {src}"
+            if p.is_relative_to(src)
+            else f"contains the input {src}"
+            if src.is_relative_to(p)
+            else None
+        )
+        if how:
+            raise CheckpointError(f"output {p} {how} (input {src}); choose an output outside the input")
+
+
+class OutputLock:
+    """An exclusive flock on `.NAME.lock`; the file's text names the holder for a second run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    @staticmethod
+    def _holder() -> dict:
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv),
+        }
+
+    @staticmethod
+    def describe(h: dict) -> str:
+        return (
+            f"pid {h.get('pid')} on {h.get('host')} since {h.get('started')} ({h.get('command')})"
+            if h
+            else "an unknown process"
+        )
+
+    def _read(self, fd: int) -> dict:
+        try:
+            h = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+        except ValueError:
+            return {}
+        return h if isinstance(h, dict) else {}
+
+    def acquire(self, log: Callable[[str], None]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._read(fd)
+                os.close(fd)
+                raise CheckpointError(
+                    f"{self.path}: another quantize is writing this output: {self.describe(holder)}; "
+                    "wait for it or stop it"
+                ) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the holder released (unlinked) it between our open and flock
+                os.close(fd)
+                continue
+            old = self._read(fd)
+            if old:
+                log(f"lock {self.path} was left by {self.describe(old)}, no longer running; taking it over")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(self._holder()).encode(), 0)
+            self.fd = fd
+            return
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
 class ShardStore:
     def __init__(self, out: Path, fingerprint: str, source: Path):
         self.out = out
         self.tmp = out.parent / f".{out.name}.partial"
+        self.old = out.parent / f".{out.name}.old"
+        self.journal = out.parent / f".{out.name}.commit.json"
+        self.lock = OutputLock(out.parent / f".{out.name}.lock")
         self.fingerprint = fingerprint
         self.source = str(source.resolve())
+        check_apart(source, [self.out, self.tmp, self.old, self.journal, self.lock.path])
 
     def path(self, name: str) -> Path:
         return self.tmp / name
 
     def record_path(self, name: str) -> Path:
-        return self.tmp / f"{name}.done.json"
+        return self.tmp / f"{name}{RECORD_SUFFIX}"
 
-    def prepare(self) -> None:
-        """Reuse a partial folder of the same run (resume) or start a fresh one."""
+    def is_bookkeeping(self, name: str) -> bool:
+        """A file name the store itself uses inside the partial folder."""
+        return name.startswith(MARKER) or name.endswith((RECORD_SUFFIX, ".tmp"))
+
+    # ------------------------------------------------------------------ start
+
+    def check_target(self, overwrite: bool) -> None:
+        """Replace only nothing, an empty folder or (overwrite=true) a quantfw output."""
+        out = self.out
+        if not out.exists():
+            return
+        if not out.is_dir():
+            raise CheckpointError(
+                f"output {out} exists and is not a folder; remove it or choose another output"
+            )
+        if not any(out.iterdir()):
+            return
+        if not overwrite:
+            raise CheckpointError(f"output {out} exists and is not empty (pass overwrite=true to replace it)")
+        if not produced_by_quantfw(out):
+            raise CheckpointError(
+                f"output {out} exists, is not empty and holds no quantfw checkpoint (no quantfw metadata); "
+                "overwrite=true replaces only a quantfw output: remove it yourself or choose another output"
+            )
+
+    def prepare(self, overwrite: bool, log: Callable[[str], None]) -> bool:
+        """Under the lock: finish an interrupted commit first (True: it was this very run, the
+        output is complete); then reuse a partial folder of the same run (resume) or start fresh."""
+        if self.journal.exists():
+            same = self._read_journal().get("run") == self._run()
+            self._complete_commit()
+            if same:
+                log(f"completed the interrupted final rename into {self.out}")
+                return True
+            log(f"completed the interrupted final rename of an earlier run into {self.out}")
+        self.check_target(overwrite)
         marker = self.tmp / MARKER
         if self.tmp.exists():
             try:
                 old = json.loads(marker.read_text())
             except (OSError, ValueError):
-                raise CheckpointError(
-                    f"{self.tmp} exists but is not a quantfw partial output; remove it or choose another output"
-                ) from None
-            if old.get("fingerprint") == self.fingerprint and old.get("input") == self.source:
-                return  # resume
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
-        marker.write_text(json.dumps({"fingerprint": self.fingerprint, "input": self.source}))
+                if not self._only_leftovers():
+                    raise CheckpointError(
+                        f"{self.tmp} exists but is not a quantfw partial output; remove it or choose another output"
+                    ) from None
+                old = None
+            if old == self._run():
+                return False  # resume
+            self._clear(self.tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        write_atomic(marker, json.dumps(self._run()).encode())
+        return False
+
+    def _run(self) -> dict:
+        return {"fingerprint": self.fingerprint, "input": self.source}
+
+    def _only_leftovers(self) -> bool:
+        """An empty partial folder or one killed while its marker was being written."""
+        return all(p.name == MARKER + ".tmp" for p in self.tmp.iterdir())
+
+    def _clear(self, folder: Path) -> None:
+        """Delete a partial folder, its marker last: a kill meanwhile leaves a marked folder."""
+        for p in folder.iterdir():
+            if p.name != MARKER:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        (folder / MARKER).unlink(missing_ok=True)
+        folder.rmdir()
+
+    # ------------------------------------------------------------------ shards
+
+    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        # Serialized here and written by Python, so a short write (disk full) raises OSError;
+        # safetensors' save_file can end on a truncated file without an error.
+        write_atomic(self.path(name), save(tensors, metadata={"format": "pt"}))
 
     def finished(self, name: str, stamp: dict, rehash: bool = True) -> dict | None:
         """The record of shard `name` if it is complete and verified (size and sha256), else None.
@@ -68,7 +274,8 @@ class ShardStore:
         except ValueError:
             return None
         ok = (
-            rec.get("fingerprint") == self.fingerprint
+            isinstance(rec, dict)
+            and rec.get("fingerprint") == self.fingerprint
             and all(rec.get(k) == v for k, v in stamp.items())
             and rec.get("size") == out_path.stat().st_size
             and (not rehash or rec.get("sha256") == sha256(out_path))
@@ -84,16 +291,58 @@ class ShardStore:
             "sha256": sha256(out_path),
             **content,
         }
-        self.record_path(name).write_text(json.dumps(rec))
+        write_atomic(self.record_path(name), json.dumps(rec).encode())
+
+    def copy_in(self, src: Path) -> None:
+        """A file of the input, as it is, into the partial folder."""
+        part = self.tmp / (src.name + ".tmp")
+        shutil.copyfile(src, part)
+        os.replace(part, self.tmp / src.name)
+        step()
+
+    # ------------------------------------------------------------------ commit
 
     def commit(self, names: list[str]) -> None:
-        """Drop the records and the marker, then move the folder onto the target."""
-        for name in names:
-            self.record_path(name).unlink()
-        (self.tmp / MARKER).unlink()
-        if self.out.exists():
-            shutil.rmtree(self.out) if self.out.is_dir() else self.out.unlink()
-        os.replace(self.tmp, self.out)
+        """The partial folder holds the complete output: journal it, then replace the target."""
+        write_atomic(self.journal, json.dumps({"run": self._run(), "shards": names}).encode())
+        self._complete_commit()
+
+    def _read_journal(self) -> dict:
+        try:
+            j = json.loads(self.journal.read_text())
+        except ValueError:
+            j = None  # written atomically: garbage is not ours
+        if not isinstance(j, dict) or not isinstance(j.get("shards"), list):
+            raise CheckpointError(
+                f"{self.journal}: not a quantfw commit journal; remove it or choose another output"
+            )
+        return j
+
+    def _complete_commit(self) -> None:
+        """Each step is skipped when done already, so a rerun after a kill anywhere finishes it."""
+        j = self._read_journal()
+        if self.tmp.is_dir():
+            for name in j["shards"]:
+                if self.record_path(name).exists():
+                    self.record_path(name).unlink()
+                    step()
+            if (self.tmp / MARKER).exists():
+                (self.tmp / MARKER).unlink()
+                step()
+            if self.out.exists():  # the previous output, checked replaceable when this run began
+                if self.old.exists():
+                    shutil.rmtree(self.old)
+                os.replace(self.out, self.old)
+                step()
+            os.replace(self.tmp, self.out)
+            step()
+        if self.old.exists():
+            shutil.rmtree(self.old)
+            step()
+        self.journal.unlink()
+        step()
 
     def discard(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Bad input: nothing worth resuming."""
+        if self.tmp.is_dir():
+            self._clear(self.tmp)
