@@ -378,8 +378,8 @@ def _gptq_low_rank(W, scale, x, damp, act_order, block, qmax) -> torch.Tensor:
     M < K, without any K x K matrix. Quantizing column i, with F the columns not yet quantized,
     adds (w_i - q_i) / [H_F^-1]_ii * x_j . v_i / D_j to every later column j, where
     v_i = K_F x_i / D_i and K_F = (I + X_F D_F^-1 X_F^T)^-1 (M x M, Woodbury). So the later columns
-    see the sum S = sum_i e_i v_i^T [N, M] through x_j / D_j. K_F is rebuilt from its Cholesky factor
-    at every block and downdated per column inside it (Sherman-Morrison, float64)."""
+    see the sum S = sum_i e_i v_i^T [N, M] through x_j / D_j. Within a block of columns P, the
+    per-column downdates of K_F are the LDL^T pivots of T = D_P - P^T K_F P (float64)."""
     k = W.shape[1]
     X = x.double()
     sq = X.square().sum(0)
@@ -390,30 +390,21 @@ def _gptq_low_rank(W, scale, x, damp, act_order, block, qmax) -> torch.Tensor:
         perm = torch.argsort(torch.where(dead, 1.0, sq), descending=True, stable=True)
         W, scale, X, D = W[:, perm], scale[:, perm], X[:, perm], D[perm]
     Xd = X / D  # x_j / D_j
-    # C at each block start: I + sum over the remaining columns of x_j x_j^T / D_j.
-    starts = list(range(0, k, block))
-    suffix, C = [], torch.eye(X.shape[0], dtype=torch.float64)
-    for i1 in reversed(starts):
-        i2 = min(i1 + block, k)
-        C = C + Xd[:, i1:i2] @ X[:, i1:i2].T
-        suffix.append(C)
+    Kf = torch.linalg.inv(torch.eye(X.shape[0], dtype=torch.float64) + Xd @ X.T)
     Q = torch.zeros_like(W)
     S = torch.zeros(W.shape[0], X.shape[0])
-    for i1, C in zip(starts, reversed(suffix), strict=True):
+    for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        L, info = torch.linalg.cholesky_ex(C)
+        P_, Db = X[:, i1:i2], D[i1:i2]
+        Z = Kf @ P_
+        T = torch.diag(Db) - P_.T @ Z
+        R, info = torch.linalg.cholesky_ex(T)
         if info != 0:
             raise LayoutError("gptq: the calibration Hessian is not positive definite")
-        Kf = torch.cholesky_inverse(L)
-        v, h = (
-            torch.empty(i2 - i1, X.shape[0], dtype=torch.float64),
-            torch.empty(i2 - i1, dtype=torch.float64),
-        )
-        for i in range(i1, i2):
-            kx = Kf @ X[:, i]
-            den = D[i] - X[:, i] @ kx  # = D_i^2 [H_F^-1]_ii > 0
-            v[i - i1], h[i - i1] = kx / D[i], den / D[i] ** 2
-            Kf = Kf + torch.outer(kx, kx) / den
+        r = R.diagonal()
+        kx = torch.linalg.solve_triangular((R / r).T, Z, upper=True, left=False)  # K_F x_i, each i
+        v, h = (kx / Db).T, r.square() / Db.square()  # v_i; [H_F^-1]_ii
+        Kf = Kf + Z @ torch.cholesky_solve(Z.T, R)  # the block's columns leave F
         coef = (v @ Xd[:, i1:i2]).float()  # [i, j]: x_j . v_i / D_j
         W1 = W[:, i1:i2] + S @ Xd[:, i1:i2].float()
         S1, hf = scale[:, i1:i2], h.float()
