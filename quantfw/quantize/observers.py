@@ -165,11 +165,11 @@ class Blocks:
         return self.v.abs().amax(dim=-1) / self.qmax
 
     def round(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.round(self.v / t.unsqueeze(-1)), -self.qmax, self.qmax)
+        return torch.div(self.v, t.unsqueeze(-1)).round_().clamp_(-self.qmax, self.qmax)
 
     def block_error(self, t: torch.Tensor) -> torch.Tensor:
         """Squared error per block of v against its quantized copy at scales t [..., N, B]."""
-        return (self.target - self.round(t) * t.unsqueeze(-1)).pow(2).sum(dim=-1)
+        return torch.sub(self.target, self.round(t).mul_(t.unsqueeze(-1))).square_().sum(dim=-1)
 
     def finish(self, t: torch.Tensor, q: torch.Tensor | None = None) -> QuantizedWeight:
         t = P._nonzero(t)
@@ -304,9 +304,27 @@ def _learned_clip(
     """Per-output-channel clip ratio minimising the layer-output error on calibration inputs."""
     _check_data("learned_clip", w, x)
     b = blocks(w, flags)
-    wf, base, a = w.float(), b.amax_scale(), _output_factor(x)
+    wf, a, ratios = w.float(), _output_factor(x), _ratios(flags).tolist()
+    best_r = torch.empty(w.shape[0])
+    # Channels in blocks of ~_CLIP_BLOCK weights: the dequantized candidates stay in cache while
+    # the GEMM with the calibration factor stays wide enough to run at speed.
+    for r0 in range(0, w.shape[0], max(1, _CLIP_BLOCK // w.shape[1])):
+        rows = slice(r0, r0 + max(1, _CLIP_BLOCK // w.shape[1]))
+        sub = Blocks(b.v[rows], b.qmax, None if b.s1 is None else b.s1[rows], b.target[rows])
+        best_r[rows] = _clip_ratios(sub, wf[rows], a, ratios)
+    qw = b.finish(b.amax_scale() * best_r.unsqueeze(-1))
+    qw.info = {"clip_ratio": best_r}
+    return qw
+
+
+_CLIP_BLOCK = 1 << 18
+
+
+def _clip_ratios(b: Blocks, wf: torch.Tensor, a: torch.Tensor, ratios: list[float]) -> torch.Tensor:
+    """Per channel of b, the ratio of `ratios` with the least output error ||a (w - Q(w))^T||^2."""
+    base = b.amax_scale()
     best_r = best_err = None
-    for r in _ratios(flags).tolist():
+    for r in ratios:
         deq = b.finish(base * r).dequantize()
         err = (a @ (wf - deq).T).pow(2).sum(dim=0)  # [N]
         rr = torch.full_like(err, r)
@@ -315,9 +333,7 @@ def _learned_clip(
         else:
             better = err < best_err
             best_r, best_err = torch.where(better, rr, best_r), torch.where(better, err, best_err)
-    qw = b.finish(base * best_r.unsqueeze(-1))
-    qw.info = {"clip_ratio": best_r}
-    return qw
+    return best_r
 
 
 def _element_scales(qw: QuantizedWeight, k: int) -> torch.Tensor:
@@ -391,8 +407,10 @@ def _gptq_low_rank(W, scale, x, damp, act_order, block, qmax) -> torch.Tensor:
         W, scale, X, D = W[:, perm], scale[:, perm], X[:, perm], D[perm]
     Xd = X / D  # x_j / D_j
     Kf = torch.linalg.inv(torch.eye(X.shape[0], dtype=torch.float64) + Xd @ X.T)
-    Q = torch.zeros_like(W)
-    S = torch.zeros(W.shape[0], X.shape[0])
+    # Column-major from here: each column a contiguous row.
+    WT, scaleT = W.T.contiguous(), scale.T.contiguous()
+    QT = torch.zeros_like(WT)
+    ST = torch.zeros(X.shape[0], WT.shape[1])  # S^T
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         P_, Db = X[:, i1:i2], D[i1:i2]
@@ -406,17 +424,18 @@ def _gptq_low_rank(W, scale, x, damp, act_order, block, qmax) -> torch.Tensor:
         v, h = (kx / Db).T, r.square() / Db.square()  # v_i; [H_F^-1]_ii
         Kf = Kf + Z @ torch.cholesky_solve(Z.T, R)  # the block's columns leave F
         coef = (v @ Xd[:, i1:i2]).float()  # [i, j]: x_j . v_i / D_j
-        W1 = W[:, i1:i2] + S @ Xd[:, i1:i2].float()
-        S1, hf = scale[:, i1:i2], h.float()
+        W1 = WT[i1:i2] + Xd[:, i1:i2].T.float() @ ST
+        S1, hf = scaleT[i1:i2], h.float()
         err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            col = W1[:, i]
-            q = torch.clamp(torch.round(col / S1[:, i]), -qmax, qmax)
-            Q[:, i1 + i] = q
-            e = (col - q * S1[:, i]) / hf[i]
-            W1[:, i + 1 :] += e.unsqueeze(1) * coef[i, i + 1 :].unsqueeze(0)
-            err1[:, i] = e
-        S += err1 @ v.float()
+            col = W1[i]
+            q = torch.clamp(torch.round(col / S1[i]), -qmax, qmax)
+            QT[i1 + i] = q
+            e = (col - q * S1[i]) / hf[i]
+            W1[i + 1 :].addr_(coef[i, i + 1 :], e)
+            err1[i] = e
+        ST += v.float().T @ err1
+    Q = QT.T
     return Q if not act_order else Q[:, torch.argsort(perm)]
 
 
