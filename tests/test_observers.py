@@ -369,13 +369,16 @@ def test_quantize_weight_dispatches_through_the_registry():
 
 
 @pytest.mark.parametrize("grid", GRIDS)
-def test_row_blocked_mse_and_ssz_equal_the_whole_weight_bit_for_bit(grid, monkeypatch):
+def test_row_blocked_observers_equal_the_whole_weight_bit_for_bit(grid, monkeypatch):
     w = _w(40, 64, seed=7).reshape(2, 20, 64)
     flags = _flags(grid)
     got = {name: _run(name, w, flags) for name in ("mse", "ssz")}
+    x = _x(40, 64, 3)
+    got["learned_clip"] = _run("learned_clip", w[0], {**flags, "weight_observer": "learned_clip"}, x)
     monkeypatch.setattr(P, "_BLOCK_ELEMS", 64)  # one channel per block: many blocks
+    monkeypatch.setattr(O, "_CLIP_BLOCK", 3 * 64)
     for name, qw in got.items():
-        small = _run(name, w, flags)
+        small = _run(name, w, flags) if name != "learned_clip" else _run(name, w[0], flags, x)
         assert torch.equal(small.q, qw.q) and torch.equal(small.s1, qw.s1)
         assert (small.s2 is None) == (qw.s2 is None) and (qw.s2 is None or torch.equal(small.s2, qw.s2))
 
