@@ -306,10 +306,11 @@ def _learned_clip(
     b = blocks(w, flags)
     wf, a, ratios = w.float(), _output_factor(x), _ratios(flags).tolist()
     best_r = torch.empty(w.shape[0])
-    # Channels in blocks of ~_CLIP_BLOCK weights: the dequantized candidates stay in cache while
-    # the GEMM with the calibration factor stays wide enough to run at speed.
-    for r0 in range(0, w.shape[0], max(1, _CLIP_BLOCK // w.shape[1])):
-        rows = slice(r0, r0 + max(1, _CLIP_BLOCK // w.shape[1]))
+    # Channels in blocks of ~_CLIP_BLOCK weights, so the dequantized candidates stay in cache, or
+    # wider with many calibration rows, where the GEMM with the factor dominates and wants width.
+    step = max(1, _CLIP_BLOCK // w.shape[1], a.shape[0] // 4)
+    for r0 in range(0, w.shape[0], step):
+        rows = slice(r0, r0 + step)
         sub = Blocks(b.v[rows], b.qmax, None if b.s1 is None else b.s1[rows], b.target[rows])
         best_r[rows] = _clip_ratios(sub, wf[rows], a, ratios)
     qw = b.finish(b.amax_scale() * best_r.unsqueeze(-1))
