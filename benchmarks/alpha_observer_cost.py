@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--src", type=Path, default=ROOT, help="checkout whose quantfw is measured")
     ap.add_argument("--label", default="after")
     ap.add_argument("--merge", type=Path, help="earlier JSON whose rows are kept in --out")
-    ap.add_argument("--rows", type=int, nargs="+", default=[16, 128, 512])
+    ap.add_argument("--rows", type=int, nargs="*", default=[16, 128, 512])
     ap.add_argument("--modes", nargs="+", default=["auto", "direct", "gram"])
     ap.add_argument("--experts", type=int, default=4, help="experts measured per alpha layer")
     ap.add_argument("--observer-rows", type=int, nargs="+", default=[16, 128, 512, 2048])
