@@ -362,3 +362,64 @@ def test_quantize_weight_dispatches_through_the_registry():
     # a data-driven observer without inputs runs the declared fallback
     flags = _flags("int4", "gptq", fallback_observer="ssz")
     assert torch.equal(quantize_weight(w, flags).s1, _run("ssz", w, flags).s1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast forms at real dims: the same results as the reference forms.
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_row_blocked_observers_equal_the_whole_weight_bit_for_bit(grid, monkeypatch):
+    w = _w(40, 64, seed=7).reshape(2, 20, 64)
+    flags = _flags(grid)
+    got = {name: _run(name, w, flags) for name in ("mse", "ssz")}
+    x = _x(40, 64, 3)
+    got["learned_clip"] = _run("learned_clip", w[0], {**flags, "weight_observer": "learned_clip"}, x)
+    monkeypatch.setattr(P, "_BLOCK_ELEMS", 64)  # one channel per block: many blocks
+    monkeypatch.setattr(O, "_CLIP_BLOCK", 3 * 64)
+    for name, qw in got.items():
+        small = _run(name, w, flags) if name != "learned_clip" else _run(name, w[0], flags, x)
+        assert torch.equal(small.q, qw.q) and torch.equal(small.s1, qw.s1)
+        assert (small.s2 is None) == (qw.s2 is None) and (qw.s2 is None or torch.equal(small.s2, qw.s2))
+
+
+def _gptq_both(w, x, flags):
+    base = _run("mse", w, flags)
+    scale = O._element_scales(base, w.shape[1]).contiguous()
+    qmax = 7 if flags["weight_bits"] == 4 else 127
+    args = (
+        x,
+        O.param(flags, "gptq_damp"),
+        O.param(flags, "gptq_act_order"),
+        O.param(flags, "gptq_block"),
+        qmax,
+    )
+    qs = [run(w.clone(), scale, *args) for run in (O._gptq_dense, O._gptq_low_rank)]
+    return [O.QuantizedWeight(q.to(torch.int8), base.s1, base.s2) for q in qs]
+
+
+@pytest.mark.parametrize(
+    "grid,extra", [("int4", {}), ("int4_g32", {"gptq_act_order": True, "gptq_block": 7}), ("int8", {})]
+)
+def test_low_rank_gptq_rounds_like_the_dense_factorisation(grid, extra):
+    """Fewer rows than half of K (the low-rank path gptq takes): the same integer weights as the
+    K x K Cholesky form on small layers, dead channel included."""
+    w, x = _w(32, 64, seed=3), _x(24, 64, 6)
+    x[:, 9] = 0
+    flags = _flags(grid, "gptq", **{"gptq_block": 16, **extra})
+    dense, low = _gptq_both(w, x, flags)
+    assert torch.equal(dense.q, low.q) and (low.q[:, 9] == 0).all()
+    assert torch.equal(_run("gptq", w, flags, x).q, low.q)  # 24 rows < 64 / 2: the observer's choice
+
+
+def test_low_rank_gptq_output_error_matches_dense_at_width_1024():
+    """Wider K: rounding differences flip a few integers, the output error stays the same."""
+    w, x = _w(64, 1024, seed=2), _x(96, 1024, 8)
+    dense, low = _gptq_both(w, x, _flags("int4", "gptq"))
+
+    def out_err(q):
+        return ((x @ (w - q.dequantize()).T) ** 2).sum().item()
+
+    assert (dense.q != low.q).float().mean() < 0.01
+    assert out_err(low) == pytest.approx(out_err(dense), rel=0.01)
+    assert out_err(low) < 0.85 * out_err(_run("mse", w, _flags("int4")))

@@ -13,6 +13,17 @@ A clip is kept only when it wins on tokens the search never saw (every `holdout`
 margin the token-to-token noise cannot explain (a paired test on per-token layer errors): a clip
 that merely fits the calibration tokens would make held-out text worse, the one thing it must not do.
 With one expert, or rows that share no token, the objective is that expert's own output error.
+
+Two evaluations of the same objective (`mode`). "direct" builds each candidate's layer output
+error [rows, H] (the search's reference arithmetic). "gram" expands it around the expert's current
+alpha: with r_t the current layer residual of token t, w_t its routing weight, W = w2_deq [H, I],
+G = W^T W and d_t(a) = u_t(a) - u_t(cur) the change of the dequantized clipped row,
+||r_t + w_t W d_t||^2 = ||r_t||^2 + 2 w_t (W^T r_t) . d_t + w_t^2 d_t^T G d_t: one [rows, I] x [I, I]
+product per candidate instead of [rows, I] x [I, H], and no cancellation (every term is of the size
+of the error, not of the output). Changing expert e changes only its own term of r, so the update
+after each expert is r_t += w_t W d_t(best). Building G costs H x I^2 per expert and sweep, so it
+pays only with many rows; "auto" picks per expert the cheaper one by that count. The grid search and
+its tie rule are shared, and the acceptance test and the report are computed directly in both.
 """
 
 from __future__ import annotations
@@ -23,9 +34,11 @@ from dataclasses import dataclass
 import torch
 
 from quantfw import ops
+from quantfw.errors import ConfigError
 
 # Elements of the largest intermediate ([grid points x rows, max(H, 2I)]) one batched call builds.
 _BATCH_ELEMENTS = 1 << 25
+MODES = ("auto", "direct", "gram")
 
 
 @dataclass
@@ -58,17 +71,29 @@ class LayerAlphas:
     error_at_one: float
 
 
-def _outputs(h: torch.Tensor, alphas: list[float], w2_deq: torch.Tensor):
-    """Yield (alphas chunk, clipped-int8 x int4 expert outputs [len(chunk), M, H])."""
-    m, width = h.shape[0], max(h.shape[1], w2_deq.shape[0])
-    per_call = max(1, _BATCH_ELEMENTS // max(1, m * width))
+def _clipped(h: torch.Tensor, alphas: list[float], width: int):
+    """Yield (alphas chunk, dequantized clipped-int8 w2 inputs [len(chunk) * M, I]), chunks sized so
+    that an intermediate of `width` columns stays under _BATCH_ELEMENTS."""
+    m = h.shape[0]
+    per_call = max(1, _BATCH_ELEMENTS // max(1, m * max(h.shape[1], width)))
     for i in range(0, len(alphas), per_call):
         chunk = alphas[i : i + per_call]
         counts = torch.full((len(chunk),), m, dtype=torch.int64)
         q, s = ops.swiglu_clip_quant(
             h.repeat(len(chunk), 1), counts, torch.tensor(chunk, dtype=torch.float32)
         )
-        yield chunk, ((q.float() * s.unsqueeze(1)) @ w2_deq.T).view(len(chunk), m, -1)
+        yield chunk, q.float() * s.unsqueeze(1)
+
+
+def _outputs(h: torch.Tensor, alphas: list[float], w2_deq: torch.Tensor):
+    """Yield (alphas chunk, clipped-int8 x int4 expert outputs [len(chunk), M, H])."""
+    for chunk, u in _clipped(h, alphas, w2_deq.shape[0]):
+        yield chunk, (u @ w2_deq.T).view(len(chunk), h.shape[0], -1)
+
+
+def _clipped_rows(h: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Dequantized clipped w2 input [M, I] at one alpha."""
+    return next(_clipped(h, [alpha], h.shape[1] // 2))[1]
 
 
 def _expert_error(h, alpha, w2_deq, ref) -> torch.Tensor:
@@ -96,6 +121,74 @@ def paired_z(loss_one: torch.Tensor, loss_alpha: torch.Tensor) -> float:
     return mean / (sd / math.sqrt(d.numel()))
 
 
+def _best_alpha(loss, grid: list[float], lo: float, step: float, refine: int) -> float:
+    """Grid search refined around its best point; ties with and losses to alpha = 1 keep 1."""
+    cost = loss(grid)
+    best = min(cost, key=cost.get)
+    fine = torch.linspace(max(lo, best - step), min(1.0, best + step), refine).tolist()
+    cost.update(loss([a for a in fine if a not in cost]))
+    best = min(cost, key=cost.get)
+    return 1.0 if cost[best] >= cost[1.0] else best
+
+
+def _use_gram(mode: str, rows: int, fit: int, points: int, H: int, I: int) -> bool:
+    """Whether the Gram form costs fewer multiply-adds for one expert in one sweep (module doc)."""
+    if mode != "auto":
+        return mode == "gram"
+    direct = (points * fit + 2 * rows) * I * H  # candidates, the current and the chosen alpha
+    gram = H * I * I + points * fit * I * I + (fit + rows) * I * H  # G, candidates, W^T r, update
+    return gram < direct
+
+
+def _direct_step(x: ExpertRows, cur: float, resid_e, rows_fit, search) -> tuple[float, torch.Tensor]:
+    """(best alpha, new layer residual rows of x's tokens), candidates scored on [rows, H] errors."""
+    w = x.weight.float().unsqueeze(-1)
+    others = resid_e - w * _expert_error(x.h, cur, x.w2_deq, x.ref)
+    # Score the fit rows only (a GEMM row does not depend on the other rows, except for a
+    # single-row product, which takes another kernel).
+    sub = rows_fit.nonzero().squeeze(1) if int(rows_fit.sum()) >= 2 else None
+    h, ref, ws, os = (x.h, x.ref, w, others) if sub is None else (x.h[sub], x.ref[sub], w[sub], others[sub])
+
+    def loss(cands):
+        out = {}
+        for chunk, y in _outputs(h, cands, x.w2_deq):
+            d = os + ws * (y - ref)
+            tot = (d if sub is not None else d[:, rows_fit]).square().sum((-1, -2))
+            out.update(zip(chunk, tot.tolist(), strict=True))
+        return out
+
+    best = search(loss)
+    return best, others + w * _expert_error(x.h, best, x.w2_deq, x.ref)
+
+
+def _gram_step(x: ExpertRows, cur: float, resid_e, rows_fit, search) -> tuple[float, torch.Tensor]:
+    """_direct_step's result through W2's Gram matrix (module doc)."""
+    W = x.w2_deq
+    I = W.shape[1]
+    G = W.T @ W
+    fit = rows_fit.nonzero().squeeze(1)
+    h, r, w = x.h[fit], resid_e[fit], x.weight.float()[fit]
+    c2 = 2 * (r @ W)  # [Mf, I]
+    base = r.double().square().sum().item()
+    u_cur = _clipped_rows(h, cur)
+
+    def loss(cands):
+        out = {}
+        for chunk, u in _clipped(h, cands, I):
+            d = u.view(len(chunk), h.shape[0], I) - u_cur
+            dg = (d.reshape(-1, I) @ G).view_as(d)
+            per_row = ((c2 + w.unsqueeze(-1) * dg) * d).sum(-1)  # [chunk, Mf]
+            tot = base + (per_row * w).double().sum(-1)
+            out.update(zip(chunk, tot.tolist(), strict=True))
+        return out
+
+    best = search(loss)
+    if best == cur:
+        return best, resid_e
+    d = _clipped_rows(x.h, best) - _clipped_rows(x.h, cur)
+    return best, resid_e + x.weight.float().unsqueeze(-1) * (d @ W.T)
+
+
 def search_layer_alphas(
     experts: list[ExpertRows | None],
     lo: float = 0.05,
@@ -104,11 +197,15 @@ def search_layer_alphas(
     holdout: int = 4,
     min_z: float = 2.0,
     sweeps: int = 2,
+    mode: str = "auto",
 ) -> LayerAlphas:
     """Per-expert alpha minimising the layer output error (module doc). Experts given as None keep
     alpha = 1. Tokens with `token % holdout == 0` are held out of the search (0: no check); each
     clip must then beat alpha = 1 on the held-out tokens routed to its expert by `min_z` standard
-    errors of the paired per-token gain, the other experts at their learned alphas."""
+    errors of the paired per-token gain, the other experts at their learned alphas. `mode` chooses
+    how candidates are scored: direct, gram, or auto (the cheaper per expert; module doc)."""
+    if mode not in MODES:
+        raise ConfigError(f"alpha search mode '{mode}' (allowed: {', '.join(MODES)})")
     E = len(experts)
     live = [e for e in range(E) if experts[e] is not None and experts[e].h.shape[0]]
     alphas = torch.ones(E, dtype=torch.float32)
@@ -130,29 +227,21 @@ def search_layer_alphas(
 
     grid = sorted(set(torch.linspace(lo, 1.0, steps).tolist()) | {1.0})
     step = (1.0 - lo) / (steps - 1)
+
+    def search(loss):
+        return _best_alpha(loss, grid, lo, step, refine)
+
     for _ in range(sweeps):
         for e in live:
             x = experts[e]
             rows_fit = fit[slot[e]]
-            w = x.weight.float().unsqueeze(-1)
-            others = resid[slot[e]] - w * _expert_error(x.h, alphas[e].item(), x.w2_deq, x.ref)
-
-            def loss(cands, x=x, w=w, others=others, rows_fit=rows_fit):
-                out = {}
-                for chunk, y in _outputs(x.h, cands, x.w2_deq):
-                    tot = (others + w * (y - x.ref))[:, rows_fit].square().sum((-1, -2))
-                    out.update(zip(chunk, tot.tolist(), strict=True))
-                return out
-
-            cost = loss(grid)
-            best = min(cost, key=cost.get)
-            fine = torch.linspace(max(lo, best - step), min(1.0, best + step), refine).tolist()
-            cost.update(loss([a for a in fine if a not in cost]))
-            best = min(cost, key=cost.get)
-            if cost[best] >= cost[1.0]:
-                best = 1.0  # ties and losses keep the unclipped expert
+            gram = _use_gram(
+                mode, x.h.shape[0], int(rows_fit.sum()), len(grid) + refine, H, x.h.shape[1] // 2
+            )
+            best, resid[slot[e]] = (_gram_step if gram else _direct_step)(
+                x, alphas[e].item(), resid[slot[e]], rows_fit, search
+            )
             alphas[e] = best
-            resid[slot[e]] = others + w * _expert_error(x.h, best, x.w2_deq, x.ref)
 
     z_of = {}
     if holdout:
@@ -192,6 +281,7 @@ def search_alpha(
     holdout: int = 4,
     h_ref: torch.Tensor | None = None,
     min_z: float = 2.0,
+    mode: str = "auto",
 ) -> AlphaResult:
     """One expert on its own: h [M, 2I] pre-SwiGLU rows as the deployed clip sees them; w2 [H, I]
     float and its dequantized int4 copy; h_ref the same rows in float (default: h) for the reference
@@ -205,4 +295,4 @@ def search_alpha(
         tokens=torch.arange(h.shape[0]),
         weight=torch.ones(h.shape[0]),
     )
-    return search_layer_alphas([rows], lo, steps, refine, holdout, min_z, sweeps=1).experts[0]
+    return search_layer_alphas([rows], lo, steps, refine, holdout, min_z, sweeps=1, mode=mode).experts[0]

@@ -22,7 +22,8 @@ Registered observers (`scheme.weight_observer`):
   gptq          error-compensating rounding (GPTQ) with H = X^T X; scales are precomputed on the
                 whole weight by `gptq_scale_observer` (static groups), then columns are rounded in
                 order (or by decreasing H diagonal with gptq_act_order) and the rounding error is
-                propagated into the columns not yet quantized.
+                propagated into the columns not yet quantized. With fewer calibration rows than
+                K/2 the same rounding runs in factored form (H = D + X^T X, no K x K matrix).
 Data-driven observers receive x [M, K]; with no x or fewer than `observer_min_tokens` rows they
 fall back to `fallback_observer` (see `resolve`).
 """
@@ -164,11 +165,11 @@ class Blocks:
         return self.v.abs().amax(dim=-1) / self.qmax
 
     def round(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.round(self.v / t.unsqueeze(-1)), -self.qmax, self.qmax)
+        return torch.div(self.v, t.unsqueeze(-1)).round_().clamp_(-self.qmax, self.qmax)
 
     def block_error(self, t: torch.Tensor) -> torch.Tensor:
         """Squared error per block of v against its quantized copy at scales t [..., N, B]."""
-        return (self.target - self.round(t) * t.unsqueeze(-1)).pow(2).sum(dim=-1)
+        return torch.sub(self.target, self.round(t).mul_(t.unsqueeze(-1))).square_().sum(dim=-1)
 
     def finish(self, t: torch.Tensor, q: torch.Tensor | None = None) -> QuantizedWeight:
         t = P._nonzero(t)
@@ -217,10 +218,20 @@ def _minmax(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = 
     return QuantizedWeight(*P.quantize_per_channel(w, bits))
 
 
-def mse_scales(b: Blocks, flags: Mapping[str, Any]) -> torch.Tensor:
+def _by_rows(b: Blocks, fn: Callable[[Blocks], torch.Tensor]) -> torch.Tensor:
+    """fn's per-block scales [..., N, B], computed over consecutive channel rows sized for the cache
+    (every step is per channel, so this equals fn on the whole weight, bit for bit)."""
+    v, tg = b.v.reshape(-1, *b.v.shape[-2:]), b.target.reshape(-1, *b.v.shape[-2:])
+    out = torch.empty(v.shape[:-1])
+    for rows in P._row_blocks(v.shape[0], v.shape[1] * v.shape[2]):
+        out[rows] = fn(Blocks(v[rows], b.qmax, None, tg[rows]))
+    return out.reshape(b.v.shape[:-1])
+
+
+def _mse_rows(b: Blocks, ratios: list[float]) -> torch.Tensor:
     base = b.amax_scale()
     best_t, best_err = base, None
-    for r in _ratios(flags).tolist():
+    for r in ratios:
         t = P._nonzero(base * r)
         err = b.block_error(t)
         if best_err is None:
@@ -229,6 +240,11 @@ def mse_scales(b: Blocks, flags: Mapping[str, Any]) -> torch.Tensor:
             better = err < best_err
             best_t, best_err = torch.where(better, t, best_t), torch.where(better, err, best_err)
     return best_t
+
+
+def mse_scales(b: Blocks, flags: Mapping[str, Any]) -> torch.Tensor:
+    ratios = _ratios(flags).tolist()
+    return _by_rows(b, lambda rows: _mse_rows(rows, ratios))
 
 
 @register_observer("mse")
@@ -242,9 +258,13 @@ def _mse(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = Non
 def _ssz(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None) -> QuantizedWeight:
     """Iterative least-squares scale refinement from min-max, best per block kept."""
     b = blocks(w, flags)
+    return b.finish(_by_rows(b, lambda rows: _ssz_rows(rows, param(flags, "ssz_iters"))))
+
+
+def _ssz_rows(b: Blocks, iters: int) -> torch.Tensor:
     t = P._nonzero(b.amax_scale())
     best_t, best_err = t, b.block_error(t)
-    for _ in range(param(flags, "ssz_iters")):
+    for _ in range(iters):
         q = b.round(t)
         den = (q * q).sum(dim=-1)
         t = torch.where(den > 0, (b.target * q).sum(dim=-1) / den.clamp_min(1), t)
@@ -252,7 +272,7 @@ def _ssz(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = Non
         err = b.block_error(t)
         better = err < best_err
         best_t, best_err = torch.where(better, t, best_t), torch.where(better, err, best_err)
-    return b.finish(best_t)
+    return best_t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,9 +304,28 @@ def _learned_clip(
     """Per-output-channel clip ratio minimising the layer-output error on calibration inputs."""
     _check_data("learned_clip", w, x)
     b = blocks(w, flags)
-    wf, base, a = w.float(), b.amax_scale(), _output_factor(x)
+    wf, a, ratios = w.float(), _output_factor(x), _ratios(flags).tolist()
+    best_r = torch.empty(w.shape[0])
+    # Channels in blocks of ~_CLIP_BLOCK weights, so the dequantized candidates stay in cache, or
+    # wider with many calibration rows, where the GEMM with the factor dominates and wants width.
+    step = max(1, _CLIP_BLOCK // w.shape[1], a.shape[0] // 4)
+    for r0 in range(0, w.shape[0], step):
+        rows = slice(r0, r0 + step)
+        sub = Blocks(b.v[rows], b.qmax, None if b.s1 is None else b.s1[rows], b.target[rows])
+        best_r[rows] = _clip_ratios(sub, wf[rows], a, ratios)
+    qw = b.finish(b.amax_scale() * best_r.unsqueeze(-1))
+    qw.info = {"clip_ratio": best_r}
+    return qw
+
+
+_CLIP_BLOCK = 1 << 18
+
+
+def _clip_ratios(b: Blocks, wf: torch.Tensor, a: torch.Tensor, ratios: list[float]) -> torch.Tensor:
+    """Per channel of b, the ratio of `ratios` with the least output error ||a (w - Q(w))^T||^2."""
+    base = b.amax_scale()
     best_r = best_err = None
-    for r in _ratios(flags).tolist():
+    for r in ratios:
         deq = b.finish(base * r).dequantize()
         err = (a @ (wf - deq).T).pow(2).sum(dim=0)  # [N]
         rr = torch.full_like(err, r)
@@ -295,9 +334,7 @@ def _learned_clip(
         else:
             better = err < best_err
             best_r, best_err = torch.where(better, rr, best_r), torch.where(better, err, best_err)
-    qw = b.finish(base * best_r.unsqueeze(-1))
-    qw.info = {"clip_ratio": best_r}
-    return qw
+    return best_r
 
 
 def _element_scales(qw: QuantizedWeight, k: int) -> torch.Tensor:
@@ -315,13 +352,29 @@ def _gptq(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = No
     base = get_observer(param(flags, "gptq_scale_observer")).fn(w, flags, None)
     qmax = 7 if flags["weight_bits"] == 4 else 127
     scale = _element_scales(base, k).contiguous()
-    W = w.float().clone()
-    hinv, dead, perm = _hessian_factor(x, param(flags, "gptq_damp"), param(flags, "gptq_act_order"))
+    damp, act_order, block = (
+        param(flags, "gptq_damp"),
+        param(flags, "gptq_act_order"),
+        param(flags, "gptq_block"),
+    )
+    run = _gptq_low_rank if _low_rank(x.shape[0], k) else _gptq_dense
+    Q = run(w.float().clone(), scale, x.float(), damp, act_order, block, qmax)
+    return QuantizedWeight(Q.to(torch.int8), base.s1, base.s2)
+
+
+def _low_rank(rows: int, k: int) -> bool:
+    """Fewer calibration rows than half the input width: the factored form does less work."""
+    return 2 * rows < k
+
+
+def _gptq_dense(W, scale, x, damp, act_order, block, qmax) -> torch.Tensor:
+    """Column-by-column rounding with the upper Cholesky factor of H^-1 (K x K)."""
+    k = W.shape[1]
+    hinv, dead, perm = _hessian_factor(x, damp, act_order)
     W[:, dead] = 0.0
     if perm is not None:
         W, scale = W[:, perm], scale[:, perm]
     Q = torch.zeros_like(W)
-    block = param(flags, "gptq_block")
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1, S1, Hi = W[:, i1:i2].clone(), scale[:, i1:i2], hinv[i1:i2, i1:i2]
@@ -334,9 +387,57 @@ def _gptq(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = No
             W1[:, i:] -= e.unsqueeze(1) * Hi[i, i:].unsqueeze(0)
             err1[:, i] = e
         W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
-    return QuantizedWeight(Q.to(torch.int8), base.s1, base.s2)
+    return Q if perm is None else Q[:, torch.argsort(perm)]
+
+
+def _gptq_low_rank(W, scale, x, damp, act_order, block, qmax) -> torch.Tensor:
+    """The same rounding for H = D + X^T X with D diagonal (damping, dead channels) and X [M, K],
+    M < K, without any K x K matrix. Quantizing column i, with F the columns not yet quantized,
+    adds (w_i - q_i) / [H_F^-1]_ii * x_j . v_i / D_j to every later column j, where
+    v_i = K_F x_i / D_i and K_F = (I + X_F D_F^-1 X_F^T)^-1 (M x M, Woodbury). So the later columns
+    see the sum S = sum_i e_i v_i^T [N, M] through x_j / D_j. Within a block of columns P, the
+    per-column downdates of K_F are the LDL^T pivots of T = D_P - P^T K_F P (float64)."""
+    k = W.shape[1]
+    X = x.double()
+    sq = X.square().sum(0)
+    dead = sq == 0
+    D = damp * (sq.sum() + dead.sum()) / k + dead.double()  # = damp * mean(diag(H)) + 1 on dead
+    W[:, dead] = 0.0
+    if act_order:
+        perm = torch.argsort(torch.where(dead, 1.0, sq), descending=True, stable=True)
+        W, scale, X, D = W[:, perm], scale[:, perm], X[:, perm], D[perm]
+    Xd = X / D  # x_j / D_j
+    Kf = torch.linalg.inv(torch.eye(X.shape[0], dtype=torch.float64) + Xd @ X.T)
+    # Column-major from here: each column a contiguous row.
+    WT, scaleT = W.T.contiguous(), scale.T.contiguous()
+    QT = torch.zeros_like(WT)
+    ST = torch.zeros(X.shape[0], WT.shape[1])  # S^T
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        P_, Db = X[:, i1:i2], D[i1:i2]
+        Z = Kf @ P_
+        T = torch.diag(Db) - P_.T @ Z
+        R, info = torch.linalg.cholesky_ex(T)
+        if info != 0:
+            raise LayoutError("gptq: the calibration Hessian is not positive definite")
+        r = R.diagonal()
+        kx = torch.linalg.solve_triangular((R / r).T, Z, upper=True, left=False)  # K_F x_i, each i
+        v, h = (kx / Db).T, r.square() / Db.square()  # v_i; [H_F^-1]_ii
+        Kf = Kf + Z @ torch.cholesky_solve(Z.T, R)  # the block's columns leave F
+        coef = (v @ Xd[:, i1:i2]).float()  # [i, j]: x_j . v_i / D_j
+        W1 = WT[i1:i2] + Xd[:, i1:i2].T.float() @ ST
+        S1, hf = scaleT[i1:i2], h.float()
+        err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = W1[i]
+            q = torch.clamp(torch.round(col / S1[i]), -qmax, qmax)
+            QT[i1 + i] = q
+            e = (col - q * S1[i]) / hf[i]
+            W1[i + 1 :].addr_(coef[i, i + 1 :], e)
+            err1[i] = e
+        ST += v.float().T @ err1
+    Q = QT.T
+    return Q if not act_order else Q[:, torch.argsort(perm)]
 
 
 def _hessian_factor(
