@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -142,11 +143,16 @@ def quantize_block(
     return q, scale_inv
 
 
-def float_of(reader, key: str, t: torch.Tensor, block: tuple[int, int] | None = None) -> torch.Tensor:
-    """`t` (the stored tensor `key`) as float: an FP8 weight dequantized with its checked scale_inv
-    (read from whichever shard holds it), anything else unchanged. `reader` is a CheckpointReader."""
-    if t.dtype not in FP8_DTYPES:
-        return t
+@dataclass(frozen=True)
+class BlockScales:
+    """The scale_inv of one FP8 weight and its block: what dequantization needs besides the weight."""
+
+    scale_inv: torch.Tensor
+    block: tuple[int, int]
+
+
+def block_scales(reader, key: str, block: tuple[int, int] | None = None) -> BlockScales:
+    """The checked scale_inv of the FP8 weight `key` (read from whichever shard holds it)."""
     info = reader.info(key)
     where = f"{reader.folder / info.shard}: tensor '{key}'"
     skey = scale_key(key)
@@ -154,7 +160,18 @@ def float_of(reader, key: str, t: torch.Tensor, block: tuple[int, int] | None = 
         raise CheckpointError(f"{where}: FP8 weight without its {skey.rsplit('.', 1)[-1]} tensor")
     block = block or block_size(reader.config(), str(reader.folder / "config.json"))
     check_scale(info.shape, reader.info(skey).shape, block, where)
-    return dequantize(t, reader.get(skey), block, where)
+    return BlockScales(reader.get(skey), block)
+
+
+def float_of(reader, key: str, t: torch.Tensor, block: tuple[int, int] | None = None) -> torch.Tensor:
+    """`t` (the stored tensor `key`) as float: an FP8 weight dequantized with its checked scale_inv
+    (read from whichever shard holds it), anything else unchanged. `reader` is a CheckpointReader."""
+    if t.dtype not in FP8_DTYPES:
+        return t
+    scales = block_scales(reader, key, block)
+    return dequantize(
+        t, scales.scale_inv, scales.block, f"{reader.folder / reader.info(key).shard}: tensor '{key}'"
+    )
 
 
 def read_float(reader, key: str, block: tuple[int, int] | None = None) -> torch.Tensor:

@@ -173,7 +173,7 @@ class Converter:
                 role = "w2" if part.proj == "down" else "w13"
                 x = inputs(role, part.expert) if inputs is not None else None
             o, t, record = self.encoder.expert(
-                part.prefix, part.expert, part.proj, part.weight, x, self._alpha(part), part.src
+                part.prefix, part.expert, part.proj, part.weight, x, self._alpha(part), part.src, part.fp8_scales
             )
             del x
             if record is not None:

@@ -26,11 +26,15 @@ def layer_of(prefix: str) -> int:
     return int(prefix.split("layers.")[-1].split(".")[0])
 
 
-def _quantize(w: torch.Tensor, flags: Mapping, x: torch.Tensor | None, src: str) -> QuantizedWeight:
+def _quantize(w: torch.Tensor, flags: Mapping, x: torch.Tensor | None, src: str, fp8=None) -> QuantizedWeight:
     try:
         # bf16/fp16 go in as they are: the primitives convert to fp32 block by block.
-        qw = quantize_weight(w, flags, x)
+        qw = quantize_weight(w, flags, x, fp8)
     except ConfigError:
+        if fp8 is not None:
+            from quantfw.io.fp8 import dequantize
+
+            w = dequantize(w, fp8.scale_inv, fp8.block)
         if not torch.isfinite(w).all():
             raise CheckpointError(f"{src}: contains NaN or Inf") from None
         raise
@@ -65,11 +69,12 @@ class ExpertEncoder:
         x: torch.Tensor | None,
         alpha: torch.Tensor | None,
         src: str,
+        fp8=None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict | None]:
         """(tensors, per-tensor types, weight-observer record or None) of one expert projection.
         alpha None: the encoder's alpha = 1."""
         specs: dict[str, ParamSpec] = self.specs[proj]
-        qw = _quantize(w, self.scheme.flags, x, src)
+        qw = _quantize(w, self.scheme.flags, x, src, fp8)
         record = None
         if self.needs_data:
             ratio = qw.info.get("clip_ratio")

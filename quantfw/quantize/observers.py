@@ -75,16 +75,18 @@ class Observer:
     fn: Callable[..., QuantizedWeight]  # fn(w [..., N, K], flags, x [M, K] | None)
     needs_data: bool
     doc: str
+    takes_fp8: bool = False  # fn(..., fp8=BlockScales) dequantizes an FP8 weight itself
 
 
 _OBSERVERS: dict[str, Observer] = {}
 
 
-def register_observer(name: str, needs_data: bool = False):
+def register_observer(name: str, needs_data: bool = False, fp8: bool = False):
     def deco(fn):
         if name in _OBSERVERS:
             raise ValueError(f"observer '{name}' is already registered")
-        _OBSERVERS[name] = Observer(name, fn, needs_data, (fn.__doc__ or "").strip().splitlines()[0])
+        doc = (fn.__doc__ or "").strip().splitlines()[0]
+        _OBSERVERS[name] = Observer(name, fn, needs_data, doc, fp8)
         return fn
 
     return deco
@@ -209,10 +211,21 @@ def _ratios(flags: Mapping[str, Any]) -> torch.Tensor:
 # Data-free observers.
 
 
-@register_observer("minmax")
-def _minmax(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None) -> QuantizedWeight:
+@register_observer("minmax", fp8=True)
+def _minmax(
+    w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None, fp8=None
+) -> QuantizedWeight:
     """Round-to-nearest with amax scales (spec section 9 defaults): the cache-blocked primitives."""
     bits, gs = flags["weight_bits"], flags.get("group_size", 0)
+    if fp8 is not None:
+        from quantfw.io.fp8 import dequantize
+        from quantfw.quantize.fused import quantize_per_channel_fused
+
+        # Per-channel grids dequantize inside the compiled kernel (one pass over the FP8 bytes).
+        fast = None if bits == 4 and gs else quantize_per_channel_fused(w, bits, fp8.scale_inv, fp8.block)
+        if fast is not None:
+            return QuantizedWeight(*fast)
+        w = dequantize(w, fp8.scale_inv, fp8.block)
     if bits == 4 and gs:
         return QuantizedWeight(*P.quantize_two_level(w, gs))
     return QuantizedWeight(*P.quantize_per_channel(w, bits))

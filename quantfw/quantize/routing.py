@@ -39,6 +39,9 @@ class Part:
     proj: str
     weight: torch.Tensor
     src: str  # for error messages: file and tensor
+    # An FP8 weight left undequantized: its block scales, so a data-free observer can dequantize
+    # inside its own kernel (quantize_weight's `fp8`); None for float weights.
+    fp8_scales: fp8.BlockScales | None = None
 
 
 def mtp_layers(config: dict) -> range:
@@ -71,12 +74,16 @@ class TensorRouter:
                 raise ConfigError(f"quantize.targets/ignore: invalid regex {pat!r} ({e})") from None
 
     def check_float(self, key: str, t: torch.Tensor, shape: tuple[int, ...], shard: str) -> None:
-        where = self.reader.folder / shard
         if t.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{where}: tensor '{key}' has dtype {t.dtype}, expected bf16, fp16 or fp32")
+            raise CheckpointError(
+                f"{self.reader.folder / shard}: tensor '{key}' has dtype {t.dtype}, expected bf16, fp16 or fp32"
+            )
+        self.check_shape(key, t, shape, shard)
+
+    def check_shape(self, key: str, t: torch.Tensor, shape: tuple[int, ...], shard: str) -> None:
         if tuple(t.shape) != shape:
             raise CheckpointError(
-                f"{where}: tensor '{key}' has shape {list(t.shape)}, expected {list(shape)} (from config.json)"
+                f"{self.reader.folder / shard}: tensor '{key}' has shape {list(t.shape)}, expected {list(shape)} (from config.json)"
             )
         # NaN / Inf are caught by quantize_weight from its amax (no extra pass here).
 
@@ -112,16 +119,21 @@ class TensorRouter:
             if self.dropped(key):
                 continue
             was_fp8 = t.dtype in fp8.FP8_DTYPES
+            parsed = parse_expert_key(key, self.model)
+            if was_fp8 and parsed and t.dim() == 2:
+                # One expert projection: hand the FP8 weight and its scales to the quantizer.
+                scales = fp8.block_scales(self.reader, key, self.block)
+                prefix, _, expert, proj, suffix = parsed
+                self.check_expert_suffix(suffix, src)
+                self.check_shape(key, t, self.model.float_shape(proj), shard)
+                yield key, t, [Part(prefix, expert, proj, t, src, scales)]
+                continue
             if was_fp8:
                 t = fp8.float_of(self.reader, key, t, self.block)
-            parsed = parse_expert_key(key, self.model)
             fused = FUSED_RE.match(key)
             if parsed:
                 prefix, _, expert, proj, suffix = parsed
-                if suffix != "weight":
-                    raise CheckpointError(
-                        f"{src}: routed-expert tensor is not supported (only .weight; expert biases are not)"
-                    )
+                self.check_expert_suffix(suffix, src)
                 self.check_float(key, t, self.model.float_shape(proj), shard)
                 yield key, t, [Part(prefix, expert, proj, t, src)]
             elif fused:
@@ -144,6 +156,13 @@ class TensorRouter:
                 yield key, t, [Part(key[: -len(".weight")], None, "linear", t, src)]
             else:
                 yield key, (t.to(torch.bfloat16) if was_fp8 else t), []
+
+    @staticmethod
+    def check_expert_suffix(suffix: str, src: str) -> None:
+        if suffix != "weight":
+            raise CheckpointError(
+                f"{src}: routed-expert tensor is not supported (only .weight; expert biases are not)"
+            )
 
     def is_target_linear(self, key: str, t: torch.Tensor) -> bool:
         if not self.targets or not key.endswith(".weight") or t.dim() != 2 or t.dtype not in FLOAT_DTYPES:

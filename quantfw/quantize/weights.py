@@ -27,15 +27,25 @@ class QuantizedWeight:
 
 
 def quantize_weight(
-    w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None
+    w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None, fp8=None
 ) -> QuantizedWeight:
     """Quantize float weights [..., N, K] under the scheme flags with the observer they select
     (`weight_observer`, default minmax). Data-driven observers take one weight [N, K] and its
-    calibration inputs x [M, K]; without enough inputs the declared fallback observer runs."""
+    calibration inputs x [M, K]; without enough inputs the declared fallback observer runs.
+    fp8 (quantfw.io.fp8.BlockScales): w is an FP8 weight with these block scales; an observer
+    registered with `fp8=True` dequantizes it itself, any other gets the fp32 dequantization."""
     from quantfw.quantize import observers
 
     observer, why = observers.resolve(flags, x)
-    qw = observer.fn(w, flags, x if observer.needs_data else None)
+    data = x if observer.needs_data else None
+    if fp8 is not None and observer.takes_fp8:
+        qw = observer.fn(w, flags, data, fp8=fp8)
+    else:
+        if fp8 is not None:
+            from quantfw.io.fp8 import dequantize
+
+            w = dequantize(w, fp8.scale_inv, fp8.block)
+        qw = observer.fn(w, flags, data)
     # Which observer ran and why it is the fallback (None: the chosen one), for the caller's report.
     qw.info = {**(qw.info or {}), "observer": observer.name, "fallback": why}
     # s1 comes from amax over each row, which propagates NaN and Inf: checking it replaces a full
