@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,8 +117,6 @@ class MoEModel:
                 want = (E, 2 * I, H) if fused["proj"] == "gate_up_proj" else (E, H, I)
             else:
                 continue
-            if top + 1 > E:
-                break
             if want is not None and info.dtype.is_floating_point and tuple(info.shape) != want:
                 raise CheckpointError(
                     f"{where}: {self.keys.get('hidden_size')}={H}, {self.keys.get('moe_intermediate_size')}={I} "
@@ -175,13 +174,14 @@ def parse_expert_key(key: str, model: MoEModel):
 
 
 def expert_prefixes(keys, model: MoEModel) -> dict[int, str]:
-    """layer -> the expert-block prefix (`model.layers.L.mlp.experts`) found among the keys."""
-    out: dict[int, str] = {}
+    """layer -> the expert-block prefix (`model.layers.L.mlp.experts`) found among the keys; the
+    one holding most tensors when a layer has several (the others are reported by check)."""
+    counts: dict[int, Counter] = {}
     for k in keys:
         p = parse_expert_key(k, model)
         if p:
-            out.setdefault(p[1], p[0])
-    return dict(sorted(out.items()))
+            counts.setdefault(p[1], Counter())[p[0]] += 1
+    return {layer: c.most_common(1)[0][0] for layer, c in sorted(counts.items())}
 
 
 def key_of(prefix: str, expert: int, model: MoEModel, proj: str, suffix: str) -> str:
