@@ -21,6 +21,7 @@ from hostile_checkpoints import (
 )
 
 from quantfw.errors import CheckpointError
+from quantfw.io.experts import MoEModel, layer_ranges
 from quantfw.io.loader import check, open_checkpoint
 from quantfw.io.reader import CheckpointReader
 
@@ -155,6 +156,40 @@ def test_dense_layer_rules_of_config_json(valid, tmp_path):
         lambda d: d.update(model_type="qwen3_moe", first_k_dense_replace=0, mlp_only_layers=[1]),
     )
     assert check(open_checkpoint(folder, collect=True)) == []
+    # one decoder layer + DeepSeek's multi-token-prediction layer: both MoE, layer 1 missing
+    edit_json(
+        folder / "config.json",
+        lambda d: d.update(model_type="deepseek_v3", num_hidden_layers=1, num_nextn_predict_layers=1),
+    )
+    assert check(open_checkpoint(folder, collect=True)) == [
+        "layer 1: no routed-expert tensors (config.json makes layers [0, 1] MoE)"
+    ]
+
+
+def test_moe_layers_of_released_configs():
+    def layers(**config):
+        base = {"hidden_size": 7168, "moe_intermediate_size": 2048, "num_experts": 256}
+        model = MoEModel.from_config({**base, **config}, "config.json")
+        return layer_ranges(model.moe_layers({**base, **config}, "config.json"))
+
+    ds = dict(model_type="deepseek_v3", num_hidden_layers=61, first_k_dense_replace=3, moe_layer_freq=1)
+    assert layers(**ds, num_nextn_predict_layers=1) == "[3..61]"
+    assert layers(model_type="qwen3_moe", num_hidden_layers=48, decoder_sparse_step=1) == "[0..47]"
+    assert layers(model_type="qwen2_moe", num_hidden_layers=6, decoder_sparse_step=2) == "[1, 3, 5]"
+    assert layers(model_type="mixtral", num_hidden_layers=32, intermediate_size=14336) == "[0..31]"
+    assert (
+        MoEModel.from_config(
+            {
+                "model_type": "llama4",
+                "hidden_size": 1,
+                "moe_intermediate_size": 1,
+                "num_experts": 1,
+                "num_hidden_layers": 2,
+            },
+            "c",
+        ).moe_layers({}, "c")
+        is None
+    )
 
 
 def test_experts_under_a_second_prefix_reported(valid, tmp_path):

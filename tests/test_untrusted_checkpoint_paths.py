@@ -196,3 +196,14 @@ def test_extra_files_refuse_links_out_and_special_files(clip, tmp_path, kind):
         reader.extra_files()
     msg = one_line(e)
     assert entry.name in msg and ("outside the checkpoint folder" in msg or "FIFO" in msg)
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_broken_links_are_one_line(w4a8, tmp_path, kind):
+    shard = shard_of(w4a8)
+    shard.unlink()
+    shard.symlink_to(tmp_path / "gone.safetensors" if kind == "dangling" else shard)
+    index_of(w4a8).unlink()  # discovered by name: the link itself is the entry
+    with pytest.raises(CheckpointError) as e:
+        CheckpointReader(w4a8)
+    assert shard.name in one_line(e) and "broken or looping symlink" in one_line(e)

@@ -167,3 +167,14 @@ def test_alpha_at_the_edges_is_accepted(clip):
     set_alpha(clip, 0, 0, 1.0)
     set_alpha(clip, 0, 1, 1e-6)
     assert check(open_checkpoint(clip)) == []
+
+
+def test_oversized_json_refused_before_reading(clip):
+    cfg = clip / "config.json"
+    with cfg.open("r+b") as f:  # sparse: 65 MiB on paper, nothing written
+        f.truncate(65 << 20)
+    t = time.perf_counter()
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(clip)
+    assert time.perf_counter() - t < 2.0
+    assert "config.json" in one_line(e) and "bytes (at most" in one_line(e)

@@ -129,23 +129,27 @@ class MoEModel:
             )
 
     def moe_layers(self, config: Mapping[str, Any], where: str) -> list[int] | None:
-        """The decoder layers config.json says are MoE, None when this model type is not known."""
+        """The decoder layers config.json says are MoE, None when this model type is not known.
+        DeepSeek's multi-token-prediction layers (num_nextn_predict_layers) follow the decoder
+        layers and are MoE layers too."""
         if self.model_type not in MOE_LAYER_TYPES or self.num_layers is None:
             return None
         cfg, n = Fields(config, where), self.num_layers
         first = cfg.integer("first_k_dense_replace", 0, n, default=0)
         freq = cfg.integer("moe_layer_freq", 1, n, default=1)
         step = cfg.integer("decoder_sparse_step", 1, n, default=1)
+        nextn = cfg.integer("num_nextn_predict_layers", 0, 64, default=0)
         dense = cfg.raw("mlp_only_layers", [])
         if not isinstance(dense, list) or not all(
             isinstance(x, int) and not isinstance(x, bool) for x in dense
         ):
             raise cfg.fail("mlp_only_layers", "an array of layer indices", dense)
-        return [
+        decoder = [
             layer
             for layer in range(n)
             if layer >= first and layer % freq == 0 and (layer + 1) % step == 0 and layer not in dense
         ]
+        return decoder + list(range(n, n + nextn))
 
     def dims(self, ep_size: int = 1, tp: int = 1) -> Dims:
         if ep_size < 1 or tp < 1:
@@ -160,6 +164,18 @@ class MoEModel:
     def float_shape(self, proj: str) -> tuple[int, int]:
         H, I = self.hidden_size, self.moe_intermediate_size
         return (H, I) if proj == "down" else (I, H)
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """[0, 1] or [3..60]: runs of three or more consecutive layers collapsed."""
+    runs: list[list[int]] = []
+    for x in layers:
+        if runs and x == runs[-1][-1] + 1:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    parts = [f"{r[0]}..{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs]
+    return "[" + ", ".join(parts) + "]"
 
 
 def parse_expert_key(key: str, model: MoEModel):

@@ -20,7 +20,15 @@ from omegaconf import DictConfig
 from quantfw.errors import CheckpointError
 from quantfw.formats.format import Format
 from quantfw.io import metadata
-from quantfw.io.experts import PROJS, MoEModel, expert_prefixes, key_of, parse_expert_key, projection_specs
+from quantfw.io.experts import (
+    PROJS,
+    MoEModel,
+    expert_prefixes,
+    key_of,
+    layer_ranges,
+    parse_expert_key,
+    projection_specs,
+)
 from quantfw.io.reader import CheckpointReader
 from quantfw.layout.spec import ParamSpec, conformance_problems
 from quantfw.schemes.scheme import Scheme
@@ -184,12 +192,12 @@ def check(op: Opened) -> list[str]:
         for layer in expected:
             if layer not in op.prefixes:
                 out.append(
-                    f"layer {layer}: no routed-expert tensors (config.json makes layers {expected} MoE)"
+                    f"layer {layer}: no routed-expert tensors (config.json makes layers {layer_ranges(expected)} MoE)"
                 )
         for layer in op.prefixes:
             if layer not in expected:
                 out.append(
-                    f"layer {layer}: has routed-expert tensors but config.json makes layers {expected} MoE"
+                    f"layer {layer}: has routed-expert tensors but config.json makes layers {layer_ranges(expected)} MoE"
                 )
     E = op.model.num_experts
     for layer in op.prefixes:
