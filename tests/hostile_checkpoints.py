@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -88,14 +89,20 @@ def set_alpha(folder: Path, layer: int, expert: int, value: float) -> str:
 
 
 def run(*args: str, timeout: float = 120, limit_bytes: int | None = None) -> subprocess.CompletedProcess:
-    """`python -m quantfw ARGS` in a subprocess (optionally under an address-space limit)."""
-    code = "import runpy, sys\n"
-    if limit_bytes:
-        code += f"import resource\nresource.setrlimit(resource.RLIMIT_AS, ({limit_bytes}, {limit_bytes}))\n"
-    code += f"sys.argv = ['quantfw', *{list(args)!r}]\nrunpy.run_module('quantfw', run_name='__main__')\n"
+    """`python -m quantfw ARGS` in a subprocess, optionally under an address-space limit."""
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "quantfw", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit if limit_bytes else None,
     )
 
 

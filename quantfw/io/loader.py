@@ -9,6 +9,7 @@ and handed to `MoELayer.load`, which runs the declared post-load pipeline.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -170,13 +171,14 @@ def value_problems(key: str, t: torch.Tensor, expert: int) -> list[str]:
 
 
 def _ranged_keys(op: Opened, layer: int, experts: Iterable[int]) -> dict[str, int]:
-    """key -> expert of this layer's present tensors that have a declared value range."""
+    """key -> expert of this layer's present tensors that have a declared value range (scalars:
+    a wrong-shape one is reported by layer_problems, never read whole)."""
     out = {}
     for e in experts:
         for proj in PROJS:
             for suffix in VALUE_RANGES:
                 key = key_of(op.prefixes[layer], e, op.model, proj, suffix)
-                if key in op.reader:
+                if key in op.reader and math.prod(op.reader.info(key).shape) <= 1:
                     out[key] = e
     return out
 

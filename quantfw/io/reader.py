@@ -96,15 +96,17 @@ class CheckpointReader:
         if not self.shards:
             raise CheckpointError(f"{self.folder}: no *.safetensors files and no safetensors index")
         headers = {}
+        missing = []  # reported first: they explain the tensors that follow
         for shard in self.shards:
             path = self.path(
                 shard, f"shard listed in {self.index}" if listed else "shard", missing_ok=bool(listed)
             )
             if path is None:
-                self.problems.append(f"{self.folder / shard}: shard listed in {self.index} is missing")
+                missing.append(f"{self.folder / shard}: shard listed in {self.index} is missing")
                 continue
             self._paths[shard] = path
             headers[shard] = self._read_header(shard)
+        self.shards = list(headers)
         for shard, header in headers.items():
             for key, info in header.items():
                 if key in self._info:
@@ -130,8 +132,7 @@ class CheckpointReader:
                             else f"absent from {self.index}"
                         )
                     )
-        # missing shards first (they explain the rest), then the order found
-        self.problems.sort(key=lambda p: "shard listed in" not in p)
+        self.problems[:0] = missing
         if self.problems and not collect:
             more = len(self.problems) - 1
             raise CheckpointError(
