@@ -156,13 +156,15 @@ def test_dense_layer_rules_of_config_json(valid, tmp_path):
         lambda d: d.update(model_type="qwen3_moe", first_k_dense_replace=0, mlp_only_layers=[1]),
     )
     assert check(open_checkpoint(folder, collect=True)) == []
-    # one decoder layer + DeepSeek's multi-token-prediction layer: both MoE, layer 1 missing
+    # DeepSeek's multi-token-prediction layer after the decoder layers is MoE but optional
+    cfg = dict(model_type="deepseek_v3", first_k_dense_replace=0, mlp_only_layers=[])
     edit_json(
-        folder / "config.json",
-        lambda d: d.update(model_type="deepseek_v3", num_hidden_layers=1, num_nextn_predict_layers=1),
+        folder / "config.json", lambda d: d.update(cfg, num_hidden_layers=1, num_nextn_predict_layers=1)
     )
+    assert check(open_checkpoint(folder, collect=True)) == []
+    edit_json(folder / "config.json", lambda d: d.update(num_hidden_layers=2, num_nextn_predict_layers=1))
     assert check(open_checkpoint(folder, collect=True)) == [
-        "layer 1: no routed-expert tensors (config.json makes layers [0, 1] MoE)"
+        "layer 1: no routed-expert tensors (config.json makes layers [0, 1] (+ optional [2]) MoE)"
     ]
 
 
@@ -170,7 +172,8 @@ def test_moe_layers_of_released_configs():
     def layers(**config):
         base = {"hidden_size": 7168, "moe_intermediate_size": 2048, "num_experts": 256}
         model = MoEModel.from_config({**base, **config}, "config.json")
-        return layer_ranges(model.moe_layers({**base, **config}, "config.json"))
+        required, optional = model.moe_layers({**base, **config}, "config.json")
+        return layer_ranges(required + optional)
 
     ds = dict(model_type="deepseek_v3", num_hidden_layers=61, first_k_dense_replace=3, moe_layer_freq=1)
     assert layers(**ds, num_nextn_predict_layers=1) == "[3..61]"

@@ -128,10 +128,10 @@ class MoEModel:
                 f"(routed experts 0..{top} found, e.g. '{top_key}')"
             )
 
-    def moe_layers(self, config: Mapping[str, Any], where: str) -> list[int] | None:
-        """The decoder layers config.json says are MoE, None when this model type is not known.
-        DeepSeek's multi-token-prediction layers (num_nextn_predict_layers) follow the decoder
-        layers and are MoE layers too."""
+    def moe_layers(self, config: Mapping[str, Any], where: str) -> tuple[list[int], list[int]] | None:
+        """(required, optional) MoE layers by config.json, None when this model type is not known.
+        Optional: DeepSeek's multi-token-prediction layers (num_nextn_predict_layers) after the
+        decoder layers, in released checkpoints but dropped by transformers' save_pretrained."""
         if self.model_type not in MOE_LAYER_TYPES or self.num_layers is None:
             return None
         cfg, n = Fields(config, where), self.num_layers
@@ -149,7 +149,7 @@ class MoEModel:
             for layer in range(n)
             if layer >= first and layer % freq == 0 and (layer + 1) % step == 0 and layer not in dense
         ]
-        return decoder + list(range(n, n + nextn))
+        return decoder, list(range(n, n + nextn))
 
     def dims(self, ep_size: int = 1, tp: int = 1) -> Dims:
         if ep_size < 1 or tp < 1:

@@ -189,17 +189,17 @@ def check(op: Opened) -> list[str]:
     missing/unexpected/wrong tensors, and out-of-range values (alpha)."""
     out = list(op.reader.problems)
     config = op.reader.config()
-    expected = op.model.moe_layers(config, str(op.reader.folder / "config.json"))
-    if expected is not None:
-        for layer in expected:
+    by_config = op.model.moe_layers(config, str(op.reader.folder / "config.json"))
+    if by_config is not None:
+        required, optional = by_config
+        said = layer_ranges(required) + (f" (+ optional {layer_ranges(optional)})" if optional else "")
+        for layer in required:
             if layer not in op.prefixes:
-                out.append(
-                    f"layer {layer}: no routed-expert tensors (config.json makes layers {layer_ranges(expected)} MoE)"
-                )
+                out.append(f"layer {layer}: no routed-expert tensors (config.json makes layers {said} MoE)")
         for layer in op.prefixes:
-            if layer not in expected:
+            if layer not in required and layer not in optional:
                 out.append(
-                    f"layer {layer}: has routed-expert tensors but config.json makes layers {layer_ranges(expected)} MoE"
+                    f"layer {layer}: has routed-expert tensors but config.json makes layers {said} MoE"
                 )
     E = op.model.num_experts
     for layer in op.prefixes:
