@@ -63,10 +63,7 @@ def check_scale(
 
 
 def dequantize(
-    w: torch.Tensor,
-    scale_inv: torch.Tensor,
-    block: tuple[int, int] = DEFAULT_BLOCK,
-    where: str = "fp8 weight",
+    w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK, where: str = "fp8 weight"
 ) -> torch.Tensor:
     """fp32 [N, K] = fp8 weight x its block's scale_inv (one fp32 multiply per element)."""
     check_scale(tuple(w.shape), tuple(scale_inv.shape), block, where)
