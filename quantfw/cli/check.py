@@ -1,4 +1,7 @@
-"""`quantfw check checkpoint=DIR [recipe overrides]`: one conformance report, exit 2 if anything is off."""
+"""`quantfw check checkpoint=DIR [recipe overrides]`: one conformance report, exit 2 if anything is off.
+
+The reader collects every index/shard inconsistency instead of stopping at the first, so the
+report lists them all with the missing MoE layers, wrong tensors and out-of-range values."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ def run(cfg: DictConfig) -> list[str]:
     if not cfg.checkpoint:
         raise ConfigError("check needs checkpoint=DIR")
     recipe, overrides = recipe_and_overrides()
-    op = open_checkpoint(cfg.checkpoint, recipe, overrides)
+    op = open_checkpoint(cfg.checkpoint, recipe, overrides, collect=True)
     problems = check(op)
     layers = list(op.prefixes)
     head = (

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
+from quantfw.errors import CheckpointError
 from quantfw.eval.metrics import compare
 from quantfw.eval.synthetic import hidden_states, random_routing
 from quantfw.io.experts import MoEModel, read_float_experts
+from quantfw.io.fields import Fields
 from quantfw.io.loader import load_layer, open_checkpoint
 from quantfw.io.reader import CheckpointReader
 from quantfw.moe.reference import FloatMoE
@@ -33,11 +35,9 @@ def evaluate_checkpoint(
     """One row per MoE layer; with per_expert each row gets `experts`: the same metrics per expert
     on the tokens routed to it (that expert alone, weight 1), plus its alpha when the layer clips."""
     op = open_checkpoint(checkpoint, recipe, recipe_overrides)
-    ref = CheckpointReader(reference)
-    ref_config = ref.config()
-    ref_model = MoEModel.from_config(ref_config, str(ref.folder / "config.json"))
-    top_k = int(ref_config.get("num_experts_per_tok", 2))
+    ref, ref_model = _reference(reference, op)
     E, H = op.model.num_experts, op.model.hidden_size
+    top_k = Fields(ref.config(), ref.folder / "config.json").integer("num_experts_per_tok", 1, E, default=2)
     x = hidden_states(tokens, H, seed=seed + 1)
     weights, ids = random_routing(tokens, E, top_k, seed=seed + 2)
     rows = []
@@ -54,6 +54,19 @@ def evaluate_checkpoint(
             row["experts"] = _per_expert(quant, ref_moe, x, ids, row.get("alphas"))
         rows.append(row)
     return rows
+
+
+def _reference(reference: str | Path, op) -> tuple[CheckpointReader, MoEModel]:
+    """The float reference, its dims checked against its tensors and equal to the checkpoint's."""
+    ref = CheckpointReader(reference)
+    model = MoEModel.from_reader(ref)
+    mine, theirs = ((m.num_experts, m.hidden_size, m.moe_intermediate_size) for m in (op.model, model))
+    if mine != theirs:
+        raise CheckpointError(
+            f"{ref.folder / 'config.json'}: reference dims (E, H, I) = {theirs} differ from "
+            f"{op.reader.folder}'s {mine}"
+        )
+    return ref, model
 
 
 def _per_expert(quant, ref_moe, x, ids, alphas) -> list[dict]:
@@ -88,11 +101,11 @@ def checkpoint_perplexity(
     attention stay float). Text of quantfw.eval.text with the reference's tokenizer, else
     pseudo-random ids (recorded in `token_source`)."""
     from quantfw.calibrate.model import calibration_tokens, load_float_model
-    from quantfw.errors import CheckpointError
     from quantfw.eval.perplexity import paired_delta, perplexity_details
     from quantfw.integrations.hf import swap_moe_experts
 
     op = open_checkpoint(checkpoint, recipe, recipe_overrides)
+    _reference(reference, op)  # dims agree with the tensors before transformers sizes the model
     model = load_float_model(reference)
     ids, data = calibration_tokens(reference, model.config.vocab_size, tokens, seed, split="heldout")
     base = perplexity_details(model, ids, seq_len=seq_len, max_tokens=tokens)

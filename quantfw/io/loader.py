@@ -9,6 +9,7 @@ and handed to `MoELayer.load`, which runs the declared post-load pipeline.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,15 @@ from omegaconf import DictConfig
 from quantfw.errors import CheckpointError
 from quantfw.formats.format import Format
 from quantfw.io import metadata
-from quantfw.io.experts import PROJS, MoEModel, expert_prefixes, key_of, parse_expert_key, projection_specs
+from quantfw.io.experts import (
+    PROJS,
+    MoEModel,
+    expert_prefixes,
+    key_of,
+    layer_ranges,
+    parse_expert_key,
+    projection_specs,
+)
 from quantfw.io.reader import CheckpointReader
 from quantfw.layout.spec import ParamSpec, conformance_problems
 from quantfw.schemes.scheme import Scheme
@@ -57,11 +66,19 @@ def open_checkpoint(
     tp_size: int = 1,
     backend: str | None = None,
     proj_names=None,
+    collect: bool = False,
 ) -> Opened:
+    """The checkpoint with its detected recipe. Dims from config.json are typed, bounded and
+    checked against the tensor headers before anything is sized from them. `collect=True` keeps
+    index/shard inconsistencies in `reader.problems` for `check` instead of raising."""
     from quantfw.config.compose import compose
 
-    reader = CheckpointReader(path)
-    model = MoEModel.from_config(reader.config(), str(reader.folder / "config.json"), proj_names)
+    if not (0 <= ep_rank < ep_size and 0 <= tp_rank < tp_size):
+        raise CheckpointError(
+            f"ep_rank={ep_rank}/ep_size={ep_size}, tp_rank={tp_rank}/tp_size={tp_size}: rank out of range"
+        )
+    reader = CheckpointReader(path, collect=collect)
+    model = MoEModel.from_reader(reader, proj_names)
     prefixes = expert_prefixes(reader.keys(), model)
     if not prefixes:
         raise CheckpointError(
@@ -71,7 +88,8 @@ def open_checkpoint(
     first = next(iter(prefixes.items()))
     probe = {s: key_of(first[1], 0, model, "gate", s) for s in ("weight", "weight_scale_second")}
     probe["alpha"] = key_of(first[1], 0, model, "down", "alpha")
-    detected = metadata.detect(reader, probe)
+    experts = [k for k in reader.keys() if parse_expert_key(k, model)]
+    detected = metadata.detect(reader, probe, experts)
     dims = [
         f"model.hidden_size={model.hidden_size}",
         f"model.moe_intermediate_size={model.moe_intermediate_size}",
@@ -84,10 +102,6 @@ def open_checkpoint(
     ]
     chosen = [*detected, *dims, *([f"backend={backend}"] if backend else []), *recipe_overrides]
     cfg = compose(recipe, chosen)
-    if not (0 <= ep_rank < ep_size and 0 <= tp_rank < tp_size):
-        raise CheckpointError(
-            f"ep_rank={ep_rank}/ep_size={ep_size}, tp_rank={tp_rank}/tp_size={tp_size}: rank out of range"
-        )
     return Opened(
         reader, model, prefixes, cfg, Scheme.from_config(cfg.scheme), Format.from_config(cfg.format)
     )
@@ -118,7 +132,9 @@ def layer_problems(
     experts = set(experts)
     for key in op.reader.keys() if unexpected else ():
         p = parse_expert_key(key, op.model)
-        if p and p[0] == prefix and p[2] in experts and key not in expected:
+        if p and p[1] == layer and p[0] != prefix:
+            problems.append(f"unexpected {key} (layer {layer}'s routed experts are under {prefix})")
+        elif p and p[0] == prefix and p[2] in experts and key not in expected:
             problems.append(
                 f"unexpected {key} (not declared by {op.fmt.where} for scheme '{op.scheme.name}')"
             )
@@ -136,11 +152,62 @@ def _accepting_scalar(info, shape):
     return info
 
 
+# Value ranges of stored tensors, by suffix: (low exclusive, high inclusive, why).
+VALUE_RANGES = {"alpha": (0.0, 1.0, "a clip factor of the activation amax")}
+
+
+def value_problems(key: str, t: torch.Tensor, expert: int) -> list[str]:
+    """Why a tensor's values are out of their declared range (empty = fine or no range)."""
+    suffix = key.rsplit(".", 1)[-1]
+    if suffix not in VALUE_RANGES:
+        return []
+    lo, hi, why = VALUE_RANGES[suffix]
+    v = t.detach().float().reshape(-1)
+    bad = ~(torch.isfinite(v) & (v > lo) & (v <= hi))
+    if not bool(bad.any()):
+        return []
+    first = float(v[bad][0])
+    return [f"{key} (expert {expert}) = {first}: {suffix} must be finite and in ({lo:g}, {hi:g}] ({why})"]
+
+
+def _ranged_keys(op: Opened, layer: int, experts: Iterable[int]) -> dict[str, int]:
+    """key -> expert of this layer's present tensors that have a declared value range (scalars:
+    a wrong-shape one is reported by layer_problems, never read whole)."""
+    out = {}
+    for e in experts:
+        for proj in PROJS:
+            for suffix in VALUE_RANGES:
+                key = key_of(op.prefixes[layer], e, op.model, proj, suffix)
+                if key in op.reader and math.prod(op.reader.info(key).shape) <= 1:
+                    out[key] = e
+    return out
+
+
 def check(op: Opened) -> list[str]:
-    """The conformance report of every MoE layer (empty = conforming)."""
-    out = []
+    """The conformance report of the whole checkpoint (empty = conforming): index/shard
+    inconsistencies, MoE layers config.json promises but the tensors lack, every layer's
+    missing/unexpected/wrong tensors, and out-of-range values (alpha)."""
+    out = list(op.reader.problems)
+    config = op.reader.config()
+    by_config = op.model.moe_layers(config, str(op.reader.folder / "config.json"))
+    if by_config is not None:
+        required, optional = by_config
+        said = layer_ranges(required) + (f" (+ optional {layer_ranges(optional)})" if optional else "")
+        for layer in required:
+            if layer not in op.prefixes:
+                out.append(f"layer {layer}: no routed-expert tensors (config.json makes layers {said} MoE)")
+        for layer in op.prefixes:
+            if layer not in required and layer not in optional:
+                out.append(
+                    f"layer {layer}: has routed-expert tensors but config.json makes layers {said} MoE"
+                )
+    E = op.model.num_experts
     for layer in op.prefixes:
-        out += layer_problems(op, layer, range(op.model.num_experts))
+        out += layer_problems(op, layer, range(E))
+        ranged = _ranged_keys(op, layer, range(E))
+        values = op.reader.read_many(list(ranged))
+        for key, e in ranged.items():
+            out += value_problems(key, values[key], e)
     return out
 
 
@@ -195,6 +262,10 @@ def layer_tensors(op: Opened, layer: int) -> dict[str, torch.Tensor]:
         if not (fill_alpha and s == "alpha")
     ]
     raw = op.reader.read_many(keys)
+    for key, e in _ranged_keys(op, layer, experts).items():
+        bad = value_problems(key, raw[key], e) if key in raw else []
+        if bad:
+            raise CheckpointError(f"{op.reader.folder / op.reader.shard_of(key)}: {bad[0]}")
     per_role: dict[str, list[torch.Tensor]] = {}
     for suffix in specs["down"].keys() | specs["gate"].keys():
         for role, projs in (("w13", ("gate", "up")), ("w2", ("down",))):

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from quantfw.errors import CheckpointError
+from quantfw.io.fields import Fields
 from quantfw.schemes.scheme import Scheme
 
 VERSION = "0.1.0"
@@ -142,49 +143,102 @@ def write(style: str, out: Path, config: dict, scheme: Scheme, types: Mapping[st
 # -------------------------------------------------------------------------------------- detection
 
 PACK_QUANTIZED = "pack-quantized"
+# Values detection reads, typed strictly (quantfw.io.fields): anything else is refused naming the key.
+STRATEGIES = ("channel", "group")  # weight strategies of the routed experts that can be read
+MAX_GROUP = 1 << 16
+EXPERT_TYPES = ("W8A8_DYNAMIC", "W4A8_DYNAMIC")  # msModelSlim per-tensor types of readable experts
+PACKED_INT4_VERSION = "1.0.0"  # msModelSlim description version of packed int4 + scale_bias
+DESCRIPTION_FIELDS = ("version", "group_size", "model_quant_type", "quantfw")
 
 
 def _targets_module(targets, name: str) -> bool:
     """compressed-tensors target matching for one Linear module: class name, exact name or `re:`."""
     for t in targets or ():
-        if t == "Linear" or t == name or (t.startswith("re:") and re.match(t[3:], name)):
+        if t == "Linear" or t == name or (t.startswith("re:") and _matches(t[3:], name)):
             return True
     return False
 
 
-def _detect_pack_quantized(reader, qc: Mapping[str, Any], weight_key: str) -> list[str]:
+def _matches(pattern: str, name: str) -> bool:
+    try:
+        return re.match(pattern, name) is not None
+    except re.error:
+        return False  # a broken pattern targets nothing (reported as no group targeting the experts)
+
+
+def _weights_group(g: Fields, readable_bits: tuple[int, ...]) -> tuple[int, int]:
+    """(num_bits, group_size) of a config group's `weights`; group_size 0 = per channel.
+    A strategy/group_size combination other than channel (no size) or group (a size) is refused."""
+    w = g.obj("weights", required=True)
+    bits = w.integer("num_bits", 1, 64)
+    if bits not in readable_bits:
+        raise w.fail("num_bits", f"one of {list(readable_bits)}", bits)
+    w.string("type", ("int",), default="int")
+    w.boolean("symmetric", default=True)
+    w.boolean("dynamic", default=False)
+    strategy = w.string("strategy", STRATEGIES)
+    if strategy == "channel":
+        if "group_size" in w:
+            raise w.fail("group_size", "null with strategy channel", w.raw("group_size"))
+        return bits, 0
+    return bits, w.integer("group_size", 1, MAX_GROUP)
+
+
+def _activations(g: Fields) -> None:
+    """Expert input activations, when declared, must be int8 dynamic per token (what W4A8/W8A8 run)."""
+    acts = g.obj("input_activations")
+    if acts is None:
+        return
+    acts.integer("num_bits", 8, 8, (8,))
+    acts.string("type", ("int",), default="int")
+    if not acts.boolean("dynamic"):
+        raise acts.fail("dynamic", "true (int8 dynamic per-token activations)", False)
+    acts.string("strategy", ("token",), default="token")
+    acts.boolean("symmetric", default=True)
+
+
+def _detect_pack_quantized(reader, qc: Fields, weight_key: str) -> list[str]:
     """llm-compressor int4 "pack-quantized" -> scheme w4a8 (group size from the config group
     that targets the routed experts) read through format pack_quantized."""
     where = reader.folder / "config.json"
     module = weight_key.rsplit(".", 1)[0]
     if any(
-        i == module or (isinstance(i, str) and i.startswith("re:") and re.match(i[3:], module))
-        for i in qc.get("ignore") or ()
+        i == module or (i.startswith("re:") and _matches(i[3:], module)) for i in qc.strings("ignore", [])
     ):
         raise CheckpointError(
             f"{where}: quantization_config ignores routed expert {module} (it is not quantized)"
         )
-    groups = [
-        g for g in (qc.get("config_groups") or {}).values() if _targets_module(g.get("targets"), module)
-    ]
+    groups = [g for _, g in (qc.obj("config_groups") or Fields({}, where)).objects()]
+    groups = [g for g in groups if _targets_module(g.strings("targets", []), module)]
     if not groups:
         raise CheckpointError(f"{where}: no quantization_config group targets routed expert {module}")
     g = groups[0]
-    fmt = g.get("format") or qc.get("format")
-    w = g.get("weights") or {}
-    facts = (fmt, w.get("num_bits"), w.get("type", "int"), w.get("symmetric"), w.get("strategy"))
-    if facts[:4] != (PACK_QUANTIZED, 4, "int", True) or facts[4] not in ("group", "channel"):
+    fmt = g.string("format", default=None) or qc.string("format", default=None)
+    w = g.obj("weights", required=True)
+    facts = (
+        fmt,
+        w.integer("num_bits", 1, 64),
+        w.string("type", default="int"),
+        w.boolean("symmetric", default=True),
+        w.string("strategy"),
+    )
+    if facts[:4] != (PACK_QUANTIZED, 4, "int", True) or facts[4] not in STRATEGIES:
         raise CheckpointError(
-            f"{where}: expert group {g.get('targets')} has format={fmt} num_bits={w.get('num_bits')} "
-            f"type={w.get('type')} symmetric={w.get('symmetric')} strategy={w.get('strategy')} "
+            f"{where}: expert group {g.raw('targets')} has format={fmt} num_bits={facts[1]} "
+            f"type={facts[2]} symmetric={facts[3]} strategy={facts[4]} "
             "(readable: pack-quantized, 4-bit int, symmetric, group or channel)"
         )
-    acts = g.get("input_activations")
-    if acts and (acts.get("num_bits"), acts.get("type", "int"), acts.get("dynamic")) != (8, "int", True):
+    _, group = _weights_group(g, (4,))
+    acts = g.obj("input_activations")
+    if acts is not None and (
+        acts.raw("num_bits"),
+        acts.raw("type", "int"),
+        acts.raw("dynamic"),
+    ) != (8, "int", True):
         raise CheckpointError(
-            f"{where}: expert input_activations {dict(acts)} (W4A8 runs int8 dynamic per-token activations)"
+            f"{where}: expert input_activations {dict(acts.data)} (W4A8 runs int8 dynamic per-token activations)"
         )
-    group = int(w.get("group_size") or 0) if w["strategy"] == "group" else 0
+    _activations(g)
     scale_key = module + ".weight_scale"
     if scale_key not in reader:
         raise CheckpointError(f"{reader.folder}: '{scale_key}' missing (pack-quantized needs weight_scale)")
@@ -198,67 +252,96 @@ def _detect_pack_quantized(reader, qc: Mapping[str, Any], weight_key: str) -> li
     ]
 
 
-def detect(reader, expert_keys: Mapping[str, str]) -> list[str]:
+def _detect_int_quantized(reader, qc: Fields) -> list[str]:
+    """compressed-tensors int-quantized (cann-recipes, quantfw): the MoEGMM config group."""
+    where = reader.folder / "config.json"
+    groups = list((qc.obj("config_groups") or Fields({}, where)).objects())
+    moe = [g for _, g in groups if "MoEGMM" in g.strings("targets", [])]
+    if not moe:
+        raise CheckpointError(
+            f"{where}: quantization_config has no config group targeting MoEGMM "
+            f"(found targets: {[g.raw('targets') for _, g in groups]})"
+        )
+    g = moe[0]
+    bits, group = _weights_group(g, (4, 8))
+    _activations(g)
+    clip = g.boolean("activation_use_clip", default=False)
+    if group:
+        # this format stores experts per channel only (conf/format/compressed_tensors.yaml)
+        raise g.obj("weights").fail("strategy", "channel (int-quantized experts are per channel)", "group")
+    if bits == 8:
+        if clip:
+            raise g.fail("activation_use_clip", "false for 8-bit experts", clip)
+        return ["scheme=w8a8", "format=compressed_tensors"]
+    return [
+        "scheme=w4a8_clip",
+        f"scheme.activation_use_clip={str(clip).lower()}",
+        "format=compressed_tensors",
+    ]
+
+
+def quantization_config(reader) -> Fields | None:
+    """config.json's quantization_config (an object, or absent)."""
+    return Fields(reader.config(), reader.folder / "config.json").obj("quantization_config")
+
+
+def detect(reader, expert_keys: Mapping[str, str], experts: Sequence[str] = ()) -> list[str]:
     """Recipe overrides (scheme, format, flags) that match the checkpoint.
 
     `expert_keys` maps suffix -> a full key of one routed expert's gate projection, plus 'alpha'
-    -> its down_proj.alpha key (present or not). Per-tensor facts decide, not global fields.
+    -> its down_proj.alpha key (present or not); `experts` lists every routed-expert key (their
+    msModelSlim entries must agree). Per-tensor facts decide, not global fields.
     """
-    config = reader.config()
-    qc = config.get("quantization_config")
-    if isinstance(qc, Mapping) and qc.get("quant_method") == "compressed-tensors":
-        groups = qc.get("config_groups") or {}
-        if qc.get("format") == PACK_QUANTIZED or any(
-            isinstance(g, Mapping) and g.get("format") == PACK_QUANTIZED for g in groups.values()
+    qc = quantization_config(reader)
+    if qc is not None and qc.string("quant_method", default=None) == "compressed-tensors":
+        groups = qc.obj("config_groups") or Fields({}, qc.file)
+        if qc.string("format", default=None) == PACK_QUANTIZED or any(
+            g.string("format", default=None) == PACK_QUANTIZED for _, g in groups.objects()
         ):
             return _detect_pack_quantized(reader, qc, expert_keys["weight"])
-        moe = [g for g in groups.values() if "MoEGMM" in (g.get("targets") or [])]
-        if not moe:
-            raise CheckpointError(
-                f"{reader.folder / 'config.json'}: quantization_config has no config group targeting MoEGMM "
-                f"(found targets: {[g.get('targets') for g in groups.values()]})"
-            )
-        g = moe[0]
-        bits = (g.get("weights") or {}).get("num_bits")
-        if bits == 8:
-            return ["scheme=w8a8", "format=compressed_tensors"]
-        if bits == 4:
-            clip = bool(g.get("activation_use_clip", False))
-            return [
-                "scheme=w4a8_clip",
-                f"scheme.activation_use_clip={str(clip).lower()}",
-                "format=compressed_tensors",
-            ]
-        raise CheckpointError(
-            f"{reader.folder / 'config.json'}: MoEGMM group weights num_bits={bits} (expected 4 or 8)"
-        )
-    desc_name = next((n for n in DESCRIPTION_NAMES if (reader.folder / n).is_file()), None)
+        return _detect_int_quantized(reader, qc)
+    desc_name = next((n for n in DESCRIPTION_NAMES if reader.has(n)), None)
     if desc_name is None:
         raise CheckpointError(
             f"{reader.folder}: no quantization metadata (expected {' or '.join(DESCRIPTION_NAMES)}, "
             "or config.json quantization_config with quant_method compressed-tensors)"
         )
-    desc = reader.json(desc_name)
+    where = reader.folder / desc_name
+    desc = Fields(reader.json(desc_name), where)
+    for key, value in desc.data.items():
+        if key not in DESCRIPTION_FIELDS and not isinstance(value, str):
+            raise desc.fail(key, "a quantization type string", value)
+    desc.string("model_quant_type", default=None)
+    desc.obj("quantfw")
+    version = desc.string("version", default=None)
+    declared = desc.integer("group_size", 0, MAX_GROUP, default=None)
     wkey = expert_keys["weight"]
-    qtype = desc.get(wkey)
-    if qtype is None:
-        raise CheckpointError(f"{reader.folder / desc_name}: no entry for routed-expert tensor '{wkey}'")
+    if wkey not in desc:
+        raise CheckpointError(f"{where}: no entry for routed-expert tensor '{wkey}'")
+    qtype = desc.string(wkey, EXPERT_TYPES)
+    for key in experts:
+        if key in desc and desc.data[key] != qtype:
+            raise desc.fail(key, f"{qtype} like '{wkey}' (one type for every routed expert)", desc.data[key])
     if qtype == "W8A8_DYNAMIC":
         return ["scheme=w8a8", "format=msmodelslim"]
-    if qtype != "W4A8_DYNAMIC":
-        raise CheckpointError(
-            f"{reader.folder / desc_name}: '{wkey}' is {qtype} (expected W8A8_DYNAMIC or W4A8_DYNAMIC)"
+    if version is not None and version != PACKED_INT4_VERSION:
+        raise desc.fail(
+            "version", f"'{PACKED_INT4_VERSION}' for W4A8_DYNAMIC (packed int4 + scale_bias)", version
         )
     second = expert_keys["weight_scale_second"]
     group = 0
     if second in reader:
-        k = reader.info(wkey).shape[-1]
-        group = k // reader.info(second).shape[-1]
-        declared = desc.get("group_size")
-        if declared not in (None, group):
+        k, cols = reader.info(wkey).shape[-1], reader.info(second).shape[-1]
+        group = k // cols if cols else 0
+        if not group or group * cols != k:
             raise CheckpointError(
-                f"{reader.folder / desc_name}: group_size {declared} disagrees with '{second}' {list(reader.info(second).shape)} (K={k})"
+                f"{reader.folder}: '{second}' {list(reader.info(second).shape)} does not split K={k} into equal groups"
             )
+    if declared not in (None, group):
+        raise CheckpointError(
+            f"{where}: group_size {declared} disagrees with the tensors (group {group} from "
+            f"'{second}'{'' if group else ' absent: per channel'}, K={reader.info(wkey).shape[-1]})"
+        )
     clip = expert_keys["alpha"] in reader
     return [
         "scheme=w4a8",
