@@ -246,10 +246,14 @@ def read_float_experts(reader, model: MoEModel, layer: int):
     per-expert keys or transformers-5 fused `experts.gate_up_proj` / `experts.down_proj`."""
     import torch
 
+    from quantfw.io.fp8 import read_float  # FP8 releases: dequantized with their block scales
+
     keys = reader.keys()
     fused = {m["proj"]: k for k in keys if (m := FUSED_RE.match(k)) and int(m["layer"]) == layer}
     if {"gate_up_proj", "down_proj"} <= fused.keys():
-        return reader.get(fused["gate_up_proj"]).float(), reader.get(fused["down_proj"]).float()
+        return read_float(reader, fused["gate_up_proj"]).float(), read_float(
+            reader, fused["down_proj"]
+        ).float()
     prefix = expert_prefixes(keys, model).get(layer)
     if prefix is None:
         raise CheckpointError(f"{reader.folder}: layer {layer} has no routed-expert float weights")
@@ -260,8 +264,11 @@ def read_float_experts(reader, model: MoEModel, layer: int):
         raise CheckpointError(
             f"{reader.folder}: {len(missing)} float expert weight(s) missing, e.g. '{missing[0]}'"
         )
-    t = reader.read_many(need)
-    w = {(e, p): t[key_of(prefix, e, model, p, "weight")].float() for e in range(E) for p in PROJS}
+    w = {
+        (e, p): read_float(reader, key_of(prefix, e, model, p, "weight")).float()
+        for e in range(E)
+        for p in PROJS
+    }
     w13 = torch.stack([torch.cat([w[e, "gate"], w[e, "up"]]) for e in range(E)])
     w2 = torch.stack([w[e, "down"] for e in range(E)])
     return w13, w2

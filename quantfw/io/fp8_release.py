@@ -75,7 +75,7 @@ def write_fp8_release(src: str | Path, dst: str | Path, block: tuple[int, int] =
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = {**reader.config(), "quantization_config": fp8_quantization_config(block)}
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for p in sorted(src.iterdir()):
-        if p.is_file() and not p.name.endswith((".safetensors", ".index.json")) and p.name != "config.json":
+    for p in reader.extra_files():
+        if p.name != "config.json":
             shutil.copyfile(p, dst / p.name)
     return dst

@@ -110,7 +110,9 @@ class Converter:
         self.calibration = o.calibration
         self.reader = CheckpointReader(input)
         self.config = self.reader.config()
-        self.model = MoEModel.from_config(self.config, str(self.reader.folder / "config.json"), o.proj_names)
+        self.model = MoEModel.from_reader(
+            self.reader, o.proj_names
+        )  # config dims checked against the headers
         self.router = TensorRouter(self.reader, self.model, o.targets, o.ignore, o.mtp)
         self.config = self.router.output_config(self.config)
         self.targets, self.ignore = self.router.targets, self.router.ignore
@@ -173,7 +175,14 @@ class Converter:
                 role = "w2" if part.proj == "down" else "w13"
                 x = inputs(role, part.expert) if inputs is not None else None
             o, t, record = self.encoder.expert(
-                part.prefix, part.expert, part.proj, part.weight, x, self._alpha(part), part.src, part.fp8_scales
+                part.prefix,
+                part.expert,
+                part.proj,
+                part.weight,
+                x,
+                self._alpha(part),
+                part.src,
+                part.fp8_scales,
             )
             del x
             if record is not None:
@@ -330,8 +339,8 @@ class Converter:
     def _copy_extra_files(self) -> None:
         """The input's other files (tokenizer, generation config, ...) into the partial folder;
         not its weights in any format (pickled `.bin`/`.pt` files are float weights, not ours)."""
-        for p in sorted(self.reader.folder.iterdir()):
-            if p.is_file() and not p.name.endswith(WEIGHT_FILES) and not self.store.is_bookkeeping(p.name):
+        for p in self.reader.extra_files():  # regular files inside the input, links resolved
+            if not p.name.endswith(WEIGHT_FILES) and not self.store.is_bookkeeping(p.name):
                 self.store.copy_in(p)
 
     def run(self, dist: Dist | None = None) -> Path:
