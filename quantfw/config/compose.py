@@ -18,7 +18,7 @@ from quantfw.config.hydra_guard import check_hydra
 from quantfw.config.interpolation import check_no_resolvers
 from quantfw.config.schema import QuantfwConfig, register_configs
 from quantfw.config.sources import check_group_overrides, check_name, group_names, scan_user_dirs, user_dir
-from quantfw.config.sweep import split_overrides
+from quantfw.config.sweep import parse_overrides, split_overrides, sweep_jobs
 from quantfw.errors import ConfigError
 
 # The system temp folder, for Hydra's sweep records (conf/quantfw.yaml hydra.sweep.dir).
@@ -78,6 +78,31 @@ def check_sources(recipe: str, overrides: Sequence[str], config_dirs: Sequence[s
     return dirs
 
 
+def hydra_args(
+    recipe: str, overrides: Sequence[str], config_dirs: Sequence[str | Path]
+) -> tuple[Path, list[str]]:
+    """(primary config folder, overrides) to hand Hydra, after checking the sources. compose()
+    and the CLI's Hydra app both call this, so what is checked is what runs."""
+    dirs = check_sources(recipe, overrides, config_dirs)
+    return primary_dir(recipe, dirs), [*overrides, searchpath_override([str(d) for d in dirs])]
+
+
+def check_run(
+    recipe: str, overrides: Sequence[str], config_dirs: Sequence[str | Path], multirun: bool
+) -> list[DictConfig]:
+    """Every config a CLI run will hand its jobs, composed and checked before Hydra runs anything
+    (Hydra configures logging and creates folders before the task function starts). A multirun is
+    the config without its swept keys (what Hydra's own setup composes from) plus each job."""
+    if not multirun:
+        return [compose(recipe, overrides, config_dirs)]
+    task, hydra_lines = split_overrides(overrides)
+    swept = {o.input_line for o in parse_overrides(task) if o.is_sweep_override()}
+    cfgs = [compose(recipe, [o for o in overrides if o not in swept], config_dirs)]
+    for job in sweep_jobs(task):
+        cfgs.append(compose(recipe, [*hydra_lines, *job], config_dirs))
+    return cfgs
+
+
 def compose(
     recipe: str = "default", overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = ()
 ) -> DictConfig:
@@ -88,9 +113,7 @@ def compose(
     from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
-    dirs = check_sources(recipe, overrides, config_dirs)
-    primary = primary_dir(recipe, dirs)
-    passed = [*overrides, searchpath_override([str(d) for d in dirs])]
+    primary, passed = hydra_args(recipe, overrides, config_dirs)
     GlobalHydra.instance().clear()
     try:
         task, hydra_lines = split_overrides(passed)
@@ -102,7 +125,7 @@ def compose(
     except ConfigError:
         raise
     except Exception as e:  # Hydra's own errors: unknown option, bad type, bad override syntax
-        raise ConfigError(describe_compose_error(e, dirs)) from None
+        raise ConfigError(describe_compose_error(e, config_dirs)) from None
     finally:
         GlobalHydra.instance().clear()
     validate(cfg)
