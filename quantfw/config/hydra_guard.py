@@ -142,7 +142,7 @@ def check_hydra(hydra_cfg: DictConfig, task_overrides: Sequence[str], hydra_over
         order = [p for p, _ in REASONS]
         rank = {k: next((i for i, p in enumerate(order) if k.startswith(p)), len(order)) for k, _ in bad}
         code_first = (".class", ".()", "._target_", ".stream")  # the key that names code, if any
-        key, value = min(bad, key=lambda kv: (rank[kv[0]], kv[1] is _ABSENT, not kv[0].endswith(code_first)))
+        key, value = min(bad, key=lambda kv: (not kv[0].endswith(code_first), rank[kv[0]], kv[1] is _ABSENT))
         others = {_shown(k, v).split("=", 1)[0] for k, v in bad} - {_shown(key, value).split("=", 1)[0]}
         more = f" (and {len(others)} more hydra key(s))" if others else ""
         raise ConfigError(f"{_shown(key, value)}: {_reason(key)}{more}; only {', '.join(HARMLESS)} may be set")

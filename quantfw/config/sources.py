@@ -76,8 +76,10 @@ def _check_file(path: Path, shown: str) -> None:
         cfg = OmegaConf.load(path)
     except (OmegaConfBaseException, ValueError, OSError) as e:
         raise ConfigError(f"{shown}: not a YAML config ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # yaml.YAMLError and friends
-        raise ConfigError(f"{shown}: not a YAML config ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # yaml.YAMLError: say what and where
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{shown}: not a YAML config ({getattr(e, 'problem', None) or e}{where})") from None
     if not OmegaConf.is_dict(cfg):
         return  # Hydra refuses it itself, with the file named
     if OmegaConf.select(cfg, "hydra.searchpath", throw_on_missing=False) is not None:
