@@ -109,7 +109,11 @@ def _cases(marker):
         ),
         (
             "ext:// stream swapped",
-            {"r.yaml": recipe("job_logging:\n  handlers:\n    console:\n      stream: ext://sys.__stderr__\n")},
+            {
+                "r.yaml": recipe(
+                    "job_logging:\n  handlers:\n    console:\n      stream: ext://sys.__stderr__\n"
+                )
+            },
             [],
             "hydra.job_logging.handlers.console.stream=ext://sys.__stderr__",
         ),
@@ -121,20 +125,27 @@ def _cases(marker):
         ),
         (
             "launcher from the folder's hydra/launcher group",
-            {"hydra/launcher/evil.yaml": evil_target, "r.yaml": recipe(extra_defaults="  - override hydra/launcher: evil\n")},
+            {
+                "hydra/launcher/evil.yaml": evil_target,
+                "r.yaml": recipe(extra_defaults="  - override hydra/launcher: evil\n"),
+            },
             [],
             "hydra.launcher._target_=subprocess.Popen",
         ),
         (
             "sweeper from the folder's hydra/sweeper group",
-            {"hydra/sweeper/evil.yaml": evil_target, "r.yaml": recipe(extra_defaults="  - override hydra/sweeper: evil\n")},
+            {
+                "hydra/sweeper/evil.yaml": evil_target,
+                "r.yaml": recipe(extra_defaults="  - override hydra/sweeper: evil\n"),
+            },
             ["-m"],
             "hydra.sweeper._target_=subprocess.Popen",
         ),
         (
             "job logging from the folder's hydra/job_logging group",
             {
-                "hydra/job_logging/evil.yaml": "version: 1\nhandlers:\n  h:\n" + _yaml_map(popen_handler(marker), 4),
+                "hydra/job_logging/evil.yaml": "version: 1\nhandlers:\n  h:\n"
+                + _yaml_map(popen_handler(marker), 4),
                 "r.yaml": recipe(extra_defaults="  - override hydra/job_logging: evil\n"),
             },
             [],
@@ -183,7 +194,12 @@ def test_hostile_folder_runs_nothing(tmp_path, compose, name):
 def test_command_line_cannot_name_code_either(tmp_path):
     """Hydra keys typed on the command line pass the same allow-list (only hydra.verbose)."""
     marker = tmp_path / "ran"
-    r = run_cli("plan", "+hydra.job_logging.handlers.h.class=subprocess.Popen", f"+hydra.job_logging.handlers.h.args=[touch,{marker}]", cwd=tmp_path)
+    r = run_cli(
+        "plan",
+        "+hydra.job_logging.handlers.h.class=subprocess.Popen",
+        f"+hydra.job_logging.handlers.h.args=[touch,{marker}]",
+        cwd=tmp_path,
+    )
     assert_one_line_exit_2(r, "hydra.job_logging.handlers.h.class=subprocess.Popen")
     assert not marker.exists()
     r = run_cli("plan", "--experimental-rerun", "x.pickle", cwd=tmp_path)

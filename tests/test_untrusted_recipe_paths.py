@@ -8,7 +8,9 @@ from hostile import assert_one_line_exit_2, recipe, run_cli, snapshot, write_fol
 
 from quantfw.errors import ConfigError
 
-MODEL = "name: {name}\nhidden_size: 512\nmoe_intermediate_size: 256\nnum_experts: 8\ntop_k: 2\nnum_layers: 2\n"
+MODEL = (
+    "name: {name}\nhidden_size: 512\nmoe_intermediate_size: 256\nnum_experts: 8\ntop_k: 2\nnum_layers: 2\n"
+)
 
 
 @pytest.fixture
@@ -18,10 +20,18 @@ def outside(tmp_path):
 
 
 ESCAPES = [
-    ("parent path in an override entry", "  - override model: ../../outside/model/evil\n", "contains a path separator"),
+    (
+        "parent path in an override entry",
+        "  - override model: ../../outside/model/evil\n",
+        "contains a path separator",
+    ),
     ("parent path in a plain entry", "  - ../outside/model/evil@model\n", "contains a path separator"),
     ("absolute entry", "  - /../outside/model/evil@model\n", "is an absolute path"),
-    ("group with a path separator", "  - override model/sub: evil\n", "'model/sub' contains a path separator"),
+    (
+        "group with a path separator",
+        "  - override model/sub: evil\n",
+        "'model/sub' contains a path separator",
+    ),
     ("hidden component", "  - override model: .evil\n", "starts with '.'"),
     ("interpolated entry", "  - override model: ${oc.env:MODEL}\n", "contains an interpolation"),
 ]
@@ -139,7 +149,9 @@ def test_plain_references_stay_and_bad_ones_are_one_line(tmp_path, compose):
         compose("missing", config_dirs=[folder])
     with pytest.raises(ConfigError, match=r"Recursive interpolation.*\(key: "):
         compose("cycle", config_dirs=[folder])
-    with pytest.raises(ConfigError, match=r"r.yaml: not a YAML config \(no viable alternative at input '\$\{model.name'"):
+    with pytest.raises(
+        ConfigError, match=r"r.yaml: not a YAML config \(no viable alternative at input '\$\{model.name'"
+    ):
         compose("r", config_dirs=[broken])
     for name, needle in (("missing", "model.nope"), ("cycle", "Recursive interpolation")):
         r = run_cli("plan", "--config-dir", str(folder), f"recipe={name}", cwd=tmp_path)
@@ -151,7 +163,9 @@ def test_user_folder_recipes_still_work(tmp_path):
         tmp_path / "mine",
         {
             "model/small.yaml": MODEL.format(name="small"),
-            "small_w8a8.yaml": recipe(extra_defaults="  - override model: small\n  - override scheme: w8a8\n"),
+            "small_w8a8.yaml": recipe(
+                extra_defaults="  - override model: small\n  - override scheme: w8a8\n"
+            ),
             "on_shipped.yaml": "defaults:\n  - deepseek_v3_w4a8\n  - override model: small\n  - _self_\n",
         },
     )

@@ -31,7 +31,12 @@ def _cases(victim, out):
             [],
             "recipes may not",
         ),
-        ("env_set", recipe("job:\n  env_set:\n    PYTHONSTARTUP: /x\n"), [], "hydra.job.env_set.PYTHONSTARTUP=/x"),
+        (
+            "env_set",
+            recipe("job:\n  env_set:\n    PYTHONSTARTUP: /x\n"),
+            [],
+            "hydra.job.env_set.PYTHONSTARTUP=/x",
+        ),
         ("env_copy", recipe("job:\n  env_copy: [HOME]\n"), [], "recipes may not read environment variables"),
     ]
 

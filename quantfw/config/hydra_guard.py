@@ -35,8 +35,14 @@ _CODE = "recipes may not name code to run: Hydra imports and calls"
 _WRITE = "recipes may not choose where Hydra writes: it creates folders and files there"
 # The first matching prefix says why a key is refused.
 REASONS = (
-    ("hydra.job_logging", "recipes may not configure Hydra's logging: it can import and run code and write files"),
-    ("hydra.hydra_logging", "recipes may not configure Hydra's logging: it can import and run code and write files"),
+    (
+        "hydra.job_logging",
+        "recipes may not configure Hydra's logging: it can import and run code and write files",
+    ),
+    (
+        "hydra.hydra_logging",
+        "recipes may not configure Hydra's logging: it can import and run code and write files",
+    ),
     ("hydra.callbacks", f"{_CODE} callbacks"),
     ("hydra.launcher", f"{_CODE} the launcher"),
     ("hydra.sweeper.params", "recipes may not declare sweeps; pass -m key=a,b on the command line"),
@@ -48,7 +54,10 @@ REASONS = (
     ("hydra.job.env_copy", "recipes may not read environment variables"),
     ("hydra.job.env_set", "recipes may not set environment variables"),
     ("hydra.mode", "recipes may not switch Hydra to multirun; pass --multirun on the command line"),
-    ("hydra.searchpath", "recipes may not extend the config search path; pass --config-dir on the command line"),
+    (
+        "hydra.searchpath",
+        "recipes may not extend the config search path; pass --config-dir on the command line",
+    ),
     ("hydra.runtime.choices.hydra/", "recipes may not pick Hydra's own config groups"),
 )
 _OTHER = "recipes may not configure Hydra"
@@ -91,7 +100,16 @@ def trusted_hydra() -> dict[str, Any]:
 
 
 def _reason(key: str) -> str:
-    return next((why for prefix, why in REASONS if key == prefix or key.startswith(prefix + ".") or (prefix.endswith("/") and key.startswith(prefix))), _OTHER)
+    return next(
+        (
+            why
+            for prefix, why in REASONS
+            if key == prefix
+            or key.startswith(prefix + ".")
+            or (prefix.endswith("/") and key.startswith(prefix))
+        ),
+        _OTHER,
+    )
 
 
 def _shown(key: str, value: Any) -> str:
@@ -145,7 +163,9 @@ def check_hydra(hydra_cfg: DictConfig, task_overrides: Sequence[str], hydra_over
         key, value = min(bad, key=lambda kv: (not kv[0].endswith(code_first), rank[kv[0]], kv[1] is _ABSENT))
         others = {_shown(k, v).split("=", 1)[0] for k, v in bad} - {_shown(key, value).split("=", 1)[0]}
         more = f" (and {len(others)} more hydra key(s))" if others else ""
-        raise ConfigError(f"{_shown(key, value)}: {_reason(key)}{more}; only {', '.join(HARMLESS)} may be set")
+        raise ConfigError(
+            f"{_shown(key, value)}: {_reason(key)}{more}; only {', '.join(HARMLESS)} may be set"
+        )
 
 
 def _plain_names(value: Any) -> bool:

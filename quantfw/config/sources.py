@@ -50,7 +50,9 @@ def scan_user_dirs(dirs: Sequence[str | Path]) -> None:
             where = path.relative_to(root)
             real = path.resolve()
             if not _inside(real, root):
-                raise ConfigError(f"{d}/{where}: links outside the config folder (to {real}); copy the file in")
+                raise ConfigError(
+                    f"{d}/{where}: links outside the config folder (to {real}); copy the file in"
+                )
             if not is_dir and path.suffix in (".yaml", ".yml"):
                 _check_file(path, f"{d}/{where}")
 
@@ -108,7 +110,9 @@ def check_name(name: str, what: str) -> None:
         else None
     )
     if bad:
-        raise ConfigError(f"{what}: '{name}' {bad}; only names of configs in the recipe folder or conf/ are allowed")
+        raise ConfigError(
+            f"{what}: '{name}' {bad}; only names of configs in the recipe folder or conf/ are allowed"
+        )
 
 
 def check_defaults_entry(entry, shown: str) -> None:

@@ -32,6 +32,7 @@ def sweep_jobs(task_overrides: Sequence[str]) -> list[list[str]]:
     """The override list of every job: Hydra's basic sweeper's own split (the only sweeper a
     recipe can run with, see hydra_guard), after refusing more than MAX_JOBS."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
     parsed = parse_overrides(task_overrides)
     sizes = {}
     for o in parsed:
