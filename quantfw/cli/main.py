@@ -87,6 +87,12 @@ def expected_error_line(e: BaseException) -> str | None:
     return None
 
 
+def _reader_left() -> None:
+    """`quantfw plan | head`: the reader left; nothing to report (and no error at interpreter exit)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else "?"
@@ -98,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"quantfw {command}: interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        _reader_left()
     except Exception as e:
         line = expected_error_line(e)
         if line is None or debug:
@@ -150,6 +158,8 @@ def _main(argv: list[str]) -> None:
         try:
             validate(cfg)
             return run(cfg)
+        except BrokenPipeError:
+            _reader_left()
         except Exception as e:  # Hydra would print its own report and exit 1
             line = expected_error_line(e)
             if line is None or debug:
