@@ -81,6 +81,18 @@ def test_each_sweep_job_is_bounded(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "sweep, needle",
+    [
+        ("model=glob(tin*)", "glob() sweeps are not supported"),
+        ("tokens=interval(1,4)", "does not support sweep type"),
+        ("tokens=range(1,2000)", "the sweep has 1999 jobs (limit 1000)"),
+    ],
+)
+def test_sweeps_the_check_cannot_expand_are_refused(tmp_path, sweep, needle):
+    assert_one_line_exit_2(run_cli("plan", "-m", sweep, cwd=tmp_path), needle)
+
+
+@pytest.mark.parametrize(
     "errno_name, text",
     [("ENOSPC", "No space left on device"), ("ENOTDIR", "Not a directory"), ("EACCES", "Permission denied")],
 )

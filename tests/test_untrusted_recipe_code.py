@@ -202,6 +202,8 @@ def test_command_line_cannot_name_code_either(tmp_path):
     )
     assert_one_line_exit_2(r, "hydra.job_logging.handlers.h.class=subprocess.Popen")
     assert not marker.exists()
+    r = run_cli("plan", "~hydra.job_logging.root", cwd=tmp_path)  # a deletion has no '='
+    assert_one_line_exit_2(r, "hydra.job_logging.root")
     r = run_cli("plan", "--experimental-rerun", "x.pickle", cwd=tmp_path)
     assert_one_line_exit_2(r, "never loads pickles")
 

@@ -35,8 +35,9 @@ def fail(command: str, message: str) -> None:
 
 
 def _split_args(argv: list[str]):
-    """Pull out recipe=NAME, --debug and user config dirs; keep the rest for Hydra."""
-    recipe, debug, dirs, rest = "default", False, [], []
+    """Pull out recipe=NAME, --debug and user config dirs; split the rest into Hydra flags (with
+    their values) and overrides (every positional argument, `~key` deletions included)."""
+    recipe, debug, dirs, flags, overrides = "default", False, [], [], []
     i = 0
     while i < len(argv):
         a = argv[i]
@@ -53,12 +54,20 @@ def _split_args(argv: list[str]):
             dirs.append(a.split("=", 1)[1])
         elif a in REFUSED_FLAGS or a.startswith(tuple(f + "=" for f in REFUSED_FLAGS)):
             raise ConfigError(f"{a}: {REFUSED_FLAGS[a.split('=', 1)[0]]}")
+        elif a.startswith("-"):
+            flags.append(a)
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if a in VALUE_FLAGS and nxt is not None and not nxt.startswith("-") and "=" not in nxt:
+                flags.append(nxt)
+                i += 1
         else:
-            rest.append(a)
+            overrides.append(a)
         i += 1
-    return recipe, debug, dirs, rest
+    return recipe, debug, dirs, flags, overrides
 
 
+# Hydra flags followed by a value (--cfg job, --package scheme, --info searchpath).
+VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--info", "-i")
 # Hydra flags that would bypass the checks: another primary config, or a pickled config to rerun.
 REFUSED_FLAGS = {
     "--config-name": "use recipe=NAME instead",
@@ -122,7 +131,7 @@ def _main(argv: list[str]) -> None:
     command, argv = argv[0], argv[1:]
     if command not in commands:
         fail(command, f"unknown command '{command}' (available: {', '.join(commands)})")
-    recipe, debug, dirs, rest = _split_args(argv)
+    recipe, debug, dirs, flags, overrides = _split_args(argv)
     import importlib
 
     run = importlib.import_module(commands[command][1]).run
@@ -131,8 +140,6 @@ def _main(argv: list[str]) -> None:
     from quantfw.config.compose import check_run, hydra_args
     from quantfw.config.schema import register_configs
 
-    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
-    flags = [a for a in rest if a not in overrides]
     for a in [a for a in overrides if a.startswith("hydra.searchpath=")]:
         # the user's folders join conf/ and recipes/ instead of replacing them
         dirs += [p.strip() for p in a.split("=", 1)[1].strip("[]").split(",") if p.strip()]

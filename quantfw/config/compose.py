@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -18,7 +19,7 @@ from quantfw.config.hydra_guard import check_hydra
 from quantfw.config.interpolation import check_no_resolvers
 from quantfw.config.schema import QuantfwConfig, register_configs
 from quantfw.config.sources import check_group_overrides, check_name, group_names, scan_user_dirs, user_dir
-from quantfw.config.sweep import parse_overrides, split_overrides, sweep_jobs
+from quantfw.config.sweep import split_overrides, sweep_jobs
 from quantfw.errors import ConfigError
 
 # The system temp folder, for Hydra's sweep records (conf/quantfw.yaml hydra.sweep.dir).
@@ -87,28 +88,10 @@ def hydra_args(
     return primary_dir(recipe, dirs), [*overrides, searchpath_override([str(d) for d in dirs])]
 
 
-def check_run(
-    recipe: str, overrides: Sequence[str], config_dirs: Sequence[str | Path], multirun: bool
-) -> list[DictConfig]:
-    """Every config a CLI run will hand its jobs, composed and checked before Hydra runs anything
-    (Hydra configures logging and creates folders before the task function starts). A multirun is
-    the config without its swept keys (what Hydra's own setup composes from) plus each job."""
-    if not multirun:
-        return [compose(recipe, overrides, config_dirs)]
-    task, hydra_lines = split_overrides(overrides)
-    swept = {o.input_line for o in parse_overrides(task) if o.is_sweep_override()}
-    cfgs = [compose(recipe, [o for o in overrides if o not in swept], config_dirs)]
-    for job in sweep_jobs(task):
-        cfgs.append(compose(recipe, [*hydra_lines, *job], config_dirs))
-    return cfgs
-
-
-def compose(
-    recipe: str = "default", overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = ()
-) -> DictConfig:
-    """Compose a recipe with overrides exactly as the CLI's Hydra app will, and check it: sources
-    inside their folders, the hydra node against the trusted one, no resolvers, schema and bounds."""
-    from hydra import compose as hydra_compose
+@contextmanager
+def _hydra_session(recipe: str, overrides: Sequence[str], config_dirs: Sequence[str | Path]):
+    """Hydra initialised on the primary folder with the CLI's search path; yields the overrides
+    passed and their task/hydra split. Hydra's own errors become one-line ConfigErrors."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -118,16 +101,50 @@ def compose(
     try:
         task, hydra_lines = split_overrides(passed)
         with initialize_config_dir(config_dir=str(primary), version_base="1.3"):
-            cfg = hydra_compose(config_name=recipe, overrides=passed, return_hydra_config=True)
-            check_hydra(cfg.hydra, task, hydra_lines)
-            with open_dict(cfg):
-                del cfg["hydra"]
+            yield passed, task, hydra_lines
     except ConfigError:
         raise
     except Exception as e:  # Hydra's own errors: unknown option, bad type, bad override syntax
         raise ConfigError(describe_compose_error(e, config_dirs)) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def check_run(
+    recipe: str, overrides: Sequence[str], config_dirs: Sequence[str | Path], multirun: bool
+) -> list[DictConfig]:
+    """Every config a CLI run will hand its jobs, composed and checked before Hydra runs anything
+    (Hydra configures logging and creates folders before the task function starts). A multirun is
+    the sweep's own config (Hydra takes logging, callbacks, launcher and sweeper from it) and then
+    each job, as Hydra's basic sweeper splits the sweep."""
+    if not multirun:
+        return [compose(recipe, overrides, config_dirs)]
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    with _hydra_session(recipe, overrides, config_dirs) as (passed, task, hydra_lines):
+        gh = GlobalHydra.instance()
+        master = gh.hydra.compose_config(
+            recipe, passed, run_mode=RunMode.MULTIRUN, with_log_configuration=False
+        )
+        check_hydra(master.hydra, task, hydra_lines)
+        jobs = sweep_jobs(task)
+    _, user_hydra = split_overrides(overrides)
+    return [compose(recipe, [*user_hydra, *job], config_dirs) for job in jobs]
+
+
+def compose(
+    recipe: str = "default", overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = ()
+) -> DictConfig:
+    """Compose a recipe with overrides exactly as the CLI's Hydra app will, and check it: sources
+    inside their folders, the hydra node against the trusted one, no resolvers, schema and bounds."""
+    from hydra import compose as hydra_compose
+
+    with _hydra_session(recipe, overrides, config_dirs) as (passed, task, hydra_lines):
+        cfg = hydra_compose(config_name=recipe, overrides=passed, return_hydra_config=True)
+        check_hydra(cfg.hydra, task, hydra_lines)
+        with open_dict(cfg):
+            del cfg["hydra"]
     validate(cfg)
     return cfg
 

@@ -136,6 +136,8 @@ def check_defaults_entry(entry, shown: str) -> None:
 
 def check_group_overrides(overrides: Sequence[str], groups: set[str]) -> None:
     """Command-line group choices (model=..., scheme=...), each value of a sweep included."""
+    from hydra.core.override_parser.types import ValueType
+
     from quantfw.config.sweep import parse_overrides
 
     for o in parse_overrides(overrides):
@@ -143,8 +145,11 @@ def check_group_overrides(overrides: Sequence[str], groups: set[str]) -> None:
         if group not in groups and "/" not in group:
             continue
         check_name(group, f"override '{o.input_line}'")
-        if o.is_delete() and o.value() is None:
-            continue
+        if (o.is_delete() and o.value() is None) or o.value_type in (
+            ValueType.GLOB_CHOICE_SWEEP,
+            ValueType.INTERVAL_SWEEP,
+        ):
+            continue  # a glob lists options Hydra found in the folders; each job is checked expanded
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         for v in values:
             if v not in ("null", ""):

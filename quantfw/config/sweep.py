@@ -30,10 +30,16 @@ def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def sweep_jobs(task_overrides: Sequence[str]) -> list[list[str]]:
     """The override list of every job: Hydra's basic sweeper's own split (the only sweeper a
-    recipe can run with, see hydra_guard), after refusing more than MAX_JOBS."""
+    recipe can run with, see hydra_guard), after refusing more than MAX_JOBS. glob() is refused:
+    which options it matches depends on Hydra's search path at sweep time, so the check could
+    not be sure to see the same jobs."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.types import ValueType
 
     parsed = parse_overrides(task_overrides)
+    for o in parsed:
+        if o.value_type == ValueType.GLOB_CHOICE_SWEEP:
+            raise ConfigError(f"{o.input_line}: glob() sweeps are not supported; list the options (key=a,b,c)")
     sizes = {}
     for o in parsed:
         if o.is_sweep_override() and o.is_discrete_sweep():
