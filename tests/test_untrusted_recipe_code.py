@@ -118,6 +118,17 @@ def _cases(marker):
             "hydra.job_logging.handlers.console.stream=ext://sys.__stderr__",
         ),
         (
+            "a dotted key that flattens onto the trusted handler's class",
+            {
+                "r.yaml": recipe(
+                    "job_logging:\n  handlers:\n    console:\n      class: subprocess.Popen\n"
+                    "      args: [touch, " + str(marker) + "]\n    console.class: logging.StreamHandler\n"
+                )
+            },
+            [],
+            "hydra.job_logging.handlers.console.class=subprocess.Popen",
+        ),
+        (
             "callback",
             {"r.yaml": recipe("callbacks:\n  x:\n" + _yaml_map({"_target_": "subprocess.Popen"}, 4))},
             [],

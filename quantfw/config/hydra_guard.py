@@ -65,22 +65,37 @@ _OTHER = "recipes may not configure Hydra"
 _NODE_KEYS = ("hydra.callbacks",)
 
 
-def _flatten(tree: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+Key = tuple[str, ...]  # a path of keys: a key may itself contain dots, so paths are not joined
+
+
+def _flatten(tree: Any, prefix: Key, out: dict[Key, Any]) -> dict[Key, Any]:
     if isinstance(tree, dict) and tree:
         for k, v in tree.items():
-            _flatten(v, f"{prefix}.{k}", out)
+            _flatten(v, (*prefix, str(k)), out)
     else:
         out[prefix] = tree
     return out
 
 
-def flat_hydra(hydra_cfg: DictConfig) -> dict[str, Any]:
+def flat_hydra(hydra_cfg: DictConfig) -> dict[Key, Any]:
     """Every leaf of the hydra node, unresolved (interpolations compare as written)."""
-    return _flatten(OmegaConf.to_container(hydra_cfg, resolve=False), "hydra", {})
+    return _flatten(OmegaConf.to_container(hydra_cfg, resolve=False), ("hydra",), {})
+
+
+def _under(key: Key, prefix: str) -> bool:
+    """key lies at or below the dotted prefix; a last component ending in '/' matches group names."""
+    p = tuple(prefix.split("."))
+    if p[-1].endswith("/"):
+        return key[: len(p) - 1] == p[:-1] and len(key) >= len(p) and key[len(p) - 1].startswith(p[-1])
+    return key[: len(p)] == p
+
+
+def _dotted(key: Key) -> str:
+    return ".".join(key)
 
 
 @lru_cache(maxsize=1)
-def trusted_hydra() -> dict[str, Any]:
+def trusted_hydra() -> dict[Key, Any]:
     """The hydra node of the package's own base config, composed with no recipe and no override."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -99,25 +114,16 @@ def trusted_hydra() -> dict[str, Any]:
     return flat_hydra(cfg.hydra)
 
 
-def _reason(key: str) -> str:
-    return next(
-        (
-            why
-            for prefix, why in REASONS
-            if key == prefix
-            or key.startswith(prefix + ".")
-            or (prefix.endswith("/") and key.startswith(prefix))
-        ),
-        _OTHER,
-    )
+def _reason(key: Key) -> str:
+    return next((why for prefix, why in REASONS if _under(key, prefix)), _OTHER)
 
 
-def _shown(key: str, value: Any) -> str:
-    node = next((n for n in _NODE_KEYS if key == n or key.startswith(n + ".")), None)
+def _shown(key: Key, value: Any) -> str:
+    node = next((n for n in _NODE_KEYS if _under(key, n)), None)
     if node:
         return node
     text = "<unset>" if value is _ABSENT else str(value)
-    return f"{key}={text[:80]}"
+    return f"{_dotted(key)}={text[:80]}"
 
 
 _ABSENT = object()
@@ -132,35 +138,32 @@ def check_hydra(hydra_cfg: DictConfig, task_overrides: Sequence[str], hydra_over
     found = flat_hydra(hydra_cfg)
     trusted = trusted_hydra()
     expected = {
-        "hydra.overrides.task": list(task_overrides),
-        "hydra.overrides.hydra": list(hydra_overrides),
+        ("hydra", "overrides", "task"): list(task_overrides),
+        ("hydra", "overrides", "hydra"): list(hydra_overrides),
+        ("hydra", "searchpath"): _searchpath_of(hydra_overrides),
     }
-    bad: list[tuple[str, Any]] = []
+    assigned = {tuple(k.split(".")) for k in ASSIGNED}
+    bad: list[tuple[Key, Any]] = []
     for key in sorted(set(found) | set(trusted)):
         value = found.get(key, _ABSENT)
-        if key in ASSIGNED:
+        if key in assigned:
             continue
-        if any(key == h or key.startswith(h + ".") for h in HARMLESS):
-            if not _plain_names(value):
-                bad.append((key, value))
-            continue
-        if key in expected:
-            if value != expected[key]:
-                bad.append((key, value))
-        elif key == "hydra.searchpath":
-            if value != _searchpath_of(hydra_overrides):
-                bad.append((key, value))
-        elif key.startswith("hydra.runtime.choices.") and not key.startswith("hydra.runtime.choices.hydra/"):
-            # the recipe's own group choices (model=..., scheme=...): names, not settings
-            if not (value is None or isinstance(value, str)):
-                bad.append((key, value))
-        elif value != trusted.get(key, _ABSENT):
+        if any(_under(key, h) for h in HARMLESS):
+            ok = _plain_names(value)
+        elif key in expected:
+            ok = value == expected[key]
+        elif _under(key, "hydra.runtime.choices") and not _under(key, "hydra.runtime.choices.hydra/"):
+            ok = value is None or isinstance(value, str)  # the recipe's own group choices: names
+        else:
+            ok = value == trusted.get(key, _ABSENT)
+        if not ok:
             bad.append((key, value))
     if bad:
-        order = [p for p, _ in REASONS]
-        rank = {k: next((i for i, p in enumerate(order) if k.startswith(p)), len(order)) for k, _ in bad}
-        code_first = (".class", ".()", "._target_", ".stream")  # the key that names code, if any
-        key, value = min(bad, key=lambda kv: (not kv[0].endswith(code_first), rank[kv[0]], kv[1] is _ABSENT))
+        rank = {
+            k: next((i for i, (p, _) in enumerate(REASONS) if _under(k, p)), len(REASONS)) for k, _ in bad
+        }
+        names_code = {"class", "()", "_target_", "stream"}  # report the key that names code, if any
+        key, value = min(bad, key=lambda kv: (kv[0][-1] not in names_code, rank[kv[0]], kv[1] is _ABSENT))
         others = {_shown(k, v).split("=", 1)[0] for k, v in bad} - {_shown(key, value).split("=", 1)[0]}
         more = f" (and {len(others)} more hydra key(s))" if others else ""
         raise ConfigError(
@@ -180,4 +183,4 @@ def _searchpath_of(hydra_overrides: Sequence[str]) -> list[str] | None:
     for o in OverridesParser.create().parse_overrides(list(hydra_overrides)):
         if o.get_key_element() == "hydra.searchpath":
             return list(o.value())
-    return trusted_hydra().get("hydra.searchpath")
+    return trusted_hydra().get(("hydra", "searchpath"))
