@@ -39,7 +39,9 @@ def sweep_jobs(task_overrides: Sequence[str]) -> list[list[str]]:
     parsed = parse_overrides(task_overrides)
     for o in parsed:
         if o.value_type == ValueType.GLOB_CHOICE_SWEEP:
-            raise ConfigError(f"{o.input_line}: glob() sweeps are not supported; list the options (key=a,b,c)")
+            raise ConfigError(
+                f"{o.input_line}: glob() sweeps are not supported; list the options (key=a,b,c)"
+            )
     sizes = {}
     for o in parsed:
         if o.is_sweep_override() and o.is_discrete_sweep():
