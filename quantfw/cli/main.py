@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from quantfw.errors import QuantfwError
+from quantfw.errors import ConfigError, QuantfwError
 
 USAGE = """usage: quantfw <command> [recipe=NAME] [--config-dir DIR] [overrides ...] [--debug]
 
@@ -35,8 +35,9 @@ def fail(command: str, message: str) -> None:
 
 
 def _split_args(argv: list[str]):
-    """Pull out recipe=NAME, --debug and user config dirs; keep the rest for Hydra."""
-    recipe, debug, dirs, rest = "default", False, [], []
+    """Pull out recipe=NAME, --debug and user config dirs; split the rest into Hydra flags (with
+    their values) and overrides (every positional argument, `~key` deletions included)."""
+    recipe, debug, dirs, flags, overrides = "default", False, [], [], []
     i = 0
     while i < len(argv):
         a = argv[i]
@@ -44,27 +45,84 @@ def _split_args(argv: list[str]):
             recipe = a.split("=", 1)[1]
         elif a == "--debug":
             debug = True
-        elif a in ("--config-dir", "-cd") and i + 1 < len(argv):
+        elif a in ("--config-dir", "-cd"):
+            if i + 1 == len(argv):
+                raise ConfigError(f"{a} needs a folder")
             dirs.append(argv[i + 1])
-            rest += [a, argv[i + 1]]
             i += 1
-        elif a.startswith("--config-dir="):
+        elif a.startswith(("--config-dir=", "-cd=")):
             dirs.append(a.split("=", 1)[1])
-            rest.append(a)
-        elif a in ("--config-name", "-cn"):
-            fail("?", "use recipe=NAME instead of --config-name")
+        elif a in REFUSED_FLAGS or a.startswith(tuple(f + "=" for f in REFUSED_FLAGS)):
+            raise ConfigError(f"{a}: {REFUSED_FLAGS[a.split('=', 1)[0]]}")
+        elif a.startswith("-"):
+            flags.append(a)
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if a in VALUE_FLAGS and nxt is not None and not nxt.startswith("-") and "=" not in nxt:
+                flags.append(nxt)
+                i += 1
         else:
-            rest.append(a)
+            overrides.append(a)
         i += 1
-    return recipe, debug, dirs, rest
+    return recipe, debug, dirs, flags, overrides
 
 
-def _is_sweep(rest: list[str]) -> bool:
-    return any(a in ("-m", "--multirun") for a in rest)
+# Hydra flags followed by a value (--cfg job, --package scheme, --info searchpath).
+VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--info", "-i")
+# Hydra flags that would bypass the checks: another primary config, or a pickled config to rerun.
+REFUSED_FLAGS = {
+    "--config-name": "use recipe=NAME instead",
+    "-cn": "use recipe=NAME instead",
+    "--config-path": "use --config-dir DIR instead",
+    "-cp": "use --config-dir DIR instead",
+    "--experimental-rerun": "quantfw never loads pickles; rerun the command instead",
+}
+# Hydra flags that only print: no job runs, so nothing is allocated.
+PRINT_ONLY = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")
+
+
+def expected_error_line(e: BaseException) -> str | None:
+    """The one line of an expected failure, None for a bug (which keeps its traceback)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(e, QuantfwError):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        return f"{where}: {e.strerror or e}" if e.filename else f"{type(e).__name__}: {e.strerror or e}"
+    if isinstance(e, OmegaConfBaseException):
+        from quantfw.config.compose import error_line
+
+        return error_line(e)
+    return None
+
+
+def _reader_left() -> None:
+    """`quantfw plan | head`: the reader left; nothing to report (and no error at interpreter exit)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else "?"
+    debug = "--debug" in argv
+    try:
+        _main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"quantfw {command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        _reader_left()
+    except Exception as e:
+        line = expected_error_line(e)
+        if line is None or debug:
+            raise
+        fail(command, line)
+
+
+def _main(argv: list[str]) -> None:
     commands = _commands()
     if not argv or argv[0] in ("-h", "--help", "help"):
         listing = "\n".join(f"  {n:<10} {d}" for n, (d, _) in commands.items())
@@ -73,59 +131,47 @@ def main(argv: list[str] | None = None) -> None:
     command, argv = argv[0], argv[1:]
     if command not in commands:
         fail(command, f"unknown command '{command}' (available: {', '.join(commands)})")
-    recipe, debug, dirs, rest = _split_args(argv)
+    recipe, debug, dirs, flags, overrides = _split_args(argv)
     import importlib
 
     run = importlib.import_module(commands[command][1]).run
 
-    from quantfw.config.compose import RECIPES_DIR, compose, searchpath_override
+    from quantfw.config.bounds import check_memory
+    from quantfw.config.compose import check_run, hydra_args
     from quantfw.config.schema import register_configs
 
-    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
-    user_searchpath = [a for a in overrides if a.startswith("hydra.searchpath=")]
-    extra_paths = []
-    for a in user_searchpath:  # merge the user's search path with conf/ instead of replacing it
-        extra_paths += [p.strip() for p in a.split("=", 1)[1].strip("[]").split(",") if p.strip()]
-        rest.remove(a)
-    # Validate before Hydra runs anything: one clear line for a bad override, and no recipe can
-    # make Hydra import code. A sweep is checked with its swept keys left out (Hydra checks each job).
-    sweep = _is_sweep(rest)
-    checked = [a for a in overrides if a not in user_searchpath and not (sweep and "," in a.split("=", 1)[1])]
-    if not (set(rest) & {"--help", "--hydra-help"}):
-        try:
-            compose(recipe, checked, config_dirs=[*dirs, *extra_paths])
-        except QuantfwError as e:
-            if debug:
-                raise
-            fail(command, str(e))
+    for a in [a for a in overrides if a.startswith("hydra.searchpath=")]:
+        # the user's folders join conf/ and recipes/ instead of replacing them
+        dirs += [p.strip() for p in a.split("=", 1)[1].strip("[]").split(",") if p.strip()]
+        overrides.remove(a)
+    # Everything Hydra will compose (each job of a sweep included) is checked before Hydra runs
+    # anything: it configures logging, creates folders and instantiates plugins before our task.
+    cfgs = check_run(recipe, overrides, dirs, multirun=any(a in ("-m", "--multirun") for a in flags))
+    if not any(f in PRINT_ONLY for f in flags):
+        for cfg in cfgs:
+            check_memory(cfg, command)
 
     import hydra
 
     register_configs()
-    primary = next(
-        (d for d in [*dirs, str(RECIPES_DIR)] if os.path.isfile(os.path.join(d, f"{recipe}.yaml"))),
-        str(RECIPES_DIR),
-    )
+    primary, passed = hydra_args(recipe, overrides, dirs)
     # Hydra's parser takes overrides as one positional run: flags (and their values) first.
-    flags = [a for a in rest if not ("=" in a and not a.startswith("-"))]
-    sys.argv = [
-        f"quantfw {command}",
-        *flags,
-        searchpath_override(extra_paths),
-        *[a for a in rest if a not in flags],
-    ]
+    sys.argv = [f"quantfw {command}", *flags, *passed]
 
-    @hydra.main(config_path=os.path.abspath(primary), config_name=recipe, version_base="1.3")
+    @hydra.main(config_path=str(primary), config_name=recipe, version_base="1.3")
     def _app(cfg):
         from quantfw.config.compose import validate
 
         try:
             validate(cfg)
             return run(cfg)
-        except QuantfwError as e:
-            if debug:
+        except BrokenPipeError:
+            _reader_left()
+        except Exception as e:  # Hydra would print its own report and exit 1
+            line = expected_error_line(e)
+            if line is None or debug:
                 raise
-            fail(command, str(e))
+            fail(command, line)
 
     if debug:
         os.environ["HYDRA_FULL_ERROR"] = "1"

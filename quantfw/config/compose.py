@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from quantfw.config.bounds import check_values
+from quantfw.config.hydra_guard import check_hydra
+from quantfw.config.interpolation import check_no_resolvers
 from quantfw.config.schema import QuantfwConfig, register_configs
+from quantfw.config.sources import check_group_overrides, check_name, group_names, scan_user_dirs, user_dir
+from quantfw.config.sweep import split_overrides, sweep_jobs
 from quantfw.errors import ConfigError
 
 # The system temp folder, for Hydra's sweep records (conf/quantfw.yaml hydra.sweep.dir).
@@ -55,75 +61,92 @@ def error_line(e: BaseException) -> str:
     return "; ".join(lines[:2]) or type(e).__name__
 
 
-def compose(
-    recipe: str = "default", overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = ()
-) -> DictConfig:
-    """Compose a recipe with overrides, as the CLI does, and validate it."""
-    from hydra import compose as hydra_compose
+def primary_dir(recipe: str, config_dirs: Sequence[str | Path] = ()) -> Path:
+    """The folder whose `<recipe>.yaml` is the primary config: the first user folder that has it,
+    else recipes/. The CLI's pre-check and the Hydra app both use this one answer."""
+    for d in [*map(Path, config_dirs), RECIPES_DIR]:
+        if (d / f"{recipe}.yaml").is_file():
+            return d.resolve()
+    raise ConfigError(f"unknown recipe '{recipe}' (available: {', '.join(available('recipe', config_dirs))})")
+
+
+def check_sources(recipe: str, overrides: Sequence[str], config_dirs: Sequence[str | Path]) -> list[Path]:
+    """The user folders, each checked before Hydra reads any file from them (see sources.py)."""
+    dirs = [user_dir(str(d)) for d in config_dirs]
+    scan_user_dirs(dirs)
+    check_name(recipe, "recipe")
+    check_group_overrides(overrides, set(GROUPS) | group_names([CONF_DIR, *dirs]))
+    return dirs
+
+
+def hydra_args(
+    recipe: str, overrides: Sequence[str], config_dirs: Sequence[str | Path]
+) -> tuple[Path, list[str]]:
+    """(primary config folder, overrides) to hand Hydra, after checking the sources. compose()
+    and the CLI's Hydra app both call this, so what is checked is what runs."""
+    dirs = check_sources(recipe, overrides, config_dirs)
+    return primary_dir(recipe, dirs), [*overrides, searchpath_override([str(d) for d in dirs])]
+
+
+@contextmanager
+def _hydra_session(recipe: str, overrides: Sequence[str], config_dirs: Sequence[str | Path]):
+    """Hydra initialised on the primary folder with the CLI's search path; yields the overrides
+    passed and their task/hydra split. Hydra's own errors become one-line ConfigErrors."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
-    dirs = [RECIPES_DIR, *map(Path, config_dirs)]
-    primary = next((d for d in reversed(dirs) if (Path(d) / f"{recipe}.yaml").is_file()), None)
-    if primary is None:
-        raise ConfigError(
-            f"unknown recipe '{recipe}' (available: {', '.join(available('recipe', config_dirs))})"
-        )
+    primary, passed = hydra_args(recipe, overrides, config_dirs)
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(Path(primary).resolve()), version_base="1.3"):
-            cfg = hydra_compose(
-                config_name=recipe,
-                overrides=[*overrides, searchpath_override([str(d) for d in config_dirs])],
-                return_hydra_config=True,
-            )
-            check_hydra_safety(cfg.hydra)
-            with open_dict(cfg):
-                del cfg["hydra"]
+        task, hydra_lines = split_overrides(passed)
+        with initialize_config_dir(config_dir=str(primary), version_base="1.3"):
+            yield passed, task, hydra_lines
     except ConfigError:
         raise
     except Exception as e:  # Hydra's own errors: unknown option, bad type, bad override syntax
         raise ConfigError(describe_compose_error(e, config_dirs)) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def check_run(
+    recipe: str, overrides: Sequence[str], config_dirs: Sequence[str | Path], multirun: bool
+) -> list[DictConfig]:
+    """Every config a CLI run will hand its jobs, composed and checked before Hydra runs anything
+    (Hydra configures logging and creates folders before the task function starts). A multirun is
+    the sweep's own config (Hydra takes logging, callbacks, launcher and sweeper from it) and then
+    each job, as Hydra's basic sweeper splits the sweep."""
+    if not multirun:
+        return [compose(recipe, overrides, config_dirs)]
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    with _hydra_session(recipe, overrides, config_dirs) as (passed, task, hydra_lines):
+        gh = GlobalHydra.instance()
+        master = gh.hydra.compose_config(
+            recipe, passed, run_mode=RunMode.MULTIRUN, with_log_configuration=False
+        )
+        check_hydra(master.hydra, task, hydra_lines)
+        jobs = sweep_jobs(task)
+    _, user_hydra = split_overrides(overrides)
+    return [compose(recipe, [*user_hydra, *job], config_dirs) for job in jobs]
+
+
+def compose(
+    recipe: str = "default", overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = ()
+) -> DictConfig:
+    """Compose a recipe with overrides exactly as the CLI's Hydra app will, and check it: sources
+    inside their folders, the hydra node against the trusted one, no resolvers, schema and bounds."""
+    from hydra import compose as hydra_compose
+
+    with _hydra_session(recipe, overrides, config_dirs) as (passed, task, hydra_lines):
+        cfg = hydra_compose(config_name=recipe, overrides=passed, return_hydra_config=True)
+        check_hydra(cfg.hydra, task, hydra_lines)
+        with open_dict(cfg):
+            del cfg["hydra"]
     validate(cfg)
     return cfg
-
-
-_SAFE_TARGETS = {
-    "launcher": "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
-    "sweeper": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
-}
-
-
-def check_hydra_safety(hydra_cfg: DictConfig) -> None:
-    """Refuse Hydra settings that would import and run code named in a recipe.
-
-    Hydra instantiates callbacks, launchers and sweepers from `_target_` paths, and Python's
-    logging config builds handlers from `class`/`()` paths. Recipes are data from strangers, so
-    only Hydra's basic launcher/sweeper and the standard logging classes are allowed.
-    """
-    why = "recipes may not name code to run (it would be imported and called)"
-    if hydra_cfg.get("callbacks"):
-        raise ConfigError(f"hydra.callbacks: {why}; remove it")
-    for node, target in _SAFE_TARGETS.items():
-        found = (hydra_cfg.get(node) or {}).get("_target_")
-        if found != target:
-            raise ConfigError(f"hydra.{node}._target_={found}: {why}; only Hydra's basic {node} is allowed")
-    for node in ("job_logging", "hydra_logging"):
-        _check_logging(OmegaConf.to_container(hydra_cfg.get(node) or {}, resolve=False), f"hydra.{node}", why)
-
-
-def _check_logging(tree, path: str, why: str) -> None:
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            if k == "()" or (k == "class" and not (isinstance(v, str) and v.startswith("logging."))):
-                raise ConfigError(f"{path}.{k}={v}: {why}; use the standard logging classes")
-            _check_logging(v, f"{path}.{k}", why)
-    elif isinstance(tree, list):
-        for i, v in enumerate(tree):
-            _check_logging(v, f"{path}[{i}]", why)
 
 
 def describe_compose_error(e: BaseException, config_dirs: Sequence[str | Path] = ()) -> str:
@@ -135,14 +158,16 @@ def describe_compose_error(e: BaseException, config_dirs: Sequence[str | Path] =
 
 
 def validate(cfg: DictConfig) -> None:
-    """Re-check the composed config against the schema (catches `+key=` additions) and build the
-    scheme and format objects so a malformed declaration fails now, naming file and key."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("hydra", None)
+    """Re-check the composed config against the schema (catches `+key=` additions) and its bounds,
+    and build the scheme and format objects so a malformed declaration fails now, naming file and key."""
+    check_no_resolvers(cfg)
     try:
+        plain = OmegaConf.to_container(cfg, resolve=True)  # a missing key or a cycle: one line
+        plain.pop("hydra", None)
         OmegaConf.merge(OmegaConf.structured(QuantfwConfig), plain)
     except OmegaConfBaseException as e:
         raise ConfigError(error_line(e)) from None
+    check_values(cfg)
     from quantfw.formats.format import Format
     from quantfw.schemes.scheme import Scheme
 
