@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 H, I_DENSE, I_MOE, E, Q_LORA, KV_LORA, HEADS, NOPE, ROPE, V = 7168, 18432, 2048, 256, 1536, 512, 128, 128, 64, 128
@@ -97,9 +96,9 @@ def layer_tensors(layer: int, moe: bool, pool: Pool):
     yield f"{m}.gate.e_score_correction_bias", torch.zeros(E, dtype=torch.float32)
     for e in range(E):
         x = f"{m}.experts.{e}"
-        yield from linear(f"{x}.gate_proj", I_MOE, H, 3 * e)
-        yield from linear(f"{x}.up_proj", I_MOE, H, 3 * e + 1)
-        yield from linear(f"{x}.down_proj", H, I_MOE, 3 * e + 2)
+        yield from linear(f"{x}.gate_proj", I_MOE, H, 2 * e)
+        yield from linear(f"{x}.up_proj", I_MOE, H, 2 * e + 1)
+        yield from linear(f"{x}.down_proj", H, I_MOE, e)
     yield from linear(f"{m}.shared_experts.gate_proj", I_MOE, H)
     yield from linear(f"{m}.shared_experts.up_proj", I_MOE, H)
     yield from linear(f"{m}.shared_experts.down_proj", H, I_MOE)
@@ -165,24 +164,23 @@ def make_release(folder: Path, moe_layers: int) -> dict:
         yield "model.norm.weight", torch.ones(H, dtype=torch.bfloat16)
         yield "lm_head.weight", (torch.randn(VOCAB, H, generator=g) * 0.02).bfloat16()
 
-    shards, cur, size, params = [], {}, 0, {"fp8": 0, "other": 0}
+    shards, cur, size, params = [], [], 0, {"fp8": 0, "other": 0}
     for key, t in stream():
-        cur[key] = t
+        cur.append((key, t))
         size += t.numel() * t.element_size()
         params["fp8" if t.dtype == torch.float8_e4m3fn else "other"] += t.numel()
         if size >= SHARD_BYTES:
-            shards.append(cur)
-            save_file(cur, str(folder / f"part-{len(shards)}.tmp"))
-            cur, size = {}, 0
+            shards.append([k for k, _ in cur])
+            write_shard(folder / f"part-{len(shards)}.tmp", cur)
+            cur, size = [], 0
     if cur:
-        shards.append(cur)
-        save_file(cur, str(folder / f"part-{len(shards)}.tmp"))
+        shards.append([k for k, _ in cur])
+        write_shard(folder / f"part-{len(shards)}.tmp", cur)
     n, weight_map = len(shards), {}
-    for i, ts in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{n:06d}.safetensors"
+    for i, keys in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         os.replace(folder / f"part-{i + 1}.tmp", folder / name)
-        weight_map.update(dict.fromkeys(ts, name))
-    shards.clear()
+        weight_map.update(dict.fromkeys(keys, name))
     total = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -191,6 +189,25 @@ def make_release(folder: Path, moe_layers: int) -> dict:
     (folder / "bench_stats.json").write_text(json.dumps(stats))
     done.write_text(json.dumps(config(moe_layers), indent=2))
     return stats
+
+
+ST_NAMES = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+def write_shard(path: Path, items: list[tuple[str, torch.Tensor]]) -> None:
+    """A safetensors file written tensor by tensor (pool tensors are shared between keys, which
+    safetensors' own writer refuses)."""
+    header, offset = {}, 0
+    for key, t in items:
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for _, t in items:
+            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def drop_caches() -> bool:
@@ -221,16 +238,19 @@ def run_case(src: Path, dst: Path, recipe: str, overrides: list[str]) -> dict:
 
 
 def main() -> None:
+    global E
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="scratch folder for the synthetic release")
     ap.add_argument("--moe-layers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--cases", nargs="+", default=["minmax_w4a8_clip", "minmax_w8a8"], choices=sorted(CASES))
+    ap.add_argument("--experts", type=int, default=256, help="routed experts per MoE layer (fewer: a quick smoke run)")
     ap.add_argument("--cold", action="store_true", help="also run each case after dropping the page cache")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "real_scale.json")
     args = ap.parse_args()
+    E = args.experts
     rows = []
     for n in args.moe_layers:
-        src = args.data / f"release-{n}moe"
+        src = args.data / f"release-{n}moe-{E}e"
         stats = make_release(src, n)
         print(f"release with {n} MoE layer(s): {stats['bytes'] / 1e9:.1f} GB, {stats['shards']} shards", flush=True)
         for name in args.cases:
