@@ -116,11 +116,11 @@ def test_resume_skips_verified_shards_and_matches_a_fresh_run(sharded, tmp_path,
     real = ckpt.Converter.convert_shard
     done = []
 
-    def crash_on_third(self, shard):
+    def crash_on_third(self, shard, sink):
         if len(done) == 2:
             raise KeyboardInterrupt  # an interruption, not bad input: the partial folder stays
         done.append(shard)
-        return real(self, shard)
+        return real(self, shard, sink)
 
     monkeypatch.setattr(ckpt.Converter, "convert_shard", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
@@ -132,9 +132,9 @@ def test_resume_skips_verified_shards_and_matches_a_fresh_run(sharded, tmp_path,
     first.write_bytes(first.read_bytes()[:-1] + b"\x00")
     converted = []
 
-    def count(self, shard):
+    def count(self, shard, sink):
         converted.append(shard)
-        return real(self, shard)
+        return real(self, shard, sink)
 
     monkeypatch.setattr(ckpt.Converter, "convert_shard", count)
     quantize(sharded, out, "clip")

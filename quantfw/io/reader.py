@@ -51,6 +51,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     shard: str
+    span: tuple[int, int] = (0, 0)  # byte range of its data in the shard file
 
 
 # JSON files are parsed whole: bound them (a 90k-tensor index is ~10 MB).
@@ -64,6 +65,19 @@ def _index_names(folder: Path) -> list[str]:
     preferred = ["model" + INDEX_SUFFIX, *sorted(n for n in present if n.startswith("quant_model_weight_"))]
     found = [n for n in preferred if n in present]
     return found or sorted(present)
+
+
+def _data_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """Absolute byte range of every tensor's data, from a header safetensors has validated."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    base = 8 + n
+    return {
+        k: (base + v["data_offsets"][0], base + v["data_offsets"][1])
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
 
 
 class CheckpointReader:
@@ -188,14 +202,15 @@ class CheckpointReader:
     def _read_header(self, shard: str) -> dict[str, TensorInfo]:
         path = self.folder / shard
         try:
-            with safe_open(self._paths[shard], framework="pt") as f:
+            with safe_open(self._paths[shard], framework="pt") as f:  # validates the header
+                spans = _data_spans(self._paths[shard])
                 out = {}
                 for key in f.keys():
                     s = f.get_slice(key)
                     dtype = ST_DTYPES.get(s.get_dtype())
                     if dtype is None:
                         raise CheckpointError(f"{path}: tensor '{key}' has unsupported dtype {s.get_dtype()}")
-                    out[key] = TensorInfo(tuple(s.get_shape()), dtype, shard)
+                    out[key] = TensorInfo(tuple(s.get_shape()), dtype, shard, spans[key])
                 return out
         except CheckpointError:
             raise
@@ -262,12 +277,22 @@ class CheckpointReader:
         return {k: out[k] for k in keys}
 
     def iter_shard(self, shard: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """The tensors of one shard in key order, read one at a time."""
+        """The tensors of one shard in key order, read one at a time with plain reads, not a
+        mapping of the file: the pages of a multi-GB shard never count toward the process's memory."""
         keys = sorted(self.keys_in(shard))
-        with safe_open(self._paths[shard], framework="pt") as f:
-            for k in keys:
-                t = f.get_tensor(k)
-                yield k, (t.view(torch.int64) if t.dtype == torch.uint64 else t)
+        path = self.folder / shard
+        try:
+            with open(self._paths[shard], "rb", buffering=0) as f:
+                for k in keys:
+                    info = self._info[k]
+                    buf = bytearray(info.span[1] - info.span[0])
+                    f.seek(info.span[0])
+                    if f.readinto(buf) != len(buf):
+                        raise CheckpointError(f"{path}: tensor '{k}' is truncated")
+                    t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+                    yield k, t.view(info.dtype).reshape(info.shape)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read tensors ({e.strerror or e})") from None
 
     def _load_json(self, name: str, what: str) -> Any:
         path = self.path(name, what)

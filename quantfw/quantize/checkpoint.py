@@ -27,7 +27,7 @@ import re
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -197,9 +197,10 @@ class Converter:
             return None
         return self.alphas[layer][part.expert]
 
-    def convert_shard(self, shard: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Quantize one input shard. Up to `self.workers` tensors are in flight (bounded memory);
-        results are collected in key order, so the output does not depend on thread timing."""
+    def convert_shard(self, shard: str, sink: Callable[[dict[str, torch.Tensor]], None]) -> dict[str, str]:
+        """Quantize one input shard into `sink` (its output tensors, in key order, so the output
+        does not depend on thread timing) and return their types. Up to `self.workers` tensors are
+        in flight: memory holds those, not the shard."""
         workers = self.workers or 1
 
         def work(key, t, parts):
@@ -216,18 +217,17 @@ class Converter:
                 self._quantize_part(part, out, types)
             return out, types
 
-        out: dict[str, torch.Tensor] = {}
         types: dict[str, str] = {}
 
         def collect(result):
             o, ty = result
-            out.update(o)
+            sink(o)
             types.update(ty)
 
         if workers <= 1:
             for job in self.router.jobs(shard):
                 collect(work(*job))
-            return out, types
+            return types
         pending: deque = deque()
         with ThreadPoolExecutor(workers) as pool:
             try:
@@ -240,7 +240,7 @@ class Converter:
             finally:
                 for f in pending:
                     f.cancel()
-        return out, types
+        return types
 
     # ------------------------------------------------------------------ resume records
 
@@ -269,10 +269,14 @@ class Converter:
             return None
         t0 = time.perf_counter()
         self._wc_records = []
-        tensors, types = self.convert_shard(self.reader.shards[i])
+        writer = self.store.shard_writer(self.names[i])
+        try:
+            types = self.convert_shard(self.reader.shards[i], writer.add)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close({"format": "pt"})
         records = sorted(self._wc_records, key=lambda r: (r["layer"], r["expert"], r["proj"]))
-        self.store.write_shard(self.names[i], tensors)
-        del tensors
         gb = self._input_stamp(i)["input_size"] / 1e9
         self._log(
             f"[{i + 1}/{n}] {self.names[i]} {gb:.3f} GB in {time.perf_counter() - t0:.2f} s (record pending)"

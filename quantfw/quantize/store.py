@@ -33,7 +33,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
 
 from quantfw.errors import CheckpointError, OutputKeptError
 from quantfw.io.metadata import produced_by_quantfw
@@ -64,14 +63,73 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """`path` holds `data` or what it held before, never a part of it."""
+def _create(path: Path):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    return open(fd, "wb")
+
+
+def write_atomic(path: Path, data: bytes | Callable) -> None:
+    """`path` holds `data` (bytes, or what `data(file)` writes) or what it held before, never a part of it."""
     part = path.with_name(path.name + ".tmp")
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    with open(fd, "wb") as f:
-        f.write(data)
+    with _create(part) as f:
+        data(f) if callable(data) else f.write(data)
     os.replace(part, path)
     step()
+
+
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.uint64: "U64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+}  # fmt: skip
+
+
+class ShardWriter:
+    """A safetensors shard written tensor by tensor, so memory holds the tensors in flight, not
+    the shard: data goes to `NAME.data.tmp` as it is produced; `close` writes the header and then
+    the data (a kernel-side copy) to the shard with `write_atomic`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data_path = path.with_name(path.name + ".data.tmp")
+        self.data = _create(self.data_path)
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, t in tensors.items():
+            n = t.numel() * t.element_size()
+            self.entries[key] = {
+                "dtype": _ST_DTYPES[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [self.size, self.size + n],
+            }
+            if n:
+                self.data.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+            self.size += n
+
+    def close(self, metadata: dict[str, str]) -> None:
+        self.data.close()
+        head = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)  # the format pads the header to 8 bytes
+
+        def join(f):
+            f.write(len(head).to_bytes(8, "little") + head)
+            f.flush()
+            with open(self.data_path, "rb") as src:
+                left = self.size
+                while left:
+                    sent = os.copy_file_range(src.fileno(), f.fileno(), left)
+                    if sent == 0:
+                        raise OSError(errno.EIO, "short copy", str(self.path))
+                    left -= sent
+
+        write_atomic(self.path, join)
+        self.data_path.unlink()
+
+    def abort(self) -> None:
+        self.data.close()
+        self.data_path.unlink(missing_ok=True)
 
 
 def os_error(e: OSError, kept: Path) -> OutputKeptError:
@@ -257,10 +315,10 @@ class ShardStore:
 
     # ------------------------------------------------------------------ shards
 
-    def write_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        # Serialized here and written by Python, so a short write (disk full) raises OSError;
-        # safetensors' save_file can end on a truncated file without an error.
-        write_atomic(self.path(name), save(tensors, metadata={"format": "pt"}))
+    def shard_writer(self, name: str) -> ShardWriter:
+        # Written by Python, so a short write (disk full) raises OSError; safetensors' save_file
+        # can end on a truncated file without an error.
+        return ShardWriter(self.path(name))
 
     def finished(self, name: str, stamp: dict, rehash: bool = True) -> dict | None:
         """The record of shard `name` if it is complete and verified (size and sha256), else None.
