@@ -70,7 +70,9 @@ def _renamings(model_type: str) -> list[tuple[str, str]]:
 class DecoderStack:
     """The meta-device model of `folder` with its MoE experts replaced by `experts_factory(layer)`."""
 
-    def __init__(self, folder: str | Path, reader: CheckpointReader, experts_factory: Callable[[int], nn.Module]):
+    def __init__(
+        self, folder: str | Path, reader: CheckpointReader, experts_factory: Callable[[int], nn.Module]
+    ):
         from quantfw.integrations.hf import _transformers, swap_moe_experts
 
         tf = _transformers()
@@ -82,7 +84,9 @@ class DecoderStack:
             config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{self.folder / 'config.json'}: transformers cannot read it ({first})") from None
+            raise CheckpointError(
+                f"{self.folder / 'config.json'}: transformers cannot read it ({first})"
+            ) from None
         if getattr(config, "quantization_config", None) is not None:
             del config.quantization_config  # FP8 releases: weights are dequantized here, not by transformers
         self.config = config
@@ -192,7 +196,9 @@ class DecoderStack:
         tensors = [*layer.named_parameters(), *layer.named_buffers()]
         left = [n for n, t in tensors if t.is_meta and not (skip and n.startswith(skip))]
         if left:
-            raise CheckpointError(f"{self.folder}: layer {i} tensor '{left[0]}' is neither stored nor computed")
+            raise CheckpointError(
+                f"{self.folder}: layer {i} tensor '{left[0]}' is neither stored nor computed"
+            )
         return layer.eval()
 
     def free(self, i: int) -> None:

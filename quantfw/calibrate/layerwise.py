@@ -68,7 +68,7 @@ class _Progress:
     def __init__(self, total: int, start: int, on: bool):
         self.total, self.on, self.t0, self.start, self.bar = total, on, time.perf_counter(), start, None
         self.experts = 0
-        if on:
+        if on and sys.stderr.isatty():  # a live bar only where it can redraw; logs get the lines
             try:
                 from tqdm import tqdm
 
@@ -76,7 +76,9 @@ class _Progress:
             except ImportError:
                 pass
             if start:
-                self._line(f"resumed at layer {start + 1}/{total} ({start} layer(s) verified in the work dir)")
+                self._line(
+                    f"resumed at layer {start + 1}/{total} ({start} layer(s) verified in the work dir)"
+                )
 
     def _line(self, text: str) -> None:
         if self.bar is not None:
@@ -174,56 +176,61 @@ def calibrate_layers(
     done = work.resume_point()
     if done:
         files = [work.path / r["file"] for r in work.state["layers"][str(done - 1)]["hidden"]]
+        hidden = _Hidden([], files, in_memory=False)
+        hidden = _Hidden([hidden[b] for b in range(len(files))] if in_memory else [], files, in_memory)
+    elif in_memory:
+        hidden = _Hidden(embeds, [], in_memory)
     else:
-        files = [] if in_memory else [work.path / work.save(f"embeds-{b:04d}.safetensors", {"hidden": x})["file"] for b, x in enumerate(embeds)]
-    hidden = _Hidden([], files, in_memory=False)
-    hidden = _Hidden(([hidden[b] for b in range(len(files))] if done else embeds) if in_memory else [], files, in_memory)
+        saved = [work.save(f"embeds-{b:04d}.safetensors", {"hidden": x}) for b, x in enumerate(embeds)]
+        hidden = _Hidden([], [work.path / r["file"] for r in saved], in_memory)
     del embeds
     bar = _Progress(n, done, progress)
+    try:
+        for i in range(done, n):
+            t0 = time.perf_counter()
+            layer = stack.materialize(i)
+            moe = stack.moe_block(i)
+
+            def run(b, layer=layer, i=i, hidden=hidden):
+                args, kwargs = layer_args[b][i]
+                with torch.no_grad():
+                    return _output(layer(hidden[b], *args, **kwargs))
+
+            spill = None
+            if moe is not None:
+                experts = moe.experts
+                experts.reset()
+                for b in range(len(batches)):
+                    run(b)  # records the MoE inputs and routing; the outputs come in the second pass
+                source = ExpertSource(reader, model, i, prefixes.get(i))
+                spill = _calibrate_moe(
+                    i, experts, info[i].num_experts, source, scheme, calib, clips, all_experts, block
+                )
+            outputs = [run(b) for b in range(len(batches))]
+            if moe is not None:
+                moe.experts.reset()
+            stack.free(i)
+            recs = [
+                work.save(f"hidden-{i:04d}-{b:04d}.safetensors", {"hidden": h}) for b, h in enumerate(outputs)
+            ]
+            spill_rec = work.save(f"layer-{i:04d}.safetensors", *spill) if spill is not None else None
+            previous = work.state["layers"].get(str(i - 1), {}).get("hidden", [])
+            work.finish_layer(i, {"spill": spill_rec, "hidden": recs}, drop=[r["file"] for r in previous])
+            hidden = _Hidden(outputs if in_memory else [], [work.path / r["file"] for r in recs], in_memory)
+            del outputs
+            bar.layer(i, info[i].num_experts if moe is not None else 0, time.perf_counter() - t0)
+            if AFTER_LAYER is not None:
+                AFTER_LAYER(i)
+    finally:
+        bar.close()
     results: dict[int, LayerResult] = {}
-    for i in range(done, n):
-        t0 = time.perf_counter()
-        layer = stack.materialize(i)
-        moe = stack.moe_block(i)
-
-        def run(b, layer=layer, i=i, hidden=hidden):
-            args, kwargs = layer_args[b][i]
-            with torch.no_grad():
-                return _output(layer(hidden[b], *args, **kwargs))
-
-        spill = None
-        if moe is not None:
-            experts = moe.experts
-            experts.reset()
-            for b in range(len(batches)):
-                run(b)
-            spill = _calibrate_moe(
-                i, experts, info[i].num_experts, ExpertSource(reader, model, i, prefixes.get(i)), scheme, calib,
-                clips, all_experts, block,
-            )
-            outputs = [run(b) for b in range(len(batches))]
-            experts.reset()
-        else:
-            outputs = [run(b) for b in range(len(batches))]
-        stack.free(i)
-        recs = [work.save(f"hidden-{i:04d}-{b:04d}.safetensors", {"hidden": h}) for b, h in enumerate(outputs)]
-        spill_rec = work.save(f"layer-{i:04d}.safetensors", *spill) if spill is not None else None
-        previous = work.state["layers"].get(str(i - 1), {}).get("hidden", [])
-        work.finish_layer(i, {"spill": spill_rec, "hidden": recs}, drop=[r["file"] for r in previous])
-        files = [work.path / r["file"] for r in recs]
-        hidden = _Hidden(outputs if in_memory else [], files, in_memory)
-        del outputs
-        bar.layer(i, info[i].num_experts if moe is not None else 0, time.perf_counter() - t0)
-        if AFTER_LAYER is not None:
-            AFTER_LAYER(i)
-    bar.close()
     inputs = {}
     for i in range(n):
         rec = work.state["layers"][str(i)]["spill"]
         if rec is None:
             continue
         file = work.path / rec["file"]
-        t, meta = WorkDir.load(file)
+        t, meta = WorkDir.load(file, ("kept_offsets", "counts", "alphas"))
         off = t["kept_offsets"]
         kept = (off[1:] - off[:-1]).tolist()
         alphas = t["alphas"] if "alphas" in t else None

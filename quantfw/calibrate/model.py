@@ -158,7 +158,9 @@ def calibrate_checkpoint(
 
     config = CheckpointReader(folder).config()
     check_model_type(config, str(Path(folder) / "config.json"))
-    ids, data = calibration_tokens(folder, int(config["vocab_size"]), calib.tokens, seed, seq_len=calib.seq_len)
+    ids, data = calibration_tokens(
+        folder, int(config["vocab_size"]), calib.tokens, seed, seq_len=calib.seq_len
+    )
     windows = _windows(ids, calib.seq_len, "calibration.tokens")
     guard = None
     if guard_tokens:
@@ -232,7 +234,9 @@ def _calibrate_whole_model(folder, scheme, calib, seed, fmt, backend, guard_toke
     experts = {
         e.layer_index: (model.get_submodule(e.path).experts, weights[e.layer_index][0]) for e in swap.entries
     }
-    capture = ExpertCapture(experts, max_rows=calib.max_rows, all_experts=bool(calib.get("all_experts", False)))
+    capture = ExpertCapture(
+        experts, max_rows=calib.max_rows, all_experts=bool(calib.get("all_experts", False))
+    )
     clips = bool(scheme.flags.get("activation_use_clip"))
     ids, data = calibration_tokens(
         folder, model.config.vocab_size, calib.tokens + guard_tokens, seed, seq_len=calib.seq_len

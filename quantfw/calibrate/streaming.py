@@ -84,7 +84,9 @@ class StreamingExperts(nn.Module):
     def replay(self, outputs: list[torch.Tensor]) -> None:
         self.outputs, self._next = outputs, 0
 
-    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
         if self.outputs is None:
             self.calls.append((hidden.detach().to(torch.float32), topk_weights.detach(), topk_ids.detach()))
             return torch.zeros_like(hidden)

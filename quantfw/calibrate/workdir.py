@@ -89,6 +89,10 @@ class WorkDir:
         return done
 
     @staticmethod
-    def load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def load(
+        path: Path, keys: tuple[str, ...] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors (all, or those of `keys` the file has) and metadata of a work-dir file."""
         with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+            names = [k for k in f.keys() if keys is None or k in keys]
+            return {k: f.get_tensor(k) for k in names}, f.metadata() or {}
