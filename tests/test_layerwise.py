@@ -321,7 +321,7 @@ def test_conf_models_are_supported():
 
 PEAK = textwrap.dedent(
     """
-    import resource, sys
+    import sys
     from omegaconf import OmegaConf
     from quantfw.api import components
     from quantfw.calibrate.model import calibrate_checkpoint
@@ -330,7 +330,9 @@ PEAK = textwrap.dedent(
     c = dict(tokens=256, seq_len=64, batch_size=4, min_tokens=16, policy="ones", max_rows=64,
              progress=False, expert_block=4)
     calibrate_checkpoint(sys.argv[1], scheme, OmegaConf.create(c), work_dir=sys.argv[2])
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # VmHWM: peak RSS of this process image (ru_maxrss would carry over the forking parent's)
+    hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0]
+    print(int(hwm.split()[1]) * 1024)
     """
 )
 

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from quantfw.errors import CheckpointError, ConfigError
-from quantfw.io.fp8 import read_float
+from quantfw.io.fp8 import block_size, read_float
 from quantfw.io.reader import CheckpointReader
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "DecoderStack", "check_model_type"]
@@ -90,6 +90,7 @@ class DecoderStack:
         if getattr(config, "quantization_config", None) is not None:
             del config.quantization_config  # FP8 releases: weights are dequantized here, not by transformers
         self.config = config
+        self.fp8_block = block_size(raw, str(self.folder / "config.json"))
         with torch.device("meta"):
             model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         self.model = model.eval()
@@ -127,7 +128,7 @@ class DecoderStack:
         """Input embeddings fp32 [*ids.shape, H], reading only the rows the ids use."""
         info = self.reader.info(self.embed_key)
         if info.dtype == torch.float8_e4m3fn:
-            return read_float(self.reader, self.embed_key).float()[ids]
+            return read_float(self.reader, self.embed_key, self.fp8_block).float()[ids]
         flat = ids.reshape(-1)
         out = torch.empty(flat.shape[0], info.shape[1], dtype=torch.float32)
         with safe_open(self.reader.folder / info.shard, framework="pt") as f:
@@ -185,7 +186,7 @@ class DecoderStack:
         for name, t in layer.state_dict(keep_vars=True).items():
             if skip and name.startswith(skip):
                 continue
-            w = read_float(self.reader, self.disk_key(prefix + name))
+            w = read_float(self.reader, self.disk_key(prefix + name), self.fp8_block)
             if tuple(w.shape) != tuple(t.shape):
                 raise CheckpointError(
                     f"{self.reader.folder}: tensor '{self.disk_key(prefix + name)}' has shape {list(w.shape)}, "

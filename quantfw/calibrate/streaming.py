@@ -27,7 +27,7 @@ from quantfw import ops
 from quantfw.calibrate.experts import LayerCapture
 from quantfw.errors import CalibrationError, CheckpointError
 from quantfw.io.experts import FUSED_RE, PROJS, MoEModel, key_of
-from quantfw.io.fp8 import read_float
+from quantfw.io.fp8 import block_size, read_float
 from quantfw.io.reader import CheckpointReader
 
 __all__ = ["ExpertSource", "SpilledInputs", "StreamingExperts", "run_blocks"]
@@ -39,6 +39,7 @@ class ExpertSource:
 
     def __init__(self, reader: CheckpointReader, model: MoEModel, layer: int, prefix: str | None):
         self.reader, self.model, self.layer, self.prefix = reader, model, layer, prefix
+        self.fp8_block = block_size(reader.config(), str(reader.folder / "config.json"))
         self.fused = {}
         if prefix is None:
             self.fused = {
@@ -61,7 +62,7 @@ class ExpertSource:
                 key = key_of(self.prefix, e, self.model, p, "weight")
                 if key not in self.reader:
                     raise CheckpointError(f"{self.reader.folder}: float expert weight '{key}' missing")
-                w[e, p] = read_float(self.reader, key).float()
+                w[e, p] = read_float(self.reader, key, self.fp8_block).float()
         w13 = torch.stack([torch.cat([w[e, "gate"], w[e, "up"]]) for e in range(start, stop)])
         w2 = torch.stack([w[e, "down"] for e in range(start, stop)])
         return w13, w2
