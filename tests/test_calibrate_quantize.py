@@ -157,9 +157,9 @@ def test_guard_in_calibrate_checkpoint_reverts_layers_it_cannot_confirm(floats):
     not kept are written with alpha = 1, kept ones with their learned alphas, and the report says so."""
     scheme, fmt, backend = components(compose("default", CLIP_CT))
     src = floats["qwen3_moe"]
-    free = calibrate_checkpoint(src, scheme, calib(tokens=512), 0)
+    free = calibrate_checkpoint(src, scheme, calib(tokens=512, layerwise=False), 0)
     guarded = calibrate_checkpoint(
-        src, scheme, calib(tokens=512, guard_tokens=256), 0, fmt=fmt, backend=backend
+        src, scheme, calib(tokens=512, guard_tokens=256, layerwise=False), 0, fmt=fmt, backend=backend
     )
     g = guarded.metadata["guard"]
     assert g["tokens"] == 2 * 127 and g["min_z"] == 3.0 and g["windows"] == 2

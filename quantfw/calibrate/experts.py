@@ -22,7 +22,15 @@ from quantfw.errors import CalibrationError, ConfigError
 from quantfw.quantize.experts import fake_quant_weights
 from quantfw.schemes.scheme import Scheme
 
-__all__ = ["ExpertCapture", "LayerCapture", "alpha_metadata", "learn_expert_alphas", "POLICIES"]
+__all__ = [
+    "POLICIES",
+    "ExpertCapture",
+    "LayerCapture",
+    "alpha_metadata",
+    "expert_alpha_rows",
+    "learn_expert_alphas",
+    "search_expert_rows",
+]
 
 POLICIES = ("ones", "fail")
 METHOD = "grid_search_output_mse"
@@ -57,20 +65,29 @@ class LayerCapture:
     inputs: list[list[torch.Tensor]] = field(default_factory=list)
     tokens: list[list[torch.Tensor]] = field(default_factory=list)
     weights: list[list[torch.Tensor]] = field(default_factory=list)
+    routed: list[list[torch.Tensor]] = field(default_factory=list)  # bool per kept row
     seen: int = 0  # layer tokens numbered so far
     keys: list[list[torch.Tensor]] = field(default_factory=list)  # random sampling key of each kept row
 
     def __post_init__(self):
-        self._gen = torch.Generator().manual_seed(self.layer)
+        # One key stream per expert: a row's key depends on its expert and arrival order only, so
+        # experts can be captured in any interleaving (whole model, or a block at a time).
+        self._gens: dict[int, torch.Generator] = {}
         self.keys = [[] for _ in range(self.num_experts)]
         self.rows = [[] for _ in range(self.num_experts)]
         self.inputs = [[] for _ in range(self.num_experts)]
         self.tokens = [[] for _ in range(self.num_experts)]
         self.weights = [[] for _ in range(self.num_experts)]
+        self.routed = [[] for _ in range(self.num_experts)]
         self.counts = torch.zeros(self.num_experts, dtype=torch.int64)
 
+    def _gen(self, e: int) -> torch.Generator:
+        if e not in self._gens:
+            self._gens[e] = torch.Generator().manual_seed(self.layer * 1_000_003 + e)
+        return self._gens[e]
+
     def kept(self, e: int) -> int:
-        return sum(r.shape[0] for r in self.rows[e])
+        return sum(t.shape[0] for t in self.tokens[e])
 
     def add(
         self,
@@ -79,16 +96,21 @@ class LayerCapture:
         x: torch.Tensor | None = None,
         tokens: torch.Tensor | None = None,
         weights: torch.Tensor | None = None,
+        routed: torch.Tensor | None = None,
     ) -> None:
+        """Rows of expert e; `routed` (bool [n], default all) marks the rows the router sent to e
+        (calibration.all_experts adds the others too, for the observers' statistics only)."""
         n = h.shape[0]
         if tokens is None:
             tokens, self.seen = torch.arange(self.seen, self.seen + n), self.seen + n
-        self.counts[e] += n
+        routed = torch.ones(n, dtype=torch.bool) if routed is None else routed.to(torch.bool)
+        self.counts[e] += int(routed.sum())
         new = {
             "rows": h.detach().to(torch.float32),
             "tokens": tokens.to(torch.int64),
             "weights": (torch.ones(n) if weights is None else weights.detach()).to(torch.float32),
-            "keys": torch.rand(n, generator=self._gen),
+            "routed": routed,
+            "keys": torch.rand(n, generator=self._gen(e)),
         }
         if x is not None:
             new["inputs"] = x.detach().to(torch.float32)
@@ -99,7 +121,15 @@ class LayerCapture:
             keep = torch.cat(self.keys[e]).topk(self.max_rows, largest=False).indices.sort().values
             for name in new:
                 parts = getattr(self, name)[e]
-                parts[:] = [torch.cat(parts)[keep]]
+                if parts:
+                    parts[:] = [torch.cat(parts)[keep]]
+
+    def drop_rows(self, e: int) -> None:
+        """Free expert e's rows and inputs (tokens, weights and counts stay: the kept sample)."""
+        self.rows[e], self.inputs[e] = [], []
+
+    def kept_tokens(self, e: int) -> torch.Tensor:
+        return torch.cat(self.tokens[e]) if self.tokens[e] else torch.zeros(0, dtype=torch.int64)
 
     def h(self, e: int) -> torch.Tensor:
         return torch.cat(self.rows[e]) if self.rows[e] else torch.zeros(0, 0)
@@ -123,8 +153,14 @@ class ExpertCapture:
     (hidden [T,H], topk_weights [T,k], topk_ids [T,k]) so routing is whatever the model did.
     """
 
-    def __init__(self, experts: Mapping[int, tuple[nn.Module, torch.Tensor]], max_rows: int | None = None):
+    def __init__(
+        self,
+        experts: Mapping[int, tuple[nn.Module, torch.Tensor]],
+        max_rows: int | None = None,
+        all_experts: bool = False,
+    ):
         self.experts = dict(experts)
+        self.all_experts = all_experts  # every expert captures every token (routed ones flagged)
         self.layers = {
             layer: LayerCapture(layer, w13.shape[0], max_rows) for layer, (_, w13) in self.experts.items()
         }
@@ -140,10 +176,12 @@ class ExpertCapture:
             for e in range(cap.num_experts):
                 hit = ids == e
                 tok = hit.any(dim=-1)
-                if tok.any():
+                w = (weights.to(torch.float32) * hit).sum(-1)
+                if self.all_experts:
+                    cap.add(e, x @ w13[e].to(torch.float32).T, x, tokens=number, weights=w, routed=tok)
+                elif tok.any():
                     xe = x[tok]
-                    w = (weights.to(torch.float32) * hit).sum(-1)[tok]
-                    cap.add(e, xe @ w13[e].to(torch.float32).T, xe, tokens=number[tok], weights=w)
+                    cap.add(e, xe @ w13[e].to(torch.float32).T, xe, tokens=number[tok], weights=w[tok])
 
         return hook
 
@@ -164,44 +202,48 @@ class ExpertCapture:
         return int(sum(c.counts.sum() for c in self.layers.values()))
 
 
-def learn_expert_alphas(
-    scheme: Scheme,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    captured: LayerCapture,
-    min_tokens: int = 16,
-    policy: str = "ones",
-) -> tuple[torch.Tensor, list[dict]]:
-    """alpha [E] in (0, 1] for one layer, and one report row per expert.
-
-    The int4 weights are quantized as the scheme declares, so the search sees the weight error the
-    layer will run with; alphas minimise the layer output error (quantfw.calibrate.alpha). Experts with fewer than `min_tokens` captured rows get alpha 1
-    (policy "ones", reported as a fallback) or raise CalibrationError (policy "fail")."""
+def _check_policy(min_tokens: int, policy: str) -> None:
     if policy not in POLICIES:
         raise ConfigError(f"calibration policy '{policy}' (allowed: {', '.join(POLICIES)})")
     if min_tokens < 1:
         raise ConfigError(f"calibration min_tokens={min_tokens} (must be >= 1)")
-    E, two_i, _ = w13.shape
-    if captured.num_experts != E or tuple(w2.shape[:1]) != (E,):
-        raise CalibrationError(
-            f"layer {captured.layer}: capture has {captured.num_experts} experts, weights have {E}"
-        )
+
+
+def expert_alpha_rows(
+    scheme: Scheme,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    captured: LayerCapture,
+    experts: range,
+    min_tokens: int = 16,
+    policy: str = "ones",
+) -> tuple[list[ExpertRows | None], list[dict]]:
+    """The alpha search's rows and report rows of `experts`, whose float weights w13 [B, 2I, H] and
+    w2 [B, H, I] are given in that order (a block of the layer, or all of it). Only rows the router
+    sent to an expert enter the search (calibration.all_experts captures the others for the
+    observers). Experts with fewer than `min_tokens` rows get None (policy "ones", reported as a
+    fallback) or raise CalibrationError (policy "fail")."""
+    _check_policy(min_tokens, policy)
+    two_i = w13.shape[1]
     deq = fake_quant_weights(scheme, w2).dequantize()
     deq13 = None  # the int4 first GEMM, built only when expert inputs were captured
-    rows: list[ExpertRows | None] = [None] * E
+    rows: list[ExpertRows | None] = []
     report: list[dict] = []
-    for e in range(E):
-        h = captured.h(e)
+    for j, e in enumerate(experts):
+        routed = torch.cat(captured.routed[e]) if captured.routed[e] else torch.zeros(0, dtype=torch.bool)
+        pick = None if bool(routed.all()) else routed
+        h = captured.h(e) if pick is None else captured.h(e)[pick]
         report.append(
             {"layer": captured.layer, "expert": e, "tokens": int(captured.counts[e]), "rows": h.shape[0]}
         )
+        rows.append(None)
         if h.shape[0] < min_tokens:
             if policy == "fail":
                 raise CalibrationError(
                     f"layer {captured.layer} expert {e}: {h.shape[0]} calibration tokens, "
                     f"expected >= min_tokens={min_tokens} (policy fail)"
                 )
-            report[e].update(alpha=1.0, status="fallback_too_few_tokens")
+            report[j].update(alpha=1.0, status="fallback_too_few_tokens")
             continue
         if h.shape[1] != two_i:
             raise CalibrationError(
@@ -213,16 +255,24 @@ def learn_expert_alphas(
         # the float h: search on those rows, measured against the float expert output.
         h_dep, x = h, captured.x(e)
         if x.numel():
+            x = x if pick is None else x[pick]
             deq13 = fake_quant_weights(scheme, w13).dequantize() if deq13 is None else deq13
             xq, xs = ops.dynamic_quant(x)
-            h_dep = ((xq.float() * xs.unsqueeze(-1)) @ deq13[e].T).to(torch.bfloat16).float()
-        rows[e] = ExpertRows(
+            h_dep = ((xq.float() * xs.unsqueeze(-1)) @ deq13[j].T).to(torch.bfloat16).float()
+        tokens, weight = torch.cat(captured.tokens[e]), torch.cat(captured.weights[e])
+        rows[j] = ExpertRows(
             h=h_dep,
-            ref=ops.swiglu(h) @ w2[e].float().T,
-            w2_deq=deq[e].float(),
-            tokens=torch.cat(captured.tokens[e]),
-            weight=torch.cat(captured.weights[e]),
+            ref=ops.swiglu(h) @ w2[j].float().T,
+            w2_deq=deq[j].float(),
+            tokens=tokens if pick is None else tokens[pick],
+            weight=weight if pick is None else weight[pick],
         )
+    return rows, report
+
+
+def search_expert_rows(rows: list[ExpertRows | None], report: list[dict]) -> tuple[torch.Tensor, list[dict]]:
+    """alpha [E] from one layer's rows (`expert_alpha_rows` over every expert, in order); the
+    report rows of learned experts get their errors."""
     found = search_layer_alphas(
         rows,
         lo=GRID["lo"],
@@ -238,8 +288,30 @@ def learn_expert_alphas(
                 alpha=r.alpha, error=r.error, error_at_one=r.error_at_one, heldout_z=r.z, status="learned"
             )
             report[e]["layer_error"], report[e]["layer_error_at_one"] = found.error, found.error_at_one
-    alphas = found.alphas
-    return alphas, report
+    return found.alphas, report
+
+
+def learn_expert_alphas(
+    scheme: Scheme,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    captured: LayerCapture,
+    min_tokens: int = 16,
+    policy: str = "ones",
+) -> tuple[torch.Tensor, list[dict]]:
+    """alpha [E] in (0, 1] for one layer, and one report row per expert.
+
+    The int4 weights are quantized as the scheme declares, so the search sees the weight error the
+    layer will run with; alphas minimise the layer output error (quantfw.calibrate.alpha). Experts
+    with fewer than `min_tokens` captured rows follow `policy` (see `expert_alpha_rows`)."""
+    _check_policy(min_tokens, policy)
+    E = w13.shape[0]
+    if captured.num_experts != E or tuple(w2.shape[:1]) != (E,):
+        raise CalibrationError(
+            f"layer {captured.layer}: capture has {captured.num_experts} experts, weights have {E}"
+        )
+    rows, report = expert_alpha_rows(scheme, w13, w2, captured, range(E), min_tokens, policy)
+    return search_expert_rows(rows, report)
 
 
 def alpha_metadata(report: list[dict], data: str, min_tokens: int, policy: str) -> dict:

@@ -1,15 +1,19 @@
 """Calibrating W4A8-clip alphas from a float HF checkpoint folder (what `quantfw quantize` runs).
 
-The float model is loaded with transformers (offline, fp32), its MoE blocks are swapped for
-`FloatMoE` (the same float experts, so the model output is unchanged), calibration tokens are run
-through it while `ExpertCapture` records every expert's pre-SwiGLU rows, and `learn_expert_alphas`
-turns each layer's rows into alpha [E]. Tokens: `tokens` (+ `guard_tokens`) in windows spread over the calibration split of
+By default the float model runs one decoder layer at a time (quantfw.calibrate.layerwise), each
+layer's experts streamed a block at a time, so memory does not grow with the model. With
+`calibration.layerwise=false` the whole float model is loaded with transformers (offline, fp32),
+its MoE blocks swapped for `FloatMoE` (the same float experts, so the model output is unchanged)
+and `ExpertCapture` hooks record every expert's pre-SwiGLU rows; the model-level guard needs this
+path. Either way `learn_expert_alphas` (or its blocked parts) turns each layer's rows into alpha [E]
+and both give the same results. Tokens: `tokens` (+ `guard_tokens`) in windows spread over the calibration split of
 `quantfw.eval.text` tokenised with the checkpoint's tokenizer when it has one, else deterministic
 pseudo-random ids from the seed (tiny test models ship no tokenizer); which one ran is recorded.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,6 @@ import torch
 from quantfw.calibrate.experts import (
     POLICIES,
     ExpertCapture,
-    LayerCapture,
     alpha_metadata,
     learn_expert_alphas,
 )
@@ -37,9 +40,11 @@ class CalibrationResult:
     alphas: dict[int, torch.Tensor]  # MoE layer index -> alpha [E] fp32 (empty: scheme does not clip)
     report: list[dict]  # one row per (layer, expert): tokens, rows, alpha, status, errors
     metadata: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable provenance
-    # MoE layer index -> per-expert weight-observer inputs, `inputs[layer](role, e)` (see LayerCapture)
-    inputs: dict[int, LayerCapture] = field(default_factory=dict)
+    # MoE layer index -> per-expert weight-observer inputs, `inputs[layer](role, e)` (LayerCapture,
+    # or the layerwise path's disk-backed SpilledInputs)
+    inputs: dict[int, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)  # token source and coverage, alpha-independent
+    work_dir: Any = None  # keeps a temporary work dir (the spills `inputs` read) alive
 
     @property
     def alpha_metadata(self) -> dict[str, Any] | None:
@@ -120,20 +125,104 @@ def needs_calibration(scheme: Scheme) -> bool:
 
 
 def calibrate_checkpoint(
-    folder: str | Path, scheme: Scheme, calib, seed: int = 0, fmt=None, backend=None
+    folder: str | Path,
+    scheme: Scheme,
+    calib,
+    seed: int = 0,
+    fmt=None,
+    backend=None,
+    work_dir: str | Path | None = None,
 ) -> CalibrationResult:
-    """Capture every MoE layer's expert inputs from the float model in `folder` (see module doc);
-    alphas are learned only when the scheme clips. The captures are returned as `inputs` for the
-    data-driven weight observers.
+    """Capture every MoE layer's expert inputs from the float model in `folder`; alphas are learned
+    only when the scheme clips. The captures are returned as `inputs` for the data-driven weight
+    observers.
 
     `calib` is the recipe's `calibration` node (tokens, seq_len, batch_size, min_tokens, policy,
-    max_rows, guard_tokens). With `guard_tokens` > 0 and the checkpoint format and backend given,
-    learned alphas pass the model-level guard (quantfw.calibrate.guard) on that many extra tokens."""
+    max_rows, guard_tokens, layerwise, all_experts, ...). By default the model runs one decoder
+    layer at a time (quantfw.calibrate.layerwise), spilling to `work_dir` (a temporary dir when
+    None; an existing one resumes); `layerwise=false` loads the whole float model instead, which
+    the model-level guard needs: with `guard_tokens` > 0 and the checkpoint format and backend
+    given, learned alphas then pass the guard (quantfw.calibrate.guard) on that many extra tokens.
+    The layerwise path skips the guard, says so on stderr and records it."""
+    if calib.policy not in POLICIES:
+        raise ConfigError(f"calibration.policy={calib.policy} (allowed: {', '.join(POLICIES)})")
+    clips = bool(scheme.flags.get("activation_use_clip"))
+    guard_tokens = int(calib.get("guard_tokens", 0) or 0) if clips and fmt is not None else 0
+    if guard_tokens < 0:
+        raise ConfigError(f"calibration.guard_tokens={guard_tokens} (must be >= 0)")
+    if not calib.get("layerwise", True):
+        return _calibrate_whole_model(folder, scheme, calib, seed, fmt, backend, guard_tokens)
+    from quantfw.calibrate.decoder import check_model_type
+    from quantfw.calibrate.layerwise import calibrate_layers
+    from quantfw.io.reader import CheckpointReader
+
+    config = CheckpointReader(folder).config()
+    check_model_type(config, str(Path(folder) / "config.json"))
+    ids, data = calibration_tokens(
+        folder, int(config["vocab_size"]), calib.tokens, seed, seq_len=calib.seq_len
+    )
+    windows = _windows(ids, calib.seq_len, "calibration.tokens")
+    guard = None
+    if guard_tokens:
+        guard = {"skipped": GUARD_SKIPPED}
+        print(f"quantfw calibrate: model-level guard skipped: {GUARD_SKIPPED}", file=sys.stderr, flush=True)
+    results, inputs, owner = calibrate_layers(
+        folder, scheme, calib, windows, work_dir, bool(calib.get("progress", True))
+    )
+    alphas = {i: r.alphas for i, r in results.items() if r.alphas is not None}
+    report = [row for r in results.values() for row in r.report]
+    result = _result(
+        alphas,
+        report,
+        {i: r.counts for i, r in results.items()},
+        {i: r.kept for i, r in results.items()},
+        data,
+        seed,
+        calib,
+        int(windows.numel()),
+        guard,
+        inputs,
+    )
+    result.work_dir = owner
+    return result
+
+
+GUARD_SKIPPED = (
+    "it compares the quantized model's next-token loss with and without each layer's alphas, which "
+    "needs the whole model in memory; calibration ran layer by layer (calibration.layerwise=false runs it)"
+)
+
+
+def _result(alphas, report, counts, kept, data, seed, calib, tokens, guard, inputs) -> CalibrationResult:
+    """The CalibrationResult both paths return: counts[layer][e] routed tokens, kept[layer][e] rows."""
+    common = dict(
+        data=data,
+        token_source="tokenizer" if data.startswith("pydoc") else "pseudo_random",
+        seed=seed,
+        seq_len=calib.seq_len,
+        calibration_tokens=tokens,
+        max_rows=calib.max_rows,
+        # coverage[layer][e] = routed calibration tokens of expert e (including rows beyond max_rows)
+        coverage={str(layer): list(c) for layer, c in counts.items()},
+        # rows[layer][e] = captured rows kept (what the observers and the alpha search see)
+        rows={str(layer): list(k) for layer, k in kept.items()},
+    )
+    if calib.get("all_experts", False):
+        common["all_experts"] = True  # every expert's rows are every token (observers only)
+    meta = {}
+    if alphas:
+        meta = alpha_metadata(report, data, calib.min_tokens, calib.policy)
+        meta.update({k: v for k, v in common.items() if k not in ("seed", "rows")})
+        meta["alphas"] = {str(layer): [round(float(a), 6) for a in alphas[layer]] for layer in alphas}
+        meta["guard"] = guard
+    return CalibrationResult(alphas, report, meta, inputs, common)
+
+
+def _calibrate_whole_model(folder, scheme, calib, seed, fmt, backend, guard_tokens) -> CalibrationResult:
+    """The whole float model in memory (transformers, fp32), experts captured by forward hooks."""
     from quantfw.integrations.hf import swap_moe_experts
     from quantfw.moe.reference import FloatMoE
 
-    if calib.policy not in POLICIES:
-        raise ConfigError(f"calibration.policy={calib.policy} (allowed: {', '.join(POLICIES)})")
     model = load_float_model(folder)
     weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -145,11 +234,10 @@ def calibrate_checkpoint(
     experts = {
         e.layer_index: (model.get_submodule(e.path).experts, weights[e.layer_index][0]) for e in swap.entries
     }
-    capture = ExpertCapture(experts, max_rows=calib.max_rows)
+    capture = ExpertCapture(
+        experts, max_rows=calib.max_rows, all_experts=bool(calib.get("all_experts", False))
+    )
     clips = bool(scheme.flags.get("activation_use_clip"))
-    guard_tokens = int(calib.get("guard_tokens", 0) or 0) if clips and fmt is not None else 0
-    if guard_tokens < 0:
-        raise ConfigError(f"calibration.guard_tokens={guard_tokens} (must be >= 0)")
     ids, data = calibration_tokens(
         folder, model.config.vocab_size, calib.tokens + guard_tokens, seed, seq_len=calib.seq_len
     )
@@ -168,24 +256,16 @@ def calibrate_checkpoint(
             alphas, guard = guard_alphas(
                 model, swap, weights, alphas, guard_windows, scheme, fmt, backend, calib.batch_size
             )
-    common = dict(
-        data=data,
-        token_source="tokenizer" if data.startswith("pydoc") else "pseudo_random",
-        seed=seed,
-        seq_len=calib.seq_len,
-        calibration_tokens=int(windows.numel()),
-        max_rows=calib.max_rows,
-        # coverage[layer][e] = routed calibration tokens of expert e (including rows beyond max_rows)
-        coverage={str(layer): cap.counts.tolist() for layer, cap in capture.layers.items()},
-        # rows[layer][e] = captured rows kept (what the observers and the alpha search see)
-        rows={
-            str(layer): [cap.kept(e) for e in range(cap.num_experts)] for layer, cap in capture.layers.items()
-        },
+    layers = capture.layers
+    return _result(
+        alphas,
+        report,
+        {layer: cap.counts.tolist() for layer, cap in layers.items()},
+        {layer: [cap.kept(e) for e in range(cap.num_experts)] for layer, cap in layers.items()},
+        data,
+        seed,
+        calib,
+        int(windows.numel()),
+        guard,
+        dict(layers),
     )
-    meta = {}
-    if alphas:
-        meta = alpha_metadata(report, data, calib.min_tokens, calib.policy)
-        meta.update({k: v for k, v in common.items() if k not in ("seed", "rows")})
-        meta["alphas"] = {str(layer): [round(float(a), 6) for a in alphas[layer]] for layer in alphas}
-        meta["guard"] = guard
-    return CalibrationResult(alphas, report, meta, dict(capture.layers), common)

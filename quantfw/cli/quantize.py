@@ -6,16 +6,22 @@ calibration tokens first and the learned per-expert alphas go into the checkpoin
 (`...experts.e.down_proj.alpha`), with how they were obtained in the metadata's quantfw block.
 With a data-driven weight observer (e.g. `scheme.weight_observer=gptq`) the same run captures each
 expert's inputs and the observer uses them; its report is the quantfw block's `weight_calibration`.
+Calibration runs one decoder layer at a time and keeps its spills and resume state in a hidden
+sibling of the output, `<parent>/.<name>.calibration` (a killed run resumes there at the first
+unfinished layer); it is removed once the checkpoint is written.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from quantfw.api import components
-from quantfw.errors import ConfigError
+from quantfw.errors import ConfigError, QuantfwError
 from quantfw.parallel.dist import Dist
 from quantfw.quantize.checkpoint import quantize_checkpoint
 
@@ -30,8 +36,16 @@ def run(cfg: DictConfig) -> str:
     alphas = calibration = weight_inputs = weight_data = None
     from quantfw.calibrate.model import calibrate_checkpoint, needs_calibration
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    work_dir = calibration_dir(cfg.output, int(os.environ.get("RANK", "0")) if world > 1 else None)
     if source == "model" and needs_calibration(scheme):
-        result = calibrate_checkpoint(cfg.input, scheme, cfg.calibration, cfg.seed, fmt=fmt, backend=backend)
+        try:
+            result = calibrate_checkpoint(
+                cfg.input, scheme, cfg.calibration, cfg.seed, fmt=fmt, backend=backend, work_dir=work_dir
+            )
+        except QuantfwError:
+            shutil.rmtree(work_dir, ignore_errors=True)  # bad input: nothing worth resuming
+            raise
         weight_inputs, weight_data = result.inputs, result.data
         if result.alphas:
             alphas, calibration = result.alphas, result.metadata
@@ -42,7 +56,7 @@ def run(cfg: DictConfig) -> str:
                 file=sys.stderr,
             )
             guard = calibration.get("guard")
-            if guard is not None:
+            if guard is not None and "skipped" not in guard:
                 judged = len(guard["layers"])
                 print(
                     f"quantfw quantize: guard ({guard['tokens']} tokens) kept the learned alphas of "
@@ -79,4 +93,11 @@ def run(cfg: DictConfig) -> str:
         )
     finally:
         dist.close()
+    shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoint is written: nothing left to resume
     return str(out)
+
+
+def calibration_dir(output: str, rank: int | None = None) -> Path:
+    """`<parent>/.<name>.calibration` (per rank under torchrun: each rank calibrates on its own)."""
+    out = Path(output).resolve()
+    return out.parent / f".{out.name}.calibration{'' if rank is None else f'-rank{rank}'}"

@@ -95,6 +95,13 @@ class CalibrationConfig:
     policy: str = "ones"  # ones (alpha = 1, reported) | fail (error naming layer/expert)
     max_rows: int | None = 1024  # pre-SwiGLU rows kept per expert for the alpha search
     guard_tokens: int = 1024  # extra tokens for the model-level guard on learned alphas (0: off)
+    # One decoder layer in memory at a time (false: the whole float model, which the guard needs).
+    layerwise: bool = True
+    all_experts: bool = False  # every expert sees every token for its statistics (outputs: routed only)
+    propagate: str = "float"  # what the next layer sees: float outputs (quantized: not implemented)
+    memory_budget_mb: int = 2048  # hidden states above this stay on disk (read a batch at a time)
+    expert_block: int = 16  # routed experts whose weights are in memory at once
+    progress: bool = True  # one line per layer on stderr
 
 
 @dataclass

@@ -1,0 +1,268 @@
+"""Layer-by-layer calibration: never more than one decoder layer in memory.
+
+The calibration tokens are embedded (only the embedding rows they use are read); then each decoder
+layer is built alone (`quantfw.calibrate.decoder`), run on the hidden states with its routed
+experts streamed a block at a time (`quantfw.calibrate.streaming`), its alphas learned right there
+from its captures, and freed; its float outputs are the next layer's inputs. Per layer the work dir
+(`quantfw.calibrate.workdir`) receives what the data-driven observers need (the MoE inputs [T, H],
+routing and kept rows, read back lazily by `SpilledInputs`), the layer's results and its output
+hidden states, all checksummed, so a killed run resumes at the first unfinished layer. Hidden
+states over `memory_budget_mb` are kept on disk only, read a batch at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from quantfw.calibrate.decoder import DecoderStack, check_model_type
+from quantfw.calibrate.experts import LayerCapture, expert_alpha_rows, search_expert_rows
+from quantfw.calibrate.streaming import ExpertSource, SpilledInputs, StreamingExperts, run_blocks
+from quantfw.calibrate.workdir import WorkDir
+from quantfw.errors import ConfigError
+from quantfw.io.experts import MoEModel, expert_prefixes
+from quantfw.io.reader import CheckpointReader
+from quantfw.schemes.scheme import Scheme
+
+__all__ = ["AFTER_LAYER", "LayerResult", "calibrate_layers"]
+
+# Called with the layer index once a layer's results are saved (tests stop a run here). Inert.
+AFTER_LAYER: Callable[[int], None] | None = None
+# Keys that change how calibration runs, not what it finds: left out of the resume fingerprint.
+_RUN_ONLY = ("progress", "memory_budget_mb", "expert_block", "work_dir", "layerwise")
+
+
+class LayerResult:
+    """One MoE layer's outcome: alphas (None: the scheme does not clip), report rows, routed
+    counts and kept rows per expert, and the spill file the observers read."""
+
+    def __init__(self, alphas, report, counts, kept, spill: Path):
+        self.alphas, self.report, self.counts, self.kept, self.spill = alphas, report, counts, kept, spill
+
+
+class _Hidden:
+    """Hidden states [B, S, H] per batch: in memory, or (over the budget) only in their files."""
+
+    def __init__(self, tensors: list[torch.Tensor | None], files: list[Path], in_memory: bool):
+        self.tensors, self.files, self.in_memory = tensors, files, in_memory
+
+    def __getitem__(self, b: int) -> torch.Tensor:
+        if self.in_memory:
+            return self.tensors[b]
+        return WorkDir.load(self.files[b])[0]["hidden"]
+
+
+class _Progress:
+    """One line per layer on stderr (tqdm when installed)."""
+
+    def __init__(self, total: int, start: int, on: bool):
+        self.total, self.on, self.t0, self.start, self.bar = total, on, time.perf_counter(), start, None
+        self.experts = 0
+        if on and sys.stderr.isatty():  # a live bar only where it can redraw; logs get the lines
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=start, file=sys.stderr, unit="layer", desc="calibration")
+            except ImportError:
+                pass
+            if start:
+                self._line(
+                    f"resumed at layer {start + 1}/{total} ({start} layer(s) verified in the work dir)"
+                )
+
+    def _line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(f"quantfw calibrate: {text}", file=sys.stderr)
+        else:
+            print(f"quantfw calibrate: {text}", file=sys.stderr, flush=True)
+
+    def layer(self, i: int, experts: int, seconds: float) -> None:
+        if not self.on:
+            return
+        self.experts += experts
+        done = i + 1 - self.start
+        spent = time.perf_counter() - self.t0
+        eta = spent / done * (self.total - i - 1)
+        rate = f"{self.experts / spent:.1f} experts/s" if self.experts else "dense"
+        text = f"layer {i + 1}/{self.total}: {experts} experts in {seconds:.1f} s, {rate}, ETA {eta:.0f} s"
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{experts} experts, {rate}, ETA {eta:.0f} s", refresh=False)
+            self.bar.update(1)
+        self._line(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fingerprint(reader: CheckpointReader, scheme: Scheme, calib, windows: torch.Tensor) -> str:
+    stamps = [
+        (s, (reader.folder / s).stat().st_size, (reader.folder / s).stat().st_mtime_ns) for s in reader.shards
+    ]
+    settings = OmegaConf.to_container(calib, resolve=True) if OmegaConf.is_config(calib) else dict(calib)
+    settings = {k: v for k, v in settings.items() if k not in _RUN_ONLY}
+    blob = json.dumps(
+        [reader.config(), stamps, scheme.signature(), settings, windows.tolist()], sort_keys=True, default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _work_dir(work_dir: str | Path | None):
+    """(path, owner): a temporary dir removed with the returned owner when none is given."""
+    if work_dir is not None:
+        return Path(work_dir), None
+    path = Path(tempfile.mkdtemp(prefix="quantfw-calibration-"))
+
+    class _Owner:
+        pass
+
+    owner = _Owner()
+    weakref.finalize(owner, shutil.rmtree, path, True)
+    return path, owner
+
+
+def calibrate_layers(
+    folder: str | Path,
+    scheme: Scheme,
+    calib,
+    windows: torch.Tensor,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+):
+    """Run the calibration `windows` [n, seq_len] through the model of `folder` one decoder layer at
+    a time (module doc). Returns ({moe layer: LayerResult}, {moe layer: SpilledInputs}, owner of a
+    temporary work dir or None)."""
+    reader = CheckpointReader(folder)
+    config = reader.config()
+    check_model_type(config, str(reader.folder / "config.json"))
+    propagate = str(calib.get("propagate", "float"))
+    if propagate != "float":
+        raise ConfigError(
+            f"calibration.propagate={propagate}: only float is implemented (each layer sees the float "
+            "outputs of the layers before it)"
+        )
+    clips = bool(scheme.flags.get("activation_use_clip"))
+    all_experts = bool(calib.get("all_experts", False))
+    block = int(calib.get("expert_block", 16) or 16)
+    budget = float(calib.get("memory_budget_mb", 2048)) * 2**20
+    if block < 1:
+        raise ConfigError(f"calibration.expert_block={block} (must be >= 1)")
+    path, owner = _work_dir(work_dir)
+    work = WorkDir(path, _fingerprint(reader, scheme, calib, windows))
+    model = MoEModel.from_config(config, str(reader.folder / "config.json"))
+    prefixes = expert_prefixes(reader.keys(), model)
+    stack = DecoderStack(folder, reader, StreamingExperts)
+    info = {e.layer_index: e.info for e in stack.swap.entries}
+    n = len(stack)
+
+    batches = list(windows.split(int(calib.batch_size)))
+    embeds = [stack.embed(w) for w in batches]
+    layer_args = [stack.layer_inputs(x) for x in embeds]
+    in_memory = sum(x.numel() * 4 for x in embeds) <= budget
+    done = work.resume_point()
+    if done:
+        files = [work.path / r["file"] for r in work.state["layers"][str(done - 1)]["hidden"]]
+        hidden = _Hidden([], files, in_memory=False)
+        hidden = _Hidden([hidden[b] for b in range(len(files))] if in_memory else [], files, in_memory)
+    elif in_memory:
+        hidden = _Hidden(embeds, [], in_memory)
+    else:
+        saved = [work.save(f"embeds-{b:04d}.safetensors", {"hidden": x}) for b, x in enumerate(embeds)]
+        hidden = _Hidden([], [work.path / r["file"] for r in saved], in_memory)
+    del embeds
+    bar = _Progress(n, done, progress)
+    try:
+        for i in range(done, n):
+            t0 = time.perf_counter()
+            layer = stack.materialize(i)
+            moe = stack.moe_block(i)
+
+            def run(b, layer=layer, i=i, hidden=hidden):
+                args, kwargs = layer_args[b][i]
+                with torch.no_grad():
+                    return _output(layer(hidden[b], *args, **kwargs))
+
+            spill = None
+            if moe is not None:
+                experts = moe.experts
+                experts.reset()
+                for b in range(len(batches)):
+                    run(b)  # records the MoE inputs and routing; the outputs come in the second pass
+                source = ExpertSource(reader, model, i, prefixes.get(i))
+                spill = _calibrate_moe(
+                    i, experts, info[i].num_experts, source, scheme, calib, clips, all_experts, block
+                )
+            outputs = [run(b) for b in range(len(batches))]
+            if moe is not None:
+                moe.experts.reset()
+            stack.free(i)
+            recs = [
+                work.save(f"hidden-{i:04d}-{b:04d}.safetensors", {"hidden": h}) for b, h in enumerate(outputs)
+            ]
+            spill_rec = work.save(f"layer-{i:04d}.safetensors", *spill) if spill is not None else None
+            previous = work.state["layers"].get(str(i - 1), {}).get("hidden", [])
+            work.finish_layer(i, {"spill": spill_rec, "hidden": recs}, drop=[r["file"] for r in previous])
+            hidden = _Hidden(outputs if in_memory else [], [work.path / r["file"] for r in recs], in_memory)
+            del outputs
+            bar.layer(i, info[i].num_experts if moe is not None else 0, time.perf_counter() - t0)
+            if AFTER_LAYER is not None:
+                AFTER_LAYER(i)
+    finally:
+        bar.close()
+    results: dict[int, LayerResult] = {}
+    inputs = {}
+    for i in range(n):
+        rec = work.state["layers"][str(i)]["spill"]
+        if rec is None:
+            continue
+        file = work.path / rec["file"]
+        t, meta = WorkDir.load(file, ("kept_offsets", "counts", "alphas"))
+        off = t["kept_offsets"]
+        kept = (off[1:] - off[:-1]).tolist()
+        alphas = t["alphas"] if "alphas" in t else None
+        results[i] = LayerResult(alphas, json.loads(meta["report"]), t["counts"].tolist(), kept, file)
+        inputs[i] = SpilledInputs(file, ExpertSource(reader, model, i, prefixes.get(i)), all_experts)
+    return results, inputs, owner
+
+
+def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, block):
+    """Routed outputs of layer i's recorded calls (left in `experts` for the replay pass), its
+    alphas and the spill: (tensors, metadata) for the work dir."""
+    cap = LayerCapture(i, E, calib.max_rows)
+    rows, report = [None] * E, [None] * E
+
+    def on_block(ids: range, w13, w2):
+        if clips:
+            r, p = expert_alpha_rows(scheme, w13, w2, cap, ids, calib.min_tokens, calib.policy)
+            rows[ids.start : ids.stop], report[ids.start : ids.stop] = r, p
+        for e in ids:
+            cap.drop_rows(e)
+
+    outs = run_blocks(experts.calls, source, E, block, cap, all_experts, on_block)
+    experts.replay(outs)
+    tensors = {
+        "moe_input": torch.cat([x for x, _, _ in experts.calls]),
+        "topk_ids": torch.cat([ids for _, _, ids in experts.calls]),
+        "batch_rows": torch.tensor([0] + [x.shape[0] for x, _, _ in experts.calls]).cumsum(0),
+        "kept_tokens": torch.cat([cap.kept_tokens(e) for e in range(E)]),
+        "kept_offsets": torch.tensor([0] + [cap.kept(e) for e in range(E)]).cumsum(0),
+        "counts": cap.counts.clone(),
+    }
+    if clips:
+        alphas, report = search_expert_rows(rows, report)
+        tensors["alphas"] = alphas
+    return tensors, {"report": json.dumps(report if clips else [])}
