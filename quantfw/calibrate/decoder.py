@@ -81,8 +81,10 @@ class DecoderStack:
         raw = reader.config()
         self.model_type = check_model_type(raw, str(self.folder / "config.json"))
         try:
-            config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
+            # From the JSON the hardened reader already read: transformers opens no file here.
+            fields = {k: v for k, v in raw.items() if k not in ("model_type", "quantization_config")}
+            config = tf.AutoConfig.for_model(self.model_type, **fields)
+        except (OSError, ValueError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
                 f"{self.folder / 'config.json'}: transformers cannot read it ({first})"

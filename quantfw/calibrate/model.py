@@ -57,8 +57,9 @@ def load_float_model(folder: str | Path):
 
     tf = _transformers()
     try:
+        # use_safetensors: a pytorch_model.bin beside the shards is never unpickled
         model = tf.AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=torch.float32, local_files_only=True
+            str(folder), dtype=torch.float32, local_files_only=True, use_safetensors=True
         )
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
