@@ -29,6 +29,7 @@ its tie rule are shared, and the acceptance test and the report are computed dir
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,9 +50,22 @@ class ExpertRows:
 
     h: torch.Tensor
     ref: torch.Tensor
-    w2_deq: torch.Tensor
+    # The tensor, or a function that rebuilds it: a 256-expert layer then holds one expert's
+    # down-projection at a time (the last one asked for), not all of them.
+    w2_deq: torch.Tensor | Callable[[], torch.Tensor]
     tokens: torch.Tensor
     weight: torch.Tensor
+
+    def w2(self) -> torch.Tensor:
+        if isinstance(self.w2_deq, torch.Tensor):
+            return self.w2_deq
+        if _LAST_W2[0] is not self:
+            _LAST_W2[:] = [None, None]  # free the previous expert's before building this one
+            _LAST_W2[:] = [self, self.w2_deq()]
+        return _LAST_W2[1]
+
+
+_LAST_W2: list = [None, None]  # (rows, w2) of the expert whose rebuilt down-projection is held
 
 
 @dataclass
@@ -143,7 +157,7 @@ def _use_gram(mode: str, rows: int, fit: int, points: int, H: int, I: int) -> bo
 def _direct_step(x: ExpertRows, cur: float, resid_e, rows_fit, search) -> tuple[float, torch.Tensor]:
     """(best alpha, new layer residual rows of x's tokens), candidates scored on [rows, H] errors."""
     w = x.weight.float().unsqueeze(-1)
-    others = resid_e - w * _expert_error(x.h, cur, x.w2_deq, x.ref)
+    others = resid_e - w * _expert_error(x.h, cur, x.w2(), x.ref)
     # Score the fit rows only (a GEMM row does not depend on the other rows, except for a
     # single-row product, which takes another kernel).
     sub = rows_fit.nonzero().squeeze(1) if int(rows_fit.sum()) >= 2 else None
@@ -151,19 +165,19 @@ def _direct_step(x: ExpertRows, cur: float, resid_e, rows_fit, search) -> tuple[
 
     def loss(cands):
         out = {}
-        for chunk, y in _outputs(h, cands, x.w2_deq):
+        for chunk, y in _outputs(h, cands, x.w2()):
             d = os + ws * (y - ref)
             tot = (d if sub is not None else d[:, rows_fit]).square().sum((-1, -2))
             out.update(zip(chunk, tot.tolist(), strict=True))
         return out
 
     best = search(loss)
-    return best, others + w * _expert_error(x.h, best, x.w2_deq, x.ref)
+    return best, others + w * _expert_error(x.h, best, x.w2(), x.ref)
 
 
 def _gram_step(x: ExpertRows, cur: float, resid_e, rows_fit, search) -> tuple[float, torch.Tensor]:
     """_direct_step's result through W2's Gram matrix (module doc)."""
-    W = x.w2_deq
+    W = x.w2()
     I = W.shape[1]
     G = W.T @ W
     fit = rows_fit.nonzero().squeeze(1)
@@ -222,7 +236,7 @@ def search_layer_alphas(
     for e in live:
         x = experts[e]
         w = x.weight.float().unsqueeze(-1)
-        resid.index_add_(0, slot[e], w * _expert_error(x.h, 1.0, x.w2_deq, x.ref))
+        resid.index_add_(0, slot[e], w * _expert_error(x.h, 1.0, x.w2(), x.ref))
         ref.index_add_(0, slot[e], w * x.ref)
 
     grid = sorted(set(torch.linspace(lo, 1.0, steps).tolist()) | {1.0})
@@ -252,8 +266,8 @@ def search_layer_alphas(
             rows_held = held[slot[e]]
             w = x.weight.float().unsqueeze(-1)
             cur = resid[slot[e]]
-            without = cur - w * _expert_error(x.h, alphas[e].item(), x.w2_deq, x.ref)
-            without = without + w * _expert_error(x.h, 1.0, x.w2_deq, x.ref)
+            without = cur - w * _expert_error(x.h, alphas[e].item(), x.w2(), x.ref)
+            without = without + w * _expert_error(x.h, 1.0, x.w2(), x.ref)
             z = paired_z(without[rows_held].square().sum(-1), cur[rows_held].square().sum(-1))
             z_of[e] = z
             if z < min_z:  # did not carry over to tokens the search never saw
@@ -263,10 +277,10 @@ def search_layer_alphas(
     one = torch.zeros_like(resid)  # the layer error with every expert at alpha = 1, for the report
     for e in live:
         x = experts[e]
-        err_one = _expert_error(x.h, 1.0, x.w2_deq, x.ref)
+        err_one = _expert_error(x.h, 1.0, x.w2(), x.ref)
         one.index_add_(0, slot[e], x.weight.float().unsqueeze(-1) * err_one)
         at_one = _rel(err_one.square().sum(), x.ref)
-        err = at_one if alphas[e] == 1.0 else _error(x.h, alphas[e].item(), x.w2_deq, x.ref)
+        err = at_one if alphas[e] == 1.0 else _error(x.h, alphas[e].item(), x.w2(), x.ref)
         results[e] = AlphaResult(alphas[e].item(), err, at_one, x.h.shape[0], z_of.get(e))
     return LayerAlphas(alphas, results, _rel(resid.square().sum(), ref), _rel(one.square().sum(), ref))
 

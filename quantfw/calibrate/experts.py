@@ -9,7 +9,7 @@ recipe's coverage policy to experts that saw too few tokens.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -217,6 +217,7 @@ def expert_alpha_rows(
     experts: range,
     min_tokens: int = 16,
     policy: str = "ones",
+    read_w2: Callable[[int], torch.Tensor] | None = None,
 ) -> tuple[list[ExpertRows | None], list[dict]]:
     """The alpha search's rows and report rows of `experts`, whose float weights w13 [B, 2I, H] and
     w2 [B, H, I] are given in that order (a block of the layer, or all of it). Only rows the router
@@ -263,11 +264,16 @@ def expert_alpha_rows(
         rows[j] = ExpertRows(
             h=h_dep,
             ref=ops.swiglu(h) @ w2[j].float().T,
-            w2_deq=deq[j].float(),
+            # With read_w2 the rows keep a recipe for the dequantized w2, not the tensor (same values).
+            w2_deq=deq[j].float() if read_w2 is None else _rebuild(scheme, read_w2, e),
             tokens=tokens if pick is None else tokens[pick],
             weight=weight if pick is None else weight[pick],
         )
     return rows, report
+
+
+def _rebuild(scheme: Scheme, read_w2: Callable[[int], torch.Tensor], e: int) -> Callable[[], torch.Tensor]:
+    return lambda: fake_quant_weights(scheme, read_w2(e)).dequantize().float()
 
 
 def search_expert_rows(rows: list[ExpertRows | None], report: list[dict]) -> tuple[torch.Tensor, list[dict]]:

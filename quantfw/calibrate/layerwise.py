@@ -247,7 +247,7 @@ def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, blo
 
     def on_block(ids: range, w13, w2):
         if clips:
-            r, p = expert_alpha_rows(scheme, w13, w2, cap, ids, calib.min_tokens, calib.policy)
+            r, p = expert_alpha_rows(scheme, w13, w2, cap, ids, calib.min_tokens, calib.policy, source.down)
             rows[ids.start : ids.stop], report[ids.start : ids.stop] = r, p
         for e in ids:
             cap.drop_rows(e)

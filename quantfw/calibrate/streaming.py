@@ -53,6 +53,14 @@ class ExpertSource:
         with safe_open(self.reader.folder / self.reader.shard_of(key), framework="pt") as f:
             return f.get_slice(key)[start:stop].float()
 
+    def down(self, e: int) -> torch.Tensor:
+        """Expert e's float w2 [H, I] alone (the alpha search rebuilds it on demand)."""
+        if self.fused:
+            return self._fused("down_proj", e, e + 1)[0]
+        return read_float(
+            self.reader, key_of(self.prefix, e, self.model, "down", "weight"), self.fp8_block
+        ).float()
+
     def block(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fused:
             return self._fused("gate_up_proj", start, stop), self._fused("down_proj", start, stop)
