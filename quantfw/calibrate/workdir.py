@@ -8,7 +8,6 @@ run restart at the first layer it cannot trust.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,17 +18,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from quantfw.quantize.store import sha256
+
 __all__ = ["WorkDir", "sha256"]
 
 STATE = "state.json"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class WorkDir:
