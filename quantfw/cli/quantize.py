@@ -1,5 +1,9 @@
 """`quantfw quantize input=DIR output=DIR [scheme/format overrides] [overwrite=true]
-[quantize.targets=[REGEX,...] quantize.ignore=[...]] [calibration.source=model calibration.tokens=N ...]`.
+[quantize.targets=[REGEX,...] quantize.ignore=[...]] [quantize.compute_dtype=bfloat16] [engine=NAME]
+[calibration.source=model calibration.tokens=N ...]`.
+
+`engine=NAME` (conf/engine/NAME.yaml) supplies the default non-expert targets/ignore and checks the
+output against that engine's rules (exit 2 if it would refuse it; docs/engines.md).
 
 With a clipping scheme and `calibration.source=model`, the float model in `input` is run on
 calibration tokens first and the learned per-expert alphas go into the checkpoint
@@ -59,6 +63,9 @@ def run(cfg: DictConfig) -> str:
             "nor uses a data-driven weight observer",
             file=sys.stderr,
         )
+    from quantfw.engines.targets import quantize_linears, report_output
+
+    targets, ignore = quantize_linears(cfg)
     dist = Dist.from_env()
     try:
         out = quantize_checkpoint(
@@ -69,14 +76,17 @@ def run(cfg: DictConfig) -> str:
             overwrite=cfg.overwrite,
             proj_names=dict(cfg.model.proj_names),
             dist=dist,
-            targets=list(cfg.quantize.targets),
-            ignore=list(cfg.quantize.ignore),
+            targets=targets,
+            ignore=ignore,
             mtp=cfg.quantize.mtp,
             alphas=alphas,
             calibration=calibration,
             weight_inputs=weight_inputs,
             weight_data=weight_data,
+            compute_dtype=cfg.quantize.compute_dtype,
         )
     finally:
         dist.close()
+    if dist.rank == 0:
+        report_output(cfg, out)
     return str(out)

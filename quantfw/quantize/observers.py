@@ -215,7 +215,12 @@ def _minmax(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = 
     bits, gs = flags["weight_bits"], flags.get("group_size", 0)
     if bits == 4 and gs:
         return QuantizedWeight(*P.quantize_two_level(w, gs))
-    return QuantizedWeight(*P.quantize_per_channel(w, bits))
+    dtype = flags.get("compute_dtype", "float32")
+    if dtype == "float32":
+        return QuantizedWeight(*P.quantize_per_channel(w, bits))
+    # quantize.compute_dtype (the reference converter's bf16 chain); encoders read it from info
+    q, s = P.quantize_per_channel(w, bits, compute_dtype=getattr(torch, dtype))
+    return QuantizedWeight(q, s, info={"compute_dtype": dtype})
 
 
 def _by_rows(b: Blocks, fn: Callable[[Blocks], torch.Tensor]) -> torch.Tensor:
