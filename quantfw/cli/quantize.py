@@ -1,9 +1,5 @@
 """`quantfw quantize input=DIR output=DIR [scheme/format overrides] [overwrite=true]
-[quantize.targets=[REGEX,...] quantize.ignore=[...]] [quantize.compute_dtype=bfloat16] [engine=NAME]
-[calibration.source=model calibration.tokens=N ...]`.
-
-`engine=NAME` (conf/engine/NAME.yaml) supplies the default non-expert targets/ignore and checks the
-output against that engine's rules (exit 2 if it would refuse it; docs/engines.md).
+[quantize.targets=[REGEX,...] quantize.ignore=[...]] [calibration.source=model calibration.tokens=N ...]`.
 
 With a clipping scheme and `calibration.source=model`, the float model in `input` is run on
 calibration tokens first and the learned per-expert alphas go into the checkpoint
@@ -63,7 +59,7 @@ def run(cfg: DictConfig) -> str:
             "nor uses a data-driven weight observer",
             file=sys.stderr,
         )
-    from quantfw.engines.targets import quantize_linears, report_output
+    from quantfw.engines.commands import quantize_linears, report_output
 
     targets, ignore = quantize_linears(cfg)
     dist = Dist.from_env()

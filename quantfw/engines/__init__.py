@@ -5,6 +5,7 @@
 - `report`: run a profile's rules on a checkpoint (`quantfw check ... engine=NAME`).
 - `plan`: the scheme-flag overrides that make quantfw compute what the engine computes
   (`quantfw eval ... engine=NAME`, `load_engine_layer`).
+- `commands`: the `quantize` / `check` side of `engine=NAME`.
 """
 
 from quantfw.engines.plan import load_engine_layer, plan_overrides

@@ -1,5 +1,6 @@
-"""`quantfw quantize ... engine=NAME`: the profile's defaults for what to write, and the engine's
-report on what was written."""
+"""The CLI side of engine profiles: `quantfw quantize ... engine=NAME` (the profile's defaults for
+what to write, the engine's report on what was written) and `quantfw check ... engine=NAME`
+(exit 2 if the engine would refuse the checkpoint, 0 with warnings for silent differences)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,14 @@ def report_output(cfg: DictConfig, out: str | Path) -> None:
         raise CheckpointError(f"{out}: written, but engine {profile.name} would refuse it (rules listed above)")
     if not findings:
         print(f"quantfw quantize: engine {profile.name}: every rule holds", file=sys.stderr)
+
+
+def report_check(cfg: DictConfig, op) -> None:
+    """`check engine=NAME tp_size=T ep_size=E`: one line per broken rule of the engine's profile."""
+    profile = from_config(cfg.engine)
+    findings = engine_report(op, profile, cfg.tp_size, cfg.ep_size)
+    for f in findings:
+        print(f"  {f.line()}")
+    if refused(findings):
+        raise CheckpointError(f"{op.reader.folder}: engine {profile.name} would refuse this checkpoint (listed above)")
+    print(f"  engine {profile.name} (tp {cfg.tp_size}, ep {cfg.ep_size}): loads it; {len(findings)} silent difference(s)")
