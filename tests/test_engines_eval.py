@@ -92,5 +92,7 @@ def test_eval_cli_reports_the_engines_error(ckpts, tmp_path):
     assert r2.returncode == 0 and r3.returncode == 0, r2.stderr + r3.stderr
     sg, off, on = (json.loads((tmp_path / f).read_text()) for f in ("sg.json", "off.json", "on.json"))
     assert sg["engine"] == "sglang_npu" and sg["engine_plan"] == ["scheme.activation_use_clip=false"]
-    rel = lambda d: [row["rel_l2"] for row in d["layers"]]  # noqa: E731
-    assert rel(sg) == rel(off) and rel(sg) != rel(on)
+    # Separate processes: the float reference's reductions matched to ~1e-7 relative, not always
+    # bit for bit, under a loaded machine (the in-process layers above are compared bit for bit).
+    for a, b, c in zip(*([row["rel_l2"] for row in d["layers"]] for d in (sg, off, on))):
+        assert abs(a - b) <= 1e-5 * b and abs(c - b) > 1e-3 * b
