@@ -94,5 +94,7 @@ def test_eval_cli_reports_the_engines_error(ckpts, tmp_path):
     assert sg["engine"] == "sglang_npu" and sg["engine_plan"] == ["scheme.activation_use_clip=false"]
     # Separate processes: the float reference's reductions matched to ~1e-7 relative, not always
     # bit for bit, under a loaded machine (the in-process layers above are compared bit for bit).
-    for a, b, c in zip(*([row["rel_l2"] for row in d["layers"]] for d in (sg, off, on))):
-        assert abs(a - b) <= 1e-5 * b and abs(c - b) > 1e-3 * b
+    rel = {name: {row["layer"]: row["rel_l2"] for row in d["layers"]} for name, d in (("sg", sg), ("off", off), ("on", on))}
+    for layer, b in rel["off"].items():
+        assert abs(rel["sg"][layer] - b) <= 1e-5 * b
+    assert abs(rel["on"][LAYER] - rel["off"][LAYER]) > 1e-3 * rel["off"][LAYER]  # its alphas clip hard
