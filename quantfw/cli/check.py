@@ -26,6 +26,10 @@ def run(cfg: DictConfig) -> list[str]:
     print(head)
     for p in problems:
         print(f"  {p}")
+    if cfg.get("engine") is not None:  # engine=NAME: that engine's rules too (docs/engines.md)
+        from quantfw.engines.commands import report_check
+
+        report_check(cfg, op)
     if problems:
         raise CheckpointError(f"{op.reader.folder}: {len(problems)} problem(s) (listed above)")
     print("  OK: every routed-expert tensor matches the declared layout")

@@ -1,5 +1,8 @@
 """`quantfw eval checkpoint=DIR reference=DIR [tokens=N] [out=FILE.json] [eval.plot=FILE.png]
-[eval.perplexity=true] [eval.table=FILE.md]`: error of the quantized MoE layers vs float.
+[eval.perplexity=true] [eval.table=FILE.md] [engine=NAME]`: error of the quantized MoE layers vs float.
+
+With `engine=NAME` the layers compute as that engine does for this checkpoint (its profile's
+`plan`, docs/engines.md), so the error is the one its users see.
 
 Per layer and per expert (eval.per_expert) rel_l2 / cosine / max_abs on synthetic tokens with
 outlier channels; perplexity of the reference causal LM with its MoE blocks swapped for the
@@ -44,6 +47,17 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError("eval.table=FILE.md needs out=FILE.json (the table is rebuilt from its rows)")
     recipe, overrides = recipe_and_overrides()
     overrides = [o for o in overrides if not o.split("=", 1)[0].startswith(("eval.", "calibration."))]
+    plan = []
+    engine = None
+    if cfg.get("engine") is not None:
+        # Engine-faithful: the compute plan that engine runs for this checkpoint (its profile's plan).
+        from quantfw.engines.plan import engine_open
+        from quantfw.engines.profile import from_config
+
+        engine = from_config(cfg.engine)
+        _, plan = engine_open(cfg.checkpoint, engine, recipe, overrides)
+        print(f"engine {engine.name}: plan overrides {plan or 'none'}", file=sys.stderr)
+        overrides = [*overrides, *plan]
     e = cfg.eval
     rows = evaluate_checkpoint(
         cfg.checkpoint, cfg.reference, cfg.tokens, cfg.seed, recipe, overrides, per_expert=e.per_expert
@@ -69,6 +83,7 @@ def run(cfg: DictConfig) -> dict:
         "layers": rows,
         "perplexity": ppl,
         "alpha_calibration": prov.get("alpha_calibration"),
+        **({"engine": engine.name, "engine_plan": plan} if engine is not None else {}),
     }
     if cfg.out:
         doc = report.write_results(cfg.out, doc)

@@ -73,6 +73,9 @@ def run(cfg: DictConfig) -> str:
             "nor uses a data-driven weight observer",
             file=sys.stderr,
         )
+    from quantfw.engines.commands import quantize_linears, report_output
+
+    targets, ignore = quantize_linears(cfg)
     dist = Dist.from_env()
     try:
         out = quantize_checkpoint(
@@ -83,17 +86,20 @@ def run(cfg: DictConfig) -> str:
             overwrite=cfg.overwrite,
             proj_names=dict(cfg.model.proj_names),
             dist=dist,
-            targets=list(cfg.quantize.targets),
-            ignore=list(cfg.quantize.ignore),
+            targets=targets,
+            ignore=ignore,
             mtp=cfg.quantize.mtp,
             alphas=alphas,
             calibration=calibration,
             weight_inputs=weight_inputs,
             weight_data=weight_data,
+            compute_dtype=cfg.quantize.compute_dtype,
         )
     finally:
         dist.close()
     shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoint is written: nothing left to resume
+    if dist.rank == 0:
+        report_output(cfg, out)
     return str(out)
 
 

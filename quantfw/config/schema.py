@@ -157,6 +157,9 @@ class QuantizeConfig:
         default_factory=lambda: [r"(^|\.)mlp\.gate$", r"(^|\.)lm_head$", r"embed", r"norm", r"(^|\.)gate$"]
     )
     mtp: str = "quantize"  # quantize | drop
+    # float32 | bfloat16: bfloat16 reproduces the cann-recipes reference converter's rounding chain
+    # (minmax per-channel: routed experts and W8A8 linears; docs/engines.md)
+    compute_dtype: str = "float32"
 
 
 @dataclass
@@ -182,6 +185,7 @@ class QuantfwConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    engine: Any = None  # serving-engine profile: config group conf/engine (docs/engines.md)
 
 
 def register_configs() -> None:

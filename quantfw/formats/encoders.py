@@ -71,7 +71,8 @@ def _bias(spec, qw, alpha):
     (rows that overflow it are recomputed in fp64)."""
     if qw.s2 is not None:
         raise LayoutError("encode 'bias' stores per-channel int4 only; this weight has per-group scales")
-    return P.a8w4_bias(qw.q, qw.s1)
+    dtype = (qw.info or {}).get("compute_dtype", "float32")
+    return P.a8w4_bias(qw.q, qw.s1, sum_dtype=getattr(torch, dtype))
 
 
 @encoder("alpha")

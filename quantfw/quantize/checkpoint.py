@@ -92,6 +92,7 @@ class ConvertOptions:
     calibration: dict | None = None
     weight_inputs: Mapping[int, CalibrationInputs] | None = None
     weight_data: dict | None = field(default=None)
+    compute_dtype: str = "float32"  # recipe quantize.compute_dtype (encode.compute_flags)
 
 
 class Converter:
@@ -127,7 +128,8 @@ class Converter:
                 raise CheckpointError(
                     f"alphas of layer {layer}: shape {list(a.shape)}, expected [{dims.E}] values in (0, 1]"
                 )
-        self.encoder = ExpertEncoder(scheme, fmt, self.model, dims)
+        self.compute_dtype = o.compute_dtype
+        self.encoder = ExpertEncoder(scheme, fmt, self.model, dims, o.compute_dtype)
         self.observer_needs_data = self.encoder.needs_data
         n = len(self.reader.shards)
         base = SHARD_BASE[fmt.metadata]
@@ -153,6 +155,7 @@ class Converter:
                     # the weight calibration: token source + seed, per-expert row counts
                     # (observer parameters are scheme flags, in the signature)
                     self.weight_data if self.observer_needs_data else None,
+                    *([o.compute_dtype] if o.compute_dtype != "float32" else []),
                 ],
                 sort_keys=True,
                 default=str,
@@ -314,6 +317,8 @@ class Converter:
         prov = metadata.provenance(self.scheme, self.fmt.name, self.alpha_method)
         if self.calibration is not None:
             prov["alpha_calibration"] = self.calibration
+        if self.compute_dtype != "float32":
+            prov["compute_dtype"] = self.compute_dtype
         if self.observer_needs_data:
             prov["weight_calibration"] = weight_calibration_metadata(
                 self.scheme.flags, records, self.weight_data

@@ -44,9 +44,29 @@ def _quantize(w: torch.Tensor, flags: Mapping, x: torch.Tensor | None, src: str,
     return qw
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_flags(flags: Mapping, compute_dtype: str) -> dict:
+    """Scheme flags plus quantize.compute_dtype for the observer. bfloat16 is the reference
+    converter's chain, defined for its round-to-nearest per-channel grid only."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"quantize.compute_dtype={compute_dtype!r} (allowed: {', '.join(COMPUTE_DTYPES)})")
+    if compute_dtype == "float32":
+        return dict(flags)
+    observer = flags.get("weight_observer", "minmax")
+    if observer != "minmax" or (flags["weight_bits"] == 4 and flags.get("group_size")):
+        raise ConfigError(
+            f"quantize.compute_dtype={compute_dtype} reproduces the reference converter's min-max per-channel "
+            f"chain only (found weight_observer={observer}, group_size={flags.get('group_size')})"
+        )
+    return {**flags, "compute_dtype": compute_dtype}
+
+
 class ExpertEncoder:
-    def __init__(self, scheme: Scheme, fmt: Format, model: MoEModel, dims: Dims):
+    def __init__(self, scheme: Scheme, fmt: Format, model: MoEModel, dims: Dims, compute_dtype: str = "float32"):
         self.scheme, self.fmt, self.model = scheme, fmt, model
+        self.flags = compute_flags(scheme.flags, compute_dtype)
         self.specs = projection_specs(fmt, scheme, dims)
         unwritable = sorted(
             {s for p in self.specs.values() for s, spec in p.items() if not spec.meta.get("encode")}
@@ -58,7 +78,7 @@ class ExpertEncoder:
             )
         self.qtype = metadata.expert_type(scheme)
         self.needs_data = observers.needs_data(scheme.flags)
-        self.linear_flags = {**scheme.flags, "weight_bits": 8, "group_size": 0, "activation_use_clip": False}
+        self.linear_flags = {**self.flags, "weight_bits": 8, "group_size": 0, "activation_use_clip": False}
 
     def expert(
         self,
@@ -74,7 +94,7 @@ class ExpertEncoder:
         """(tensors, per-tensor types, weight-observer record or None) of one expert projection.
         alpha None: the encoder's alpha = 1."""
         specs: dict[str, ParamSpec] = self.specs[proj]
-        qw = _quantize(w, self.scheme.flags, x, src, fp8)
+        qw = _quantize(w, self.flags, x, src, fp8)
         record = None
         if self.needs_data:
             ratio = qw.info.get("clip_ratio")

@@ -217,18 +217,24 @@ def _minmax(
 ) -> QuantizedWeight:
     """Round-to-nearest with amax scales (spec section 9 defaults): the cache-blocked primitives."""
     bits, gs = flags["weight_bits"], flags.get("group_size", 0)
+    dtype = flags.get("compute_dtype", "float32")
     if fp8 is not None:
         from quantfw.io.fp8 import dequantize
         from quantfw.quantize.fused import quantize_per_channel_fused
 
-        # Per-channel grids dequantize inside the compiled kernel (one pass over the FP8 bytes).
-        fast = None if bits == 4 and gs else quantize_per_channel_fused(w, bits, fp8.scale_inv, fp8.block)
+        # fp32 per-channel grids dequantize inside the compiled kernel (one pass over the FP8 bytes).
+        fused = dtype == "float32" and not (bits == 4 and gs)
+        fast = quantize_per_channel_fused(w, bits, fp8.scale_inv, fp8.block) if fused else None
         if fast is not None:
             return QuantizedWeight(*fast)
         w = dequantize(w, fp8.scale_inv, fp8.block)
     if bits == 4 and gs:
         return QuantizedWeight(*P.quantize_two_level(w, gs))
-    return QuantizedWeight(*P.quantize_per_channel(w, bits))
+    if dtype == "float32":
+        return QuantizedWeight(*P.quantize_per_channel(w, bits))
+    # quantize.compute_dtype (the reference converter's bf16 chain); encoders read it from info
+    q, s = P.quantize_per_channel(w, bits, compute_dtype=getattr(torch, dtype))
+    return QuantizedWeight(q, s, info={"compute_dtype": dtype})
 
 
 def _by_rows(b: Blocks, fn: Callable[[Blocks], torch.Tensor]) -> torch.Tensor:

@@ -181,10 +181,16 @@ def _redo_overflowed(out: torch.Tensor, exact) -> torch.Tensor:
     return out
 
 
-def a8w4_bias(q: torch.Tensor, s: torch.Tensor, compute_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def a8w4_bias(
+    q: torch.Tensor,
+    s: torch.Tensor,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    sum_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """W4A8-clip stored bias fp32 [..., N] = 8 * sum_k s[n] * q[n, k].
 
-    The product is formed in compute_dtype (bf16 in the cann-recipes converter), the sum in fp32.
+    The product is formed in compute_dtype (bf16 in the cann-recipes converter), the sum is
+    accumulated in fp32 and rounded to sum_dtype (the converter's bf16 sum output: sum_dtype=bf16).
     """
     k = q.shape[-1]
     q2 = q.reshape(-1, k)
@@ -194,6 +200,8 @@ def a8w4_bias(q: torch.Tensor, s: torch.Tensor, compute_dtype: torch.dtype = tor
         prod = sc[b].unsqueeze(-1) * q2[b].to(compute_dtype)
         out[b] = prod.sum(dim=-1, dtype=torch.float32)
     out = 8 * out
+    if sum_dtype != torch.float32:
+        out = out.to(sum_dtype).to(torch.float32)  # x8 is exact, so bf16(8 * sum) = 8 * bf16(sum)
 
     def exact(rows):
         # the compute_dtype products where they are finite, fp64 ones where they overflowed

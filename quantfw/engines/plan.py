@@ -1,0 +1,54 @@
+"""Engine-faithful compute: a profile's `plan` steps are scheme-flag overrides applied when the
+checkpoint's detected flags match, so the generic MoE layer runs what that engine runs (e.g. a
+clip checkpoint unclipped where the engine never applies alpha)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from quantfw.engines.profile import EngineProfile, load_profile
+from quantfw.layout.expr import holds
+
+
+def _value(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def plan_overrides(engine: str | EngineProfile, flags: Mapping[str, Any]) -> list[str]:
+    """`scheme.KEY=VALUE` overrides of every plan step whose `when` holds for these scheme flags."""
+    profile = engine if isinstance(engine, EngineProfile) else load_profile(engine)
+    env = {k: v for k, v in flags.items() if isinstance(v, (bool, int, float, str))}
+    out: dict[str, str] = {}
+    for i, step in enumerate(profile.plan):
+        if holds(step.when, env, f"{profile.where}: plan[{i}].when"):
+            out.update({f"scheme.{k}": _value(v) for k, v in step.flags.items()})
+    return [f"{k}={v}" for k, v in out.items()]
+
+
+def engine_open(
+    checkpoint: str | Path, engine: str | EngineProfile, recipe: str = "default", overrides: Sequence[str] = ()
+):
+    """(opened checkpoint computing as `engine` does, the plan overrides applied)."""
+    from quantfw.io.loader import open_checkpoint
+
+    op = open_checkpoint(checkpoint, recipe, overrides)
+    extra = plan_overrides(engine, op.scheme.flags)
+    if not extra:
+        return op, extra
+    return open_checkpoint(checkpoint, recipe, [*overrides, *extra]), extra
+
+
+def load_engine_layer(
+    checkpoint: str | Path,
+    engine: str | EngineProfile,
+    layer: int = -1,
+    recipe: str = "default",
+    overrides: Sequence[str] = (),
+):
+    """The MoE layer of `checkpoint` as `engine` computes it (layer -1: the first MoE layer)."""
+    from quantfw.io.loader import load_layer
+
+    op, _ = engine_open(checkpoint, engine, recipe, overrides)
+    return load_layer(op, op.layer_index(layer))
