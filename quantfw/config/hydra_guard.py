@@ -153,7 +153,7 @@ def check_hydra(hydra_cfg: DictConfig, task_overrides: Sequence[str], hydra_over
         elif key in expected:
             ok = value == expected[key]
         elif _under(key, "hydra.runtime.choices") and not _under(key, "hydra.runtime.choices.hydra/"):
-            ok = value is None or isinstance(value, str)  # the recipe's own group choices: names
+            ok = value is None or value is _ABSENT or isinstance(value, str)  # group choices: names (or removed)
         else:
             ok = value == trusted.get(key, _ABSENT)
         if not ok:
