@@ -171,6 +171,7 @@ class QuantfwConfig:
     reference: str | None = None
     out: str | None = None
     overwrite: bool = False
+    progress: bool = True
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)

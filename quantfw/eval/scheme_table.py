@@ -15,6 +15,7 @@ from quantfw.formats.format import Format
 from quantfw.layout.spec import Dims
 from quantfw.moe.layer import MoELayer
 from quantfw.moe.reference import FloatMoE
+from quantfw.progress import bar
 from quantfw.quantize.experts import quantize_experts
 from quantfw.schemes.scheme import Scheme
 
@@ -45,6 +46,7 @@ def evaluate_schemes(
     tokens: int,
     seed: int = 0,
     calibration_tokens: int = 2048,
+    progress: bool = True,
 ) -> list[dict]:
     """Float experts, `tokens` held-out tokens to measure on and a disjoint calibration set for the
     learned alphas (the held-out test inside the search needs a few thousand tokens to confirm a clip)."""
@@ -64,7 +66,7 @@ def evaluate_schemes(
             "max_abs": 0.0,
         }
     ]
-    for v in variants:
+    for v in bar(variants, progress=progress, desc="schemes", unit="scheme"):
         alpha = None
         if v.learn_alpha:
             alpha, _ = learn_alphas(v.scheme, w13, w2, x_cal.to(torch.bfloat16).float(), w_cal, ids_cal)
@@ -80,11 +82,11 @@ def evaluate_schemes(
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'scheme':<28} {'bytes':>10} {'rel_l2':>9} {'cosine':>9} {'max_abs':>9}"
+    head = f"{'scheme':<58} {'bytes':>10} {'rel_l2':>9} {'cosine':>9} {'max_abs':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         extra = f"  (mean alpha {r['alpha_mean']:.3f})" if "alpha_mean" in r else ""
         lines.append(
-            f"{r['scheme']:<28} {r['bytes']:>10,d} {r['rel_l2']:>9.4f} {r['cosine']:>9.5f} {r['max_abs']:>9.4f}{extra}"
+            f"{r['scheme']:<58} {r['bytes']:>10,d} {r['rel_l2']:>9.4f} {r['cosine']:>9.5f} {r['max_abs']:>9.4f}{extra}"
         )
     return "\n".join(lines)
