@@ -21,3 +21,11 @@ def bar(iterable: Iterable | None = None, *, progress: bool = True, **kwargs):
 def announce(command: str, message: str) -> None:
     """One line before a step that takes long or needs much memory: its size."""
     print(f"quantfw {command}: {message}", file=sys.stderr, flush=True)
+
+
+def quiet_transformers(progress: bool = True) -> None:
+    """transformers draws its own load/save bars even into pipes: off unless ours are on."""
+    if not enabled(progress):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

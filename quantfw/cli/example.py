@@ -33,13 +33,10 @@ def run(cfg: DictConfig) -> str:
     out = _check_out(cfg.out)
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={cfg.dtype}: expected one of {', '.join(DTYPES)}")
-    from transformers.utils import logging as hf_logging
-
     from quantfw.integrations.hf import ARCHS, tiny_moe_model
-    from quantfw.progress import enabled
+    from quantfw.progress import quiet_transformers
 
-    if not enabled(cfg.progress):
-        hf_logging.disable_progress_bar()
+    quiet_transformers(cfg.progress)
 
     m = cfg.model
     if m.hf_model_type not in ARCHS:
