@@ -64,6 +64,7 @@ def evaluate_schemes(
             "rel_l2": 0.0,
             "cosine": 1.0,
             "max_abs": 0.0,
+            "norm_ratio": 1.0,
         }
     ]
     for v in bar(variants, progress=progress, desc="schemes", unit="scheme"):
@@ -75,6 +76,8 @@ def evaluate_schemes(
         out = layer(x_bf16, w, ids)
         row = {"scheme": v.label, "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
         row.update(compare(out, ref))
+        # rel_l2^2 = 1 + s^2 - 2 s cos with s this ratio: rel_l2 and cosine disagree when s moves
+        row["norm_ratio"] = out.double().norm().item() / ref.double().norm().item()
         if alpha is not None:
             row["alpha_mean"] = alpha.mean().item()
         rows.append(row)
@@ -82,11 +85,11 @@ def evaluate_schemes(
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'scheme':<58} {'bytes':>10} {'rel_l2':>9} {'cosine':>9} {'max_abs':>9}"
+    head = f"{'scheme':<58} {'bytes':>10} {'rel_l2':>9} {'cosine':>9} {'max_abs':>9} {'|out|/|ref|':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
         extra = f"  (mean alpha {r['alpha_mean']:.3f})" if "alpha_mean" in r else ""
         lines.append(
-            f"{r['scheme']:<58} {r['bytes']:>10,d} {r['rel_l2']:>9.4f} {r['cosine']:>9.5f} {r['max_abs']:>9.4f}{extra}"
+            f"{r['scheme']:<58} {r['bytes']:>10,d} {r['rel_l2']:>9.4f} {r['cosine']:>9.5f} {r['max_abs']:>9.4f} {r['norm_ratio']:>11.4f}{extra}"
         )
     return "\n".join(lines)
