@@ -153,3 +153,18 @@ def test_install_metadata_spdx_and_tqdm():
     assert meta["project"]["license"] == "Apache-2.0"  # SPDX string: no setuptools deprecation banner
     assert any(d.startswith("tqdm") for d in meta["project"]["dependencies"])
     assert "-rfE" in meta["tool"]["pytest"]["ini_options"]["addopts"]
+
+
+def test_demo_norm_ratio_links_rel_l2_and_cosine():
+    """rel_l2^2 = 1 + s^2 - 2 s cos (s = |out| / |ref|): why a clip can lower rel_l2 and cosine at once."""
+    from quantfw.backends import get_backend
+    from quantfw.config.compose import compose
+    from quantfw.eval.scheme_table import Variant, evaluate_schemes
+
+    dims = Dims(E=4, H=512, I=256)
+    rows, _ = comparison_rows("demo", dims)
+    variants = [Variant(r.label, r.scheme, r.format, r.learn_alpha) for r in rows[:2]]
+    backend = get_backend(compose("default", []).backend)
+    for r in evaluate_schemes(variants, backend, dims, 2, 64, calibration_tokens=256, progress=False):
+        s = r["norm_ratio"]
+        assert r["rel_l2"] ** 2 == pytest.approx(1 + s * s - 2 * s * r["cosine"], rel=1e-3, abs=1e-9)
