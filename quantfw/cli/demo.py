@@ -12,6 +12,8 @@ from quantfw.progress import announce
 
 # Above this much float weight memory, say the size before building the experts.
 ANNOUNCE_BYTES = 256 * 2**20
+# Peak RSS over fp32 expert bytes: 5.2 GB for 0.70 GB of experts (Kimi-K2 dims, 4 experts).
+PEAK_FACTOR = 7.5
 
 
 def run(cfg: DictConfig) -> list[dict]:
@@ -32,7 +34,7 @@ def run(cfg: DictConfig) -> list[dict]:
         announce(
             "demo",
             f"building {dims.E} experts of {dims.H} x {dims.I // dims.tp} ({float_bytes / 1e9:.1f} GB fp32; "
-            f"peak about {3 * float_bytes / 1e9:.1f} GB) and {len(variants)} quantized copies",
+            f"peak about {PEAK_FACTOR * float_bytes / 1e9:.1f} GB) and {len(variants)} quantized copies",
         )
     rows = evaluate_schemes(
         variants, backend, dims, cfg.model.top_k, cfg.tokens, seed=cfg.seed, progress=cfg.progress
