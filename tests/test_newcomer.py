@@ -168,3 +168,33 @@ def test_demo_norm_ratio_links_rel_l2_and_cosine():
     for r in evaluate_schemes(variants, backend, dims, 2, 64, calibration_tokens=256, progress=False):
         s = r["norm_ratio"]
         assert r["rel_l2"] ** 2 == pytest.approx(1 + s * s - 2 * s * r["cosine"], rel=1e-3, abs=1e-9)
+
+
+def test_demo_says_its_size_first(monkeypatch, capsys):
+    from quantfw.cli import demo
+    from quantfw.config.compose import compose
+
+    monkeypatch.setattr(demo, "ANNOUNCE_BYTES", 3 * 4 * 512 * 256 * 4)  # 4 fp32 experts of 512 x 256
+    cfg = compose("default", ["model.num_experts=4", "tokens=32"])
+    demo.run(cfg)
+    err = capsys.readouterr().err
+    assert "quantfw demo: building 4 experts of 512 x 256 (0.0 GB fp32" in err
+    assert "\r" not in err  # no bar: stderr is not a terminal here
+
+
+def test_progress_only_on_a_terminal_and_when_asked(monkeypatch):
+    import io
+    import sys
+
+    from quantfw import progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert progress.enabled(True) and not progress.enabled(False)
+    list(progress.bar(range(3), desc="shards"))
+    assert "shards" in sys.stderr.getvalue()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert not progress.enabled(True)
