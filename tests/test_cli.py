@@ -82,11 +82,12 @@ def test_user_config_dir(tmp_path):
 def test_demo_main_job(tmp_path):
     r = quantfw("demo", "tokens=128", "out=demo.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "w4a8_clip learned alpha" in r.stdout
+    assert "w4a8_clip per-channel [compressed_tensors] learned alpha" in r.stdout
     rows = {row["scheme"]: row for row in json.loads((tmp_path / "demo.json").read_text())["rows"]}
-    assert {"w8a8", "w4a8 g256", "w4a8 per-channel", "w4a8_clip alpha=1", "w4a8_clip learned alpha"} <= set(
-        rows
-    )
-    assert rows["w8a8"]["rel_l2"] < 0.1 < rows["w4a8 per-channel"]["rel_l2"]
-    assert rows["w4a8_clip learned alpha"]["rel_l2"] <= rows["w4a8_clip alpha=1"]["rel_l2"]
-    assert rows["w4a8 per-channel"]["bytes"] < rows["w8a8"]["bytes"] < rows["bf16 (float)"]["bytes"]
+    w8, g256, pc = "w8a8 per-channel [msmodelslim]", "w4a8 g256 [msmodelslim]", "w4a8 per-channel [msmodelslim]"
+    clip1 = "w4a8_clip per-channel [compressed_tensors] alpha=1"
+    learned = "w4a8_clip per-channel [compressed_tensors] learned alpha"
+    assert {w8, g256, pc, clip1, learned} <= set(rows)
+    assert rows[w8]["rel_l2"] < 0.1 < rows[pc]["rel_l2"]
+    assert rows[learned]["rel_l2"] <= rows[clip1]["rel_l2"]
+    assert rows[pc]["bytes"] < rows[w8]["bytes"] < rows["bf16 (float)"]["bytes"]

@@ -49,7 +49,7 @@ def _check(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict:
     _check(cfg)
-    result = run_bench(_layers(cfg), cfg.bench)
+    result = run_bench(_layers(cfg), cfg.bench, progress=cfg.progress)
     print(markdown_table(result))
     if cfg.out:
         previous = []

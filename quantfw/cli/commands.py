@@ -4,6 +4,10 @@ Modules are imported only when their command runs, so optional extras stay optio
 """
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "example": (
+        "out=DIR [model=tiny_deepseek_v3|tiny_qwen3_moe|tiny_mixtral] [dtype=bf16|fp8]: a small float checkpoint to try",
+        "quantfw.cli.example",
+    ),
     "demo": (
         "the main job: quantize the recipe's layer with every scheme, compare with float",
         "quantfw.cli.demo",

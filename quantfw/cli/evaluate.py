@@ -22,6 +22,7 @@ from quantfw.cli.user_overrides import recipe_and_overrides
 from quantfw.errors import ConfigError
 from quantfw.eval import report
 from quantfw.eval.checkpoint import checkpoint_perplexity, evaluate_checkpoint, format_rows
+from quantfw.progress import quiet_transformers
 
 
 def _provenance(folder: str) -> dict | None:
@@ -60,18 +61,16 @@ def run(cfg: DictConfig) -> dict:
         overrides = [*overrides, *plan]
     e = cfg.eval
     rows = evaluate_checkpoint(
-        cfg.checkpoint, cfg.reference, cfg.tokens, cfg.seed, recipe, overrides, per_expert=e.per_expert
+        cfg.checkpoint, cfg.reference, cfg.tokens, cfg.seed, recipe, overrides, per_expert=e.per_expert, progress=cfg.progress
     )
     print(format_rows(rows))
     ppl = None
     if e.perplexity:
+        quiet_transformers(cfg.progress)
         ppl = checkpoint_perplexity(
             cfg.checkpoint, cfg.reference, e.ppl_tokens, e.seq_len, cfg.seed, recipe, overrides
         )
-        print(
-            f"perplexity ({ppl['predicted_tokens']} tokens, {ppl['token_source']}): float {ppl['float']:.3f}, "
-            f"quantized {ppl['quantized']:.3f} ({100 * ppl['delta']:+.2f}%)"
-        )
+        print(report.perplexity_line(ppl))
     prov = _provenance(cfg.checkpoint) or {}
     doc = {
         "schema": report.SCHEMA,

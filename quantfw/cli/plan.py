@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from omegaconf import DictConfig
 
 from quantfw.api import build_layer, layer_dims
-from quantfw.config.variants import compose_variant
+from quantfw.errors import ConfigError
+from quantfw.eval.comparison import comparison_rows, label
 from quantfw.formats.format import Format
+from quantfw.io.results import write_json
 from quantfw.layout.spec import Dims
 from quantfw.schemes.scheme import Scheme
 
@@ -25,10 +29,25 @@ def _dtype(d: torch.dtype) -> str:
 
 
 def expert_bytes(scheme: Scheme, fmt: Format, dims: Dims) -> int:
+    """On-disk bytes of one MoE layer's experts in `fmt`."""
     return sum(s.nbytes for s in fmt.loaded_layout(dims, scheme).values())
 
 
+def kernel_bytes(scheme: Scheme, dims: Dims) -> int:
+    """Bytes of one MoE layer's experts in the runtime layout the kernels consume (after post-load)."""
+    return sum(s.nbytes for s in scheme.runtime_layout(dims).values())
+
+
+def layout_flags(scheme: Scheme, fmt: Format) -> dict:
+    """The flags the layout, load steps or compute plan refer to (not observer parameters)."""
+    declared = str([scheme.runtime, scheme.compute, fmt.tensors, fmt.load])
+    names = set(re.findall(r"[A-Za-z_]\w*", declared))
+    return {k: v for k, v in scheme.flags.items() if k in names}
+
+
 def run(cfg: DictConfig) -> dict:
+    if cfg.out and not str(cfg.out).endswith(".json"):
+        raise ConfigError(f"out={cfg.out}: plan writes JSON; name the file *.json")
     layer = build_layer(cfg)
     dims = layer_dims(cfg)
     # Allocate the declared params on the meta device and run the real post-load pipeline on them.
@@ -40,9 +59,10 @@ def run(cfg: DictConfig) -> dict:
         f"recipe: model={m.name} scheme={layer.scheme.name} format={layer.format.name} backend={cfg.backend.name}"
     )
     print(
-        f"layer dims (this rank): E={dims.E} H={dims.H} I={dims.I} tp={dims.tp}  flags: {dict(layer.scheme.flags)}"
+        f"layer dims (this rank): E={dims.E} H={dims.H} I={dims.I} tp={dims.tp}  "
+        f"flags: {layout_flags(layer.scheme, layer.format)}"
     )
-    print("\nloaded (on disk, stacked over experts):")
+    print(f"\nloaded (on disk as {layer.format.name}, stacked over experts):")
     for name, s in layer.loaded_specs.items():
         print(f"  {name:<28} {str(list(s.shape)):<22} {_dtype(s.dtype):<9} {_fmt_bytes(s.nbytes):>12}")
     print("after post-load (what the kernels consume):")
@@ -53,16 +73,42 @@ def run(cfg: DictConfig) -> dict:
 
     full = Dims(E=m.num_experts, H=m.hidden_size, I=m.moe_intermediate_size)
     moe_layers = m.num_layers - m.first_moe_layer
-    per_layer = expert_bytes(layer.scheme, layer.format, full)
     bf16 = 3 * full.E * full.H * full.I * 2
-    w8 = compose_variant(["scheme=w8a8", "format=msmodelslim"])
-    int8 = expert_bytes(Scheme.from_config(w8.scheme), Format.from_config(w8.format), full)
+    compare, notes = comparison_rows("plan", full)
+    schemes = [(f"{label(layer.scheme, layer.format)} (recipe)", layer.scheme, layer.format)]
+    schemes = [(r.label, r.scheme, r.format) for r in compare] + schemes
     print(f"\nrouted-expert memory of {m.name}: {moe_layers} MoE layers x {full.E} experts")
-    rows = [("bf16", bf16), ("w8a8", int8), (layer.scheme.name, per_layer)]
-    for label, b in rows:
-        print(f"  {label:<12} {_fmt_bytes(b * moe_layers):>12}  ({b / bf16:.3f} of bf16)")
-    return {
+    print(f"  {'':<44} {'on disk':>12} {'kernel memory':>14}  (of bf16)")
+    print(f"  {'bf16':<44} {_fmt_bytes(bf16 * moe_layers):>12} {_fmt_bytes(bf16 * moe_layers):>14}  (1.000)")
+    rows = [{"label": "bf16", "disk_bytes": bf16 * moe_layers, "kernel_bytes": bf16 * moe_layers}]
+    for text, scheme, fmt in schemes:
+        disk, kernel = expert_bytes(scheme, fmt, full) * moe_layers, kernel_bytes(scheme, full) * moe_layers
+        rows.append(
+            {
+                "label": text,
+                "scheme": scheme.name,
+                "format": fmt.name,
+                "disk_bytes": disk,
+                "kernel_bytes": kernel,
+            }
+        )
+        print(
+            f"  {text:<44} {_fmt_bytes(disk):>12} {_fmt_bytes(kernel):>14}  ({disk / (bf16 * moe_layers):.3f})"
+        )
+    for note in notes:
+        print(f"  note: {note}")
+    per_layer = expert_bytes(layer.scheme, layer.format, full)
+    result = {
+        "model": m.name,
+        "scheme": layer.scheme.name,
+        "format": layer.format.name,
+        "flags": layout_flags(layer.scheme, layer.format),
         "per_layer_bytes": per_layer,
         "moe_layers": moe_layers,
+        "memory": rows,
+        "notes": notes,
         "after": {k: list(v[0]) for k, v in after.items()},
     }
+    if cfg.out:
+        write_json(cfg.out, result)
+    return result

@@ -181,6 +181,8 @@ class QuantfwConfig:
     reference: str | None = None
     out: str | None = None
     overwrite: bool = False
+    progress: bool = True
+    dtype: str = "bf16"  # quantfw example: bf16 | fp8
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)

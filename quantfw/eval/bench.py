@@ -22,6 +22,7 @@ from quantfw.config.variants import compose_variant
 from quantfw.formats.format import Format
 from quantfw.layout.spec import Dims
 from quantfw.moe.layer import MoELayer
+from quantfw.progress import bar
 from quantfw.quantize.experts import quantize_experts
 from quantfw.schemes.scheme import Scheme
 
@@ -276,13 +277,15 @@ def bench_load(layer_spec: BenchLayer, bench, log: Callable[[str], None] = print
     return records
 
 
-def run_bench(layers: Sequence[BenchLayer], bench, log: Callable[[str], None] = print) -> dict:
+def run_bench(
+    layers: Sequence[BenchLayer], bench, log: Callable[[str], None] = print, progress: bool = True
+) -> dict:
     if bench.threads:
         torch.set_num_threads(bench.threads)
     bandwidth = measure_bandwidth(bench.copy_mb)
     log(f"memory bandwidth (copy of {bench.copy_mb} MiB): {bandwidth:.1f} GB/s")
     records = []
-    for spec in layers:
+    for spec in bar(layers, progress=progress, desc="bench", unit="layer"):
         records += bench_layer(spec, bench, bandwidth, log)
         if bench.load:
             records += bench_load(spec, bench, log)

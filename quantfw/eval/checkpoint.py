@@ -21,6 +21,7 @@ from quantfw.io.fields import Fields
 from quantfw.io.loader import load_layer, open_checkpoint
 from quantfw.io.reader import CheckpointReader
 from quantfw.moe.reference import FloatMoE
+from quantfw.progress import bar
 
 
 def evaluate_checkpoint(
@@ -31,6 +32,7 @@ def evaluate_checkpoint(
     recipe: str = "default",
     recipe_overrides: Sequence[str] = (),
     per_expert: bool = False,
+    progress: bool = True,
 ) -> list[dict]:
     """One row per MoE layer; with per_expert each row gets `experts`: the same metrics per expert
     on the tokens routed to it (that expert alone, weight 1), plus its alpha when the layer clips."""
@@ -41,7 +43,7 @@ def evaluate_checkpoint(
     x = hidden_states(tokens, H, seed=seed + 1)
     weights, ids = random_routing(tokens, E, top_k, seed=seed + 2)
     rows = []
-    for layer in op.prefixes:
+    for layer in bar(op.prefixes, progress=progress, desc="eval", unit="layer"):
         quant = load_layer(op, layer)
         w13, w2 = read_float_experts(ref, ref_model, layer)
         ref_moe = FloatMoE(w13, w2)
@@ -133,11 +135,22 @@ def checkpoint_perplexity(
     }
 
 
+WORST_EXPERTS = 3  # experts named per layer in the table, worst rel_l2 first
+
+
+def worst_experts(row: dict, n: int = WORST_EXPERTS) -> str:
+    """`e5 0.312, e1 0.297`: the n experts of a layer with the largest rel_l2 (tokens routed > 0)."""
+    experts = [e for e in row.get("experts", []) if e.get("rel_l2") is not None]
+    worst = sorted(experts, key=lambda e: -e["rel_l2"])[:n]
+    return ", ".join(f"e{e['expert']} {e['rel_l2']:.3f}" for e in worst) or "-"
+
+
 def format_rows(rows: list[dict]) -> str:
-    head = f"{'layer':>5}  {'scheme':<10} {'format':<18} {'rel_l2':>8} {'cosine':>8} {'max_abs':>9}"
+    head = f"{'layer':>5}  {'scheme':<10} {'format':<18} {'rel_l2':>8} {'cosine':>8} {'max_abs':>9}  worst experts (rel_l2)"
     lines = [head]
     for r in rows:
         lines.append(
             f"{r['layer']:>5}  {r['scheme']:<10} {r['format']:<18} {r['rel_l2']:>8.4f} {r['cosine']:>8.5f} {r['max_abs']:>9.4f}"
+            f"  {worst_experts(r)}"
         )
     return "\n".join(lines)

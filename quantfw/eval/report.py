@@ -213,3 +213,14 @@ def plot(doc: Mapping[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def perplexity_line(ppl: Mapping[str, Any]) -> str:
+    """Float vs quantized perplexity and the delta with its 95% interval (when there are windows
+    enough to estimate one)."""
+    ci = ppl.get("delta_ci95")
+    interval = f", 95% interval [{100 * ci[0]:+.2f}%, {100 * ci[1]:+.2f}%]" if ci else ", no interval (one window)"
+    return (
+        f"perplexity ({ppl['predicted_tokens']} tokens, {ppl['windows']} windows, {ppl['token_source']}): "
+        f"float {ppl['float']:.3f}, quantized {ppl['quantized']:.3f}, delta {100 * ppl['delta']:+.2f}%{interval}"
+    )

@@ -15,6 +15,7 @@ from quantfw.formats.format import Format
 from quantfw.layout.spec import Dims
 from quantfw.moe.layer import MoELayer
 from quantfw.moe.reference import FloatMoE
+from quantfw.progress import bar
 from quantfw.quantize.experts import quantize_experts
 from quantfw.schemes.scheme import Scheme
 
@@ -45,6 +46,7 @@ def evaluate_schemes(
     tokens: int,
     seed: int = 0,
     calibration_tokens: int = 2048,
+    progress: bool = True,
 ) -> list[dict]:
     """Float experts, `tokens` held-out tokens to measure on and a disjoint calibration set for the
     learned alphas (the held-out test inside the search needs a few thousand tokens to confirm a clip)."""
@@ -62,9 +64,10 @@ def evaluate_schemes(
             "rel_l2": 0.0,
             "cosine": 1.0,
             "max_abs": 0.0,
+            "norm_ratio": 1.0,
         }
     ]
-    for v in variants:
+    for v in bar(variants, progress=progress, desc="schemes", unit="scheme"):
         alpha = None
         if v.learn_alpha:
             alpha, _ = learn_alphas(v.scheme, w13, w2, x_cal.to(torch.bfloat16).float(), w_cal, ids_cal)
@@ -73,6 +76,8 @@ def evaluate_schemes(
         out = layer(x_bf16, w, ids)
         row = {"scheme": v.label, "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
         row.update(compare(out, ref))
+        # rel_l2^2 = 1 + s^2 - 2 s cos with s this ratio: rel_l2 and cosine disagree when s moves
+        row["norm_ratio"] = out.double().norm().item() / ref.double().norm().item()
         if alpha is not None:
             row["alpha_mean"] = alpha.mean().item()
         rows.append(row)
@@ -80,11 +85,11 @@ def evaluate_schemes(
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'scheme':<28} {'bytes':>10} {'rel_l2':>9} {'cosine':>9} {'max_abs':>9}"
+    head = f"{'scheme':<58} {'bytes':>10} {'rel_l2':>9} {'cosine':>9} {'max_abs':>9} {'|out|/|ref|':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
         extra = f"  (mean alpha {r['alpha_mean']:.3f})" if "alpha_mean" in r else ""
         lines.append(
-            f"{r['scheme']:<28} {r['bytes']:>10,d} {r['rel_l2']:>9.4f} {r['cosine']:>9.5f} {r['max_abs']:>9.4f}{extra}"
+            f"{r['scheme']:<58} {r['bytes']:>10,d} {r['rel_l2']:>9.4f} {r['cosine']:>9.5f} {r['max_abs']:>9.4f} {r['norm_ratio']:>11.4f}{extra}"
         )
     return "\n".join(lines)

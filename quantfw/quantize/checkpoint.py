@@ -41,6 +41,7 @@ from quantfw.io import metadata
 from quantfw.io.experts import MoEModel, parse_expert_key
 from quantfw.io.reader import CheckpointReader
 from quantfw.parallel.dist import Dist
+from quantfw.progress import bar
 from quantfw.quantize import store as output_store
 from quantfw.quantize.encode import ExpertEncoder, layer_of, weight_calibration_metadata
 from quantfw.quantize.experts import CalibrationInputs
@@ -389,11 +390,16 @@ class Converter:
         try:
             with self._os_errors(), _torch_threads(1), ThreadPoolExecutor(1) as hasher:
                 records = []
-                for i in range(dist.rank, len(self.names), dist.world):
-                    result = self._do_shard(i)
-                    if result is not None:
-                        records.append(hasher.submit(self._write_record, i, *result))
-                    done[i] = True
+                mine = range(dist.rank, len(self.names), dist.world)
+                size = sum(self._input_stamp(i)["input_size"] for i in mine)
+                with bar(total=size, unit="B", unit_scale=True, desc="quantize", progress=self.progress) as b:
+                    for k, i in enumerate(mine):
+                        result = self._do_shard(i)
+                        if result is not None:
+                            records.append(hasher.submit(self._write_record, i, *result))
+                        done[i] = True
+                        b.set_postfix_str(f"{k + 1}/{len(mine)} shards", refresh=False)
+                        b.update(self._input_stamp(i)["input_size"])
                 for r in records:
                     r.result()
         except QuantfwError as e:
