@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from quantfw.api import components
 from quantfw.errors import ConfigError, QuantfwError
@@ -40,8 +40,9 @@ def run(cfg: DictConfig) -> str:
     work_dir = calibration_dir(cfg.output, int(os.environ.get("RANK", "0")) if world > 1 else None)
     if source == "model" and needs_calibration(scheme):
         try:
+            calib = OmegaConf.merge(cfg.calibration, {"progress": cfg.calibration.progress and cfg.progress})
             result = calibrate_checkpoint(
-                cfg.input, scheme, cfg.calibration, cfg.seed, fmt=fmt, backend=backend, work_dir=work_dir
+                cfg.input, scheme, calib, cfg.seed, fmt=fmt, backend=backend, work_dir=work_dir
             )
         except QuantfwError:
             shutil.rmtree(work_dir, ignore_errors=True)  # bad input: nothing worth resuming
@@ -94,6 +95,7 @@ def run(cfg: DictConfig) -> str:
             weight_inputs=weight_inputs,
             weight_data=weight_data,
             compute_dtype=cfg.quantize.compute_dtype,
+            progress=cfg.progress,
         )
     finally:
         dist.close()
