@@ -12,8 +12,8 @@ Each measurement runs in a fresh subprocess (peak RSS = its ru_maxrss minus the 
 are built) with one torch thread. --src runs the same measurements against another checkout's
 quantfw (e.g. an export of main) for the "before" numbers:
 
-    git archive main | tar -x -C /tmp/before
-    python benchmarks/alpha_observer_cost.py --src /tmp/before --label before --out before.json
+    git archive main | tar -x -C ../before
+    python benchmarks/alpha_observer_cost.py --src ../before --label before --out before.json
     python benchmarks/alpha_observer_cost.py --label after --merge before.json \
         --out docs/bench/alpha_observer_cost.json
 """

@@ -7,7 +7,7 @@ MoE layer), weight_block_size 128 x 128, ~4 GB shards like the release. Then run
 `python -m quantfw quantize` on it in a child process per case and records wall time, input
 G params/s and peak RSS (the child's VmHWM, via /usr/bin/time when present).
 
-    python benchmarks/real_scale.py --data /tmp/real_scale --moe-layers 1 2 --out results/real_scale.json
+    python benchmarks/real_scale.py --data ../real_scale_data --moe-layers 1 2 --out results/real_scale.json
     python benchmarks/real_scale.py ... --cases minmax_w4a8_clip calib512_w4a8_clip --cold
 
 Weights: a pool of random bf16-scale matrices (std 0.02, a few outlier rows) quantized to FP8

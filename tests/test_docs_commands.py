@@ -2,7 +2,7 @@
 YAML recipe examples of docs/recipes.md plan: a doc example cannot break silently.
 
 Commands run in order per page in one temp folder (a journey's later steps use the files of its
-earlier ones); `/tmp/qfw/` is rewritten to that folder. The `my_recipes/...` YAML blocks of
+earlier ones); the relative `qfw/` paths are rewritten to that folder. The `my_recipes/...` YAML blocks of
 docs/recipes.md are written there first, so commands naming `--config-dir my_recipes` find them.
 """
 
@@ -58,7 +58,7 @@ _PASSED: set[tuple[str, ...]] = set()
 def test_page_commands_run(tmp_path, page):
     _write_recipes(tmp_path)
     for args in commands(page):
-        args = [a.replace("/tmp/qfw/", f"{tmp_path}/qfw/") for a in args]
+        args = [a.replace("=qfw/", f"={tmp_path}/qfw/") for a in args]
         if tuple(args) in _PASSED:
             continue
         if args[:1] in (["example"], ["quantize"], ["eval"]):
