@@ -175,6 +175,9 @@ class QuantfwConfig:
     ep_rank: int = 0
     tp_size: int = 1
     tp_rank: int = 0
+    # Routed experts per process (quantfw/parallel/placement.py): null = contiguous blocks, or one
+    # list of expert ids per rank (an expert listed on several ranks is a redundant copy).
+    placement: Any = None
     input: str | None = None
     output: str | None = None
     checkpoint: str | None = None
