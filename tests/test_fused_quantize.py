@@ -59,3 +59,31 @@ def test_primitives_dispatch_and_nan(small_threshold):
 def test_small_or_untileable_weights_stay_eager():
     assert not fused.applies(torch.zeros(8, 8), 4)
     assert not fused.applies(torch.zeros(1 << 11, 1 << 11), 4, (128, 100))
+
+
+@pytest.mark.parametrize("fp8_in", [False, True])
+@pytest.mark.parametrize("shape", [(256, 384), (384, 256)])
+def test_fused_encodings_equal_eager_encoders(small_threshold, fp8_in, shape):
+    from quantfw import ops
+
+    w = _weight(*shape, seed=2)
+    w[7] *= 1e30  # bias products near the bf16 range: overflowed rows are redone in fp64 either way
+    args = ()
+    if fp8_in:
+        sinv = torch.rand(shape[0] // 128, shape[1] // 128, generator=torch.Generator().manual_seed(3)) * 1e-3
+        w = (w / sinv.repeat_interleave(128, 0).repeat_interleave(128, 1)).to(torch.float8_e4m3fn)
+        args = (sinv, (128, 128))
+    q, s, enc = fused.quantize_per_channel_encoded(w, 4, *args, encodings=fused.ENCODINGS)
+    assert set(enc) == set(fused.ENCODINGS)
+    q0, s0 = _eager(dequantize(w, *args) if fp8_in else w, 4)
+    assert torch.equal(q, q0) and torch.equal(s, s0)
+    assert torch.equal(enc["pack_int4"], ops.pack_int4(q0))
+    assert torch.equal(P.a8w4_bias(q0, s0, sums=enc["a8w4_bias"]), P.a8w4_bias(q0, s0))
+
+
+def test_bias_sums_fused_only_where_exact_in_any_order(small_threshold):
+    wide = torch.zeros(2, 9400)  # K * 7 * 256 > 2^24: the order of the sum could matter
+    assert not fused._fusable("a8w4_bias", wide, 4) and fused._fusable("a8w4_bias", _weight(), 4)
+    assert not fused._fusable("pack_int4", _weight(), 8)
+    _, _, enc = fused.quantize_per_channel_encoded(_weight(), 8, encodings=fused.ENCODINGS)
+    assert list(enc) == ["a8w4_bias"]

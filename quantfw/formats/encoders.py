@@ -37,9 +37,14 @@ def get(name: str, where: str) -> Encoder:
 @encoder("q")
 def _q(spec, qw, alpha):
     """Integer weights; packed two per byte along N when the declaration halves the rows."""
-    if spec.shape[-2] * 2 == qw.q.shape[-2]:
-        return ops.pack_int4(qw.q)
+    if packs(spec, qw):
+        packed = qw.encoded.get("pack_int4")
+        return ops.pack_int4(qw.q) if packed is None else packed
     return qw.q.to(torch.int8)
+
+
+def packs(spec: ParamSpec, qw: QuantizedWeight) -> bool:
+    return spec.shape[-2] * 2 == qw.q.shape[-2]
 
 
 @encoder("s1")
@@ -72,7 +77,8 @@ def _bias(spec, qw, alpha):
     if qw.s2 is not None:
         raise LayoutError("encode 'bias' stores per-channel int4 only; this weight has per-group scales")
     dtype = (qw.info or {}).get("compute_dtype", "float32")
-    return P.a8w4_bias(qw.q, qw.s1, sum_dtype=getattr(torch, dtype))
+    sums = qw.encoded.get("a8w4_bias") if dtype == "float32" else None
+    return P.a8w4_bias(qw.q, qw.s1, sum_dtype=getattr(torch, dtype), sums=sums)
 
 
 @encoder("alpha")
@@ -81,6 +87,22 @@ def _alpha(spec, qw, alpha):
     if alpha is None:
         return torch.ones(spec.shape, dtype=torch.float32)
     return alpha.float().reshape(spec.shape)
+
+
+# Encoders whose work a fused quantize kernel can do (quantize/fused.py ENCODINGS), by encode name.
+_FUSABLE = {"q": "pack_int4", "bias": "a8w4_bias"}
+
+
+def fusable(specs: Mapping[str, ParamSpec], rows: int) -> tuple[str, ...]:
+    """The fused encodings the declared tensors of one role (weights of `rows` rows) would use."""
+    out = []
+    for spec in specs.values():
+        name = _FUSABLE.get(spec.meta.get("encode", ""))
+        if name == "pack_int4" and spec.shape[-2] * 2 != rows:
+            continue
+        if name and name not in out:
+            out.append(name)
+    return tuple(out)
 
 
 def encode_role(

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from quantfw.errors import CheckpointError, ConfigError
-from quantfw.formats.encoders import check_finite, encode_role
+from quantfw.formats.encoders import check_finite, encode_role, fusable
 from quantfw.formats.format import Format
 from quantfw.io import metadata
 from quantfw.io.experts import MoEModel, key_of, projection_specs
@@ -79,6 +79,10 @@ class ExpertEncoder:
         self.qtype = metadata.expert_type(scheme)
         self.needs_data = observers.needs_data(scheme.flags)
         self.linear_flags = {**self.flags, "weight_bits": 8, "group_size": 0, "activation_use_clip": False}
+        # Per projection: the flags plus what the format's encoders let the quantize kernel compute.
+        self.proj_flags = {
+            p: {**self.flags, "encodings": fusable(s, model.float_shape(p)[0])} for p, s in self.specs.items()
+        }
 
     def expert(
         self,
@@ -94,7 +98,7 @@ class ExpertEncoder:
         """(tensors, per-tensor types, weight-observer record or None) of one expert projection.
         alpha None: the encoder's alpha = 1."""
         specs: dict[str, ParamSpec] = self.specs[proj]
-        qw = _quantize(w, self.flags, x, src, fp8)
+        qw = _quantize(w, self.proj_flags[proj], x, src, fp8)
         record = None
         if self.needs_data:
             ratio = qw.info.get("clip_ratio")

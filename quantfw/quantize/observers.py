@@ -218,15 +218,19 @@ def _minmax(
     """Round-to-nearest with amax scales (spec section 9 defaults): the cache-blocked primitives."""
     bits, gs = flags["weight_bits"], flags.get("group_size", 0)
     dtype = flags.get("compute_dtype", "float32")
+    if dtype == "float32" and not (bits == 4 and gs):
+        from quantfw.quantize.fused import quantize_per_channel_encoded
+
+        # fp32 per-channel grids in one compiled kernel: FP8 dequantized inside it (one pass over
+        # the FP8 bytes), plus the encodings the caller's format asks for (flags "encodings").
+        scales = (fp8.scale_inv, fp8.block) if fp8 is not None else (None, None)
+        fast = quantize_per_channel_encoded(w, bits, *scales, flags.get("encodings", ()))
+        if fast is not None:
+            q, s, encoded = fast
+            return QuantizedWeight(q, s, encoded=encoded)
     if fp8 is not None:
         from quantfw.io.fp8 import dequantize
-        from quantfw.quantize.fused import quantize_per_channel_fused
 
-        # fp32 per-channel grids dequantize inside the compiled kernel (one pass over the FP8 bytes).
-        fused = dtype == "float32" and not (bits == 4 and gs)
-        fast = quantize_per_channel_fused(w, bits, fp8.scale_inv, fp8.block) if fused else None
-        if fast is not None:
-            return QuantizedWeight(*fast)
         w = dequantize(w, fp8.scale_inv, fp8.block)
     if bits == 4 and gs:
         return QuantizedWeight(*P.quantize_two_level(w, gs))

@@ -186,20 +186,25 @@ def a8w4_bias(
     s: torch.Tensor,
     compute_dtype: torch.dtype = torch.bfloat16,
     sum_dtype: torch.dtype = torch.float32,
+    sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W4A8-clip stored bias fp32 [..., N] = 8 * sum_k s[n] * q[n, k].
 
     The product is formed in compute_dtype (bf16 in the cann-recipes converter), the sum is
     accumulated in fp32 and rounded to sum_dtype (the converter's bf16 sum output: sum_dtype=bf16).
+    sums: these 8 * fp32 sums already computed (quantize/fused.py); only the rest runs.
     """
     k = q.shape[-1]
     q2 = q.reshape(-1, k)
     sc = s.to(compute_dtype).reshape(-1)
-    out = torch.empty(q2.shape[0], dtype=torch.float32, device=q.device)
-    for b in _row_blocks(q2.shape[0], k):
-        prod = sc[b].unsqueeze(-1) * q2[b].to(compute_dtype)
-        out[b] = prod.sum(dim=-1, dtype=torch.float32)
-    out = 8 * out
+    if sums is not None:
+        out = sums.reshape(-1).clone()
+    else:
+        out = torch.empty(q2.shape[0], dtype=torch.float32, device=q.device)
+        for b in _row_blocks(q2.shape[0], k):
+            prod = sc[b].unsqueeze(-1) * q2[b].to(compute_dtype)
+            out[b] = prod.sum(dim=-1, dtype=torch.float32)
+        out = 8 * out
     if sum_dtype != torch.float32:
         out = out.to(sum_dtype).to(torch.float32)  # x8 is exact, so bf16(8 * sum) = 8 * bf16(sum)
 

@@ -4,7 +4,7 @@ scales and rounding come from the observer the flags select (quantfw/quantize/ob
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +21,8 @@ class QuantizedWeight:
     s1: torch.Tensor
     s2: torch.Tensor | None = None
     info: dict[str, Any] | None = None  # what a data-driven observer chose (e.g. clip ratios)
+    # Encoder results a fused kernel computed with q (quantize/fused.py ENCODINGS), by op name.
+    encoded: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def dequantize(self) -> torch.Tensor:
         return P.dequantize(self.q, self.s1, self.s2)
