@@ -100,3 +100,16 @@ def test_nan_in_fused_expert_tensor_names_tensor_and_expert(tmp_path):
     with pytest.raises(CheckpointError, match=r"gate_up_proj' \(expert 2\): contains NaN or Inf"):
         quantize(src, tmp_path / "out", "w8a8", workers=2)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_passthrough_finite_check_finds_every_position(dtype, bad):
+    from quantfw.quantize.checkpoint import _all_finite
+
+    t = _w((33, 1027), dtype)
+    assert _all_finite(t) and _all_finite(t[:0])
+    for pos in (0, 17, t.numel() - 1):
+        u = t.clone()
+        u.view(-1)[pos] = bad
+        assert not _all_finite(u)

@@ -122,9 +122,10 @@ class ExpertEncoder:
         return out, types, record
 
     def linear(
-        self, module: str, w: torch.Tensor, src: str
+        self, module: str, w: torch.Tensor, src: str, fp8=None
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """A non-expert linear [N, K] as W8A8 in the format's declared tensors (weight, scale, offset...)."""
+        """A non-expert linear [N, K] as W8A8 in the format's declared tensors (weight, scale, offset...);
+        fp8: w is an FP8 weight with these block scales."""
         n, k = w.shape
         specs = {
             name.split("_", 1)[1]: spec
@@ -133,7 +134,7 @@ class ExpertEncoder:
             ).items()
             if spec.role == "w2"
         }
-        qw = _quantize(w, self.linear_flags, None, src)
+        qw = _quantize(w, self.linear_flags, None, src, fp8)
         out, types = {}, {}
         for suffix, t in encode_role(specs, qw, None, f"{self.fmt.where} {module}").items():
             check_finite(src, f"{module}.{suffix}", t)

@@ -128,9 +128,14 @@ class TensorRouter:
                 self.check_shape(key, t, self.model.float_shape(proj), shard)
                 yield key, t, [Part(prefix, expert, proj, t, src, scales)]
                 continue
+            fused = FUSED_RE.match(key)
+            if was_fp8 and not parsed and not fused and self.is_target_linear(key, t):
+                # A linear to quantize: also dequantized inside the quantize kernel.
+                scales = fp8.block_scales(self.reader, key, self.block)
+                yield key, t, [Part(key[: -len(".weight")], None, "linear", t, src, scales)]
+                continue
             if was_fp8:
                 t = fp8.float_of(self.reader, key, t, self.block)
-            fused = FUSED_RE.match(key)
             if parsed:
                 prefix, _, expert, proj, suffix = parsed
                 self.check_expert_suffix(suffix, src)
@@ -165,7 +170,12 @@ class TensorRouter:
             )
 
     def is_target_linear(self, key: str, t: torch.Tensor) -> bool:
-        if not self.targets or not key.endswith(".weight") or t.dim() != 2 or t.dtype not in FLOAT_DTYPES:
+        if (
+            not self.targets
+            or not key.endswith(".weight")
+            or t.dim() != 2
+            or t.dtype not in (*FLOAT_DTYPES, *fp8.FP8_DTYPES)
+        ):
             return False
         module = key[: -len(".weight")]
         return any(re.search(p, module) for p in self.targets) and not any(
