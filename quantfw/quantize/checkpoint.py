@@ -43,6 +43,7 @@ from quantfw.io.reader import CheckpointReader
 from quantfw.parallel.dist import Dist
 from quantfw.progress import bar
 from quantfw.quantize import store as output_store
+from quantfw.quantize.alloc import keep_freed_memory
 from quantfw.quantize.encode import ExpertEncoder, layer_of, weight_calibration_metadata
 from quantfw.quantize.experts import CalibrationInputs
 from quantfw.quantize.routing import Part, TensorRouter
@@ -387,6 +388,7 @@ class Converter:
         dist.barrier()
         done = [False] * len(self.names)
         self.workers = self.workers or default_workers(dist.world)
+        keep_freed_memory()
         try:
             with self._os_errors(), _torch_threads(1), ThreadPoolExecutor(1) as hasher:
                 records = []
