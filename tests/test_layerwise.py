@@ -353,3 +353,63 @@ def test_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path):
         peaks[n] = int(r.stdout.split()[-1])
     # the whole model would add 4 layers' experts (twice: model + extracted copies), > 800 MB
     assert peaks[6] - peaks[2] < layer_bytes, peaks
+
+
+def sequential_whole_model_alphas(src, scheme, fmt, backend, c):
+    """GPTQ-style reference on the whole model: learn layer L's alphas with the layers before it
+    already running their quantized experts, then swap layer L's quantized experts in."""
+    from quantfw.calibrate.experts import ExpertCapture, learn_expert_alphas
+    from quantfw.calibrate.model import calibration_tokens
+    from quantfw.layout.spec import Dims
+    from quantfw.moe.layer import MoELayer
+    from quantfw.quantize.experts import quantize_experts
+
+    model = load_float_model(src)
+    weights = {}
+
+    def factory(w13, w2, layer):
+        weights[layer] = (w13, w2)
+        return FloatMoE(w13, w2)
+
+    path = {e.layer_index: e.path for e in swap_moe_experts(model, factory).entries}
+    ids, _ = calibration_tokens(src, model.config.vocab_size, c.tokens, 0, seq_len=c.seq_len)
+    windows = ids.view(-1, c.seq_len)
+    alphas = {}
+    for L in sorted(path):
+        w13, w2 = weights[L]
+        cap = ExpertCapture({L: (model.get_submodule(path[L]).experts, w13)}, max_rows=c.max_rows)
+        with torch.no_grad(), cap.attached():
+            for i in range(0, len(windows), c.batch_size):
+                model(input_ids=windows[i : i + c.batch_size], use_cache=False)
+        alphas[L], _ = learn_expert_alphas(scheme, w13, w2, cap.layers[L], c.min_tokens, c.policy)
+        dims = Dims(E=w13.shape[0], H=w13.shape[2], I=w13.shape[1] // 2)
+        layer = MoELayer(scheme, fmt, backend, dims).load(
+            quantize_experts(scheme, fmt, w13, w2, alphas[L], log=None)
+        )
+        model.get_submodule(path[L]).experts = layer
+    return alphas
+
+
+def test_propagate_quantized_feeds_the_next_layer_quantized_outputs(floats, tmp_path):
+    src = floats["qwen3_moe"]
+    scheme, fmt, backend = components(compose("default", CLIP))
+    c = calib(propagate="quantized", expert_block=8)  # one block: the reference's summation order
+    seq = calibrate_checkpoint(src, scheme, c, fmt=fmt, backend=backend, work_dir=tmp_path / "q")
+    flt = calibrate_checkpoint(src, scheme, calib(), fmt=fmt, backend=backend, work_dir=tmp_path / "f")
+    ref = sequential_whole_model_alphas(src, scheme, fmt, backend, c)
+    assert sorted(seq.alphas) == sorted(ref) == [0, 1, 2]
+    for L in ref:
+        assert torch.equal(seq.alphas[L], ref[L]), L
+    # layer 0 sees the embeddings either way; the next layers see the quantized experts' outputs
+    assert torch.equal(seq.inputs[0]("w13", 0), flt.inputs[0]("w13", 0))
+    for L in (1, 2):
+        a, b = seq.inputs[L]("w13", 0), flt.inputs[L]("w13", 0)
+        assert a.shape != b.shape or not torch.equal(a, b), L
+    # blocks of 3 experts sum the same outputs in another order: the same up to rounding
+    blocked = calibrate_checkpoint(
+        src, scheme, calib(propagate="quantized"), fmt=fmt, backend=backend, work_dir=tmp_path / "b"
+    )
+    x, y = blocked.inputs[2]("w13", 1), seq.inputs[2]("w13", 1)
+    assert x.shape == y.shape and torch.allclose(x, y, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="calibration.propagate=sideways"):
+        calibrate_checkpoint(src, scheme, calib(propagate="sideways"), fmt=fmt, backend=backend)

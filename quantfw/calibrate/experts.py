@@ -226,8 +226,6 @@ def expert_alpha_rows(
     fallback) or raise CalibrationError (policy "fail")."""
     _check_policy(min_tokens, policy)
     two_i = w13.shape[1]
-    deq = fake_quant_weights(scheme, w2).dequantize()
-    deq13 = None  # the int4 first GEMM, built only when expert inputs were captured
     rows: list[ExpertRows | None] = []
     report: list[dict] = []
     for j, e in enumerate(experts):
@@ -257,23 +255,31 @@ def expert_alpha_rows(
         h_dep, x = h, captured.x(e)
         if x.numel():
             x = x if pick is None else x[pick]
-            deq13 = fake_quant_weights(scheme, w13).dequantize() if deq13 is None else deq13
+            # Per expert, and only for experts that search: the quantizers act per expert, so
+            # this equals quantizing the block, without a second block-sized copy.
+            deq13 = _fake_quant(scheme, w13[j])
             xq, xs = ops.dynamic_quant(x)
-            h_dep = ((xq.float() * xs.unsqueeze(-1)) @ deq13[j].T).to(torch.bfloat16).float()
+            h_dep = ((xq.float() * xs.unsqueeze(-1)) @ deq13.T).to(torch.bfloat16).float()
+            del deq13
         tokens, weight = torch.cat(captured.tokens[e]), torch.cat(captured.weights[e])
         rows[j] = ExpertRows(
             h=h_dep,
             ref=ops.swiglu(h) @ w2[j].float().T,
             # With read_w2 the rows keep a recipe for the dequantized w2, not the tensor (same values).
-            w2_deq=deq[j].float() if read_w2 is None else _rebuild(scheme, read_w2, e),
+            w2_deq=_fake_quant(scheme, w2[j]) if read_w2 is None else _rebuild(scheme, read_w2, e),
             tokens=tokens if pick is None else tokens[pick],
             weight=weight if pick is None else weight[pick],
         )
     return rows, report
 
 
+def _fake_quant(scheme: Scheme, w: torch.Tensor) -> torch.Tensor:
+    """One expert's weight [N, K] quantized as the scheme declares and dequantized, fp32."""
+    return fake_quant_weights(scheme, w.unsqueeze(0)).dequantize()[0].float()
+
+
 def _rebuild(scheme: Scheme, read_w2: Callable[[int], torch.Tensor], e: int) -> Callable[[], torch.Tensor]:
-    return lambda: fake_quant_weights(scheme, read_w2(e)).dequantize().float()
+    return lambda: _fake_quant(scheme, read_w2(e))
 
 
 def search_expert_rows(rows: list[ExpertRows | None], report: list[dict]) -> tuple[torch.Tensor, list[dict]]:

@@ -168,7 +168,7 @@ def calibrate_checkpoint(
         guard = {"skipped": GUARD_SKIPPED}
         print(f"quantfw calibrate: model-level guard skipped: {GUARD_SKIPPED}", file=sys.stderr, flush=True)
     results, inputs, owner = calibrate_layers(
-        folder, scheme, calib, windows, work_dir, bool(calib.get("progress", True))
+        folder, scheme, calib, windows, work_dir, bool(calib.get("progress", True)), fmt, backend
     )
     alphas = {i: r.alphas for i, r in results.items() if r.alphas is not None}
     report = [row for r in results.values() for row in r.report]
