@@ -413,3 +413,83 @@ def test_propagate_quantized_feeds_the_next_layer_quantized_outputs(floats, tmp_
     assert x.shape == y.shape and torch.allclose(x, y, rtol=1e-4, atol=1e-5)
     with pytest.raises(ConfigError, match="calibration.propagate=sideways"):
         calibrate_checkpoint(src, scheme, calib(propagate="sideways"), fmt=fmt, backend=backend)
+
+
+def with_mtp(src, dst):
+    """`src` (tiny DeepSeek-V3, layers 0-2) plus the MTP layer 3 in the release's key names: a
+    copy of MoE layer 2 scaled, eh_proj, enorm, hnorm, shared_head."""
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(src / "model.safetensors"))
+    g = torch.Generator().manual_seed(11)
+    for k in [k for k in t if k.startswith("model.layers.2.")]:
+        t[k.replace("layers.2.", "layers.3.")] = t[k] * 1.5
+    norm = t["model.norm.weight"]
+    H, p = norm.shape[0], "model.layers.3."
+    t[p + "eh_proj.weight"] = (torch.randn(H, 2 * H, generator=g) * 0.1).to(norm.dtype)
+    t[p + "enorm.weight"] = (1 + 0.1 * torch.randn(H, generator=g)).to(norm.dtype)
+    t[p + "hnorm.weight"] = (1 + 0.1 * torch.randn(H, generator=g)).to(norm.dtype)
+    t[p + "shared_head.norm.weight"] = norm.clone()
+    dst.mkdir()
+    save_file(t, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}))
+    return dst
+
+
+def rms(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def test_mtp_layer_gets_learned_alphas_from_the_main_models_last_hidden_states(floats, tmp_path):
+    src = with_mtp(floats["deepseek_v3"], tmp_path / "mtp")
+    scheme, fmt, backend = components(compose("default", CLIP))
+    res = calibrate_checkpoint(
+        src, scheme, calib(), fmt=fmt, backend=backend, work_dir=tmp_path / "w", mtp="quantize"
+    )
+    assert sorted(res.alphas) == [1, 2, 3]
+    rows = [r for r in res.report if r["layer"] == 3]
+    assert len(rows) == 8 and any(r["status"] == "learned" for r in rows)
+    assert (res.alphas[3] < 1).any()
+    top_k = json.loads((src / "config.json").read_text())["num_experts_per_tok"]
+    assert sum(res.data["coverage"]["3"]) == 8 * 63 * top_k  # 8 windows, S-1 positions each
+    dropped = calibrate_checkpoint(src, scheme, calib(), fmt=fmt, backend=backend, work_dir=tmp_path / "d")
+    assert sorted(dropped.alphas) == [1, 2]
+    for L in (1, 2):  # the main layers do not depend on the MTP layer
+        assert torch.equal(dropped.alphas[L], res.alphas[L])
+    # the learned MTP alphas reach the checkpoint: only layer 3's experts differ from alpha = 1
+    a = tensors(quantize(src, tmp_path / "q", CLIP, res))
+    b = tensors(quantize(src, tmp_path / "q1", CLIP, dropped))
+    differ = {k for k in a if not torch.equal(a[k], b[k])}
+    assert differ and all(k.startswith("model.layers.3.mlp.experts") for k in differ), sorted(differ)[:3]
+    # the MTP input against its formula on the whole float model's final (normed) hidden states
+    model = load_float_model(src)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    seen = {}
+    model.model.norm.register_forward_hook(lambda _m, args, out: seen.update(pre=args[0], post=out))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    stack = DecoderStack(
+        src, CheckpointReader(src), lambda i: FloatMoE(torch.zeros(1, 2, 1), torch.zeros(1, 1, 1)), mtp=True
+    )
+    got = stack.mtp_input(3, ids, seen["pre"])
+    r = CheckpointReader(src)
+    eps = model.config.rms_norm_eps
+    e = rms(model.model.embed_tokens(ids[:, 1:]), r.get("model.layers.3.enorm.weight"), eps)
+    h = rms(seen["post"][:, :-1], r.get("model.layers.3.hnorm.weight"), eps)
+    want = torch.cat([e, h], -1) @ r.get("model.layers.3.eh_proj.weight").T
+    assert got.shape == (2, 15, seen["pre"].shape[-1]) and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_alpha_search_held_and_rebuilt_down_projections_give_the_same_alphas(floats, tmp_path, monkeypatch):
+    import quantfw.calibrate.experts as experts
+
+    src = floats["qwen3_moe"]
+    scheme, _ = scheme_fmt(CLIP)
+    held = calibrate_checkpoint(src, scheme, calib(), work_dir=tmp_path / "a")
+    monkeypatch.setattr(experts, "SEARCH_CACHE_BYTES", 0)  # every expert's w2 re-read from the shards
+    rebuilt = calibrate_checkpoint(src, scheme, calib(), work_dir=tmp_path / "b")
+    assert any((a < 1).any() for a in held.alphas.values())
+    for L, a in held.alphas.items():
+        assert torch.equal(rebuilt.alphas[L], a), L
+    assert rebuilt.report == held.report

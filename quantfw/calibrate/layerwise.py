@@ -148,11 +148,13 @@ def calibrate_layers(
     progress: bool = True,
     fmt=None,
     backend=None,
+    mtp: bool = False,
 ):
     """Run the calibration `windows` [n, seq_len] through the model of `folder` one decoder layer at
     a time (module doc). Returns ({moe layer: LayerResult}, {moe layer: SpilledInputs}, owner of a
     temporary work dir or None). `fmt` and `backend` run the quantized experts that
-    calibration.propagate=quantized passes on (quantfw.calibrate.propagate)."""
+    calibration.propagate=quantized passes on (quantfw.calibrate.propagate); `mtp` calibrates the
+    MTP layer after the main ones (the recipe's quantize.mtp=quantize)."""
     reader = CheckpointReader(folder)
     config = reader.config()
     check_model_type(config, str(reader.folder / "config.json"))
@@ -168,7 +170,7 @@ def calibrate_layers(
     work = WorkDir(path, _fingerprint(reader, scheme, calib, windows))
     model = MoEModel.from_config(config, str(reader.folder / "config.json"))
     prefixes = expert_prefixes(reader.keys(), model)
-    stack = DecoderStack(folder, reader, StreamingExperts)
+    stack = DecoderStack(folder, reader, StreamingExperts, mtp=mtp)
     info = {e.layer_index: e.info for e in stack.swap.entries}
     n = len(stack)
 
@@ -192,6 +194,8 @@ def calibrate_layers(
         for i in range(done, n):
             t0 = time.perf_counter()
             STAGES.reset()
+            if i in stack.mtp_layers:
+                hidden = _mtp_inputs(stack, i, batches, hidden, layer_args)
             with STAGES("layer read+dequant"):
                 layer = stack.materialize(i)
             moe = stack.moe_block(i)
@@ -264,6 +268,15 @@ def calibrate_layers(
         results[i] = LayerResult(alphas, json.loads(meta["report"]), t["counts"].tolist(), kept, file)
         inputs[i] = SpilledInputs(file, ExpertSource(reader, model, i, prefixes.get(i)), all_experts)
     return results, inputs, owner
+
+
+def _mtp_inputs(stack: DecoderStack, i: int, batches, hidden: _Hidden, layer_args):
+    """The MTP layer's hidden states (its layer arguments are set in `layer_args`): it predicts one
+    token further than the main model, so it runs on the first S-1 positions of each window
+    (DecoderStack.mtp_input)."""
+    for b, w in enumerate(batches):
+        layer_args[b][i] = stack.layer_inputs(stack.embed(w[:, 1:]))[i]
+    return _Hidden([stack.mtp_input(i, w, hidden[b]) for b, w in enumerate(batches)], [], True)
 
 
 def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, block):
