@@ -174,6 +174,9 @@ def test_progress_one_line_per_layer_and_off(floats, tmp_path, capsys):
     assert (
         "0 experts" in lines[0] and "8 experts" in lines[1] and "ETA" in lines[2] and "experts/s" in lines[2]
     )
+    # seconds per stage: the dense layer has no expert stages, a MoE layer has them
+    assert "layer forward" in lines[0] and "experts forward" not in lines[0]
+    assert all(s in lines[1] for s in ("read+dequant", "experts forward", "write"))
     calibrate_checkpoint(src, scheme, calib(progress=False), work_dir=tmp_path / "b")
     assert "quantfw calibrate: layer" not in capsys.readouterr().err
 
