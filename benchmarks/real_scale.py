@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -246,6 +247,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=256, help="routed experts per MoE layer (fewer: a quick smoke run)")
     ap.add_argument("--cold", action="store_true", help="also run each case after dropping the page cache")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "real_scale.json")
+    ap.add_argument("--keep-outputs", action="store_true", help="keep each case's checkpoint (default: deleted after its run)")
+    ap.add_argument("--set", nargs="*", default=[], help="extra quantize overrides for every case (key=value)")
     args = ap.parse_args()
     E = args.experts
     rows = []
@@ -259,7 +262,12 @@ def main() -> None:
                 if cold and not drop_caches():
                     print("cannot drop the page cache here (needs root and /proc/sys/vm): cold runs skipped")
                     continue
-                r = run_case(src, args.data / f"out-{name}-{n}", recipe, extra)
+                dst = args.data / f"out-{name}-{n}"
+                r = run_case(src, dst, recipe, [*extra, *args.set])
+                r["load_after"] = os.getloadavg()[0]  # the shared machine's load: times depend on it
+                r["output_gb"] = round(sum(p.stat().st_size for p in dst.rglob("*") if p.is_file()) / 1e9, 2)
+                if not args.keep_outputs:
+                    shutil.rmtree(dst, ignore_errors=True)  # several GB each: one at a time on disk
                 r.update(case=name, moe_layers=n, cache="cold" if cold else "warm", input_gb=stats["bytes"] / 1e9)
                 r["gparams_per_s"] = round(sum(stats["params"].values()) / 1e9 / r["seconds"], 3)
                 rows.append(r)

@@ -174,6 +174,9 @@ def test_progress_one_line_per_layer_and_off(floats, tmp_path, capsys):
     assert (
         "0 experts" in lines[0] and "8 experts" in lines[1] and "ETA" in lines[2] and "experts/s" in lines[2]
     )
+    # seconds per stage: the dense layer has no expert stages, a MoE layer has them
+    assert "layer forward" in lines[0] and "experts forward" not in lines[0]
+    assert all(s in lines[1] for s in ("read+dequant", "experts forward", "write"))
     calibrate_checkpoint(src, scheme, calib(progress=False), work_dir=tmp_path / "b")
     assert "quantfw calibrate: layer" not in capsys.readouterr().err
 
@@ -353,3 +356,143 @@ def test_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path):
         peaks[n] = int(r.stdout.split()[-1])
     # the whole model would add 4 layers' experts (twice: model + extracted copies), > 800 MB
     assert peaks[6] - peaks[2] < layer_bytes, peaks
+
+
+def sequential_whole_model_alphas(src, scheme, fmt, backend, c):
+    """GPTQ-style reference on the whole model: learn layer L's alphas with the layers before it
+    already running their quantized experts, then swap layer L's quantized experts in."""
+    from quantfw.calibrate.experts import ExpertCapture, learn_expert_alphas
+    from quantfw.calibrate.model import calibration_tokens
+    from quantfw.layout.spec import Dims
+    from quantfw.moe.layer import MoELayer
+    from quantfw.quantize.experts import quantize_experts
+
+    model = load_float_model(src)
+    weights = {}
+
+    def factory(w13, w2, layer):
+        weights[layer] = (w13, w2)
+        return FloatMoE(w13, w2)
+
+    path = {e.layer_index: e.path for e in swap_moe_experts(model, factory).entries}
+    ids, _ = calibration_tokens(src, model.config.vocab_size, c.tokens, 0, seq_len=c.seq_len)
+    windows = ids.view(-1, c.seq_len)
+    alphas = {}
+    for L in sorted(path):
+        w13, w2 = weights[L]
+        cap = ExpertCapture({L: (model.get_submodule(path[L]).experts, w13)}, max_rows=c.max_rows)
+        with torch.no_grad(), cap.attached():
+            for i in range(0, len(windows), c.batch_size):
+                model(input_ids=windows[i : i + c.batch_size], use_cache=False)
+        alphas[L], _ = learn_expert_alphas(scheme, w13, w2, cap.layers[L], c.min_tokens, c.policy)
+        dims = Dims(E=w13.shape[0], H=w13.shape[2], I=w13.shape[1] // 2)
+        layer = MoELayer(scheme, fmt, backend, dims).load(
+            quantize_experts(scheme, fmt, w13, w2, alphas[L], log=None)
+        )
+        model.get_submodule(path[L]).experts = layer
+    return alphas
+
+
+def test_propagate_quantized_feeds_the_next_layer_quantized_outputs(floats, tmp_path):
+    src = floats["qwen3_moe"]
+    scheme, fmt, backend = components(compose("default", CLIP))
+    c = calib(propagate="quantized", expert_block=8)  # one block: the reference's summation order
+    seq = calibrate_checkpoint(src, scheme, c, fmt=fmt, backend=backend, work_dir=tmp_path / "q")
+    flt = calibrate_checkpoint(src, scheme, calib(), fmt=fmt, backend=backend, work_dir=tmp_path / "f")
+    ref = sequential_whole_model_alphas(src, scheme, fmt, backend, c)
+    assert sorted(seq.alphas) == sorted(ref) == [0, 1, 2]
+    for L in ref:
+        assert torch.equal(seq.alphas[L], ref[L]), L
+    # layer 0 sees the embeddings either way; the next layers see the quantized experts' outputs
+    assert torch.equal(seq.inputs[0]("w13", 0), flt.inputs[0]("w13", 0))
+    for L in (1, 2):
+        a, b = seq.inputs[L]("w13", 0), flt.inputs[L]("w13", 0)
+        assert a.shape != b.shape or not torch.equal(a, b), L
+    # blocks of 3 experts sum the same outputs in another order: the same up to rounding
+    blocked = calibrate_checkpoint(
+        src, scheme, calib(propagate="quantized"), fmt=fmt, backend=backend, work_dir=tmp_path / "b"
+    )
+    x, y = blocked.inputs[2]("w13", 1), seq.inputs[2]("w13", 1)
+    assert x.shape == y.shape and torch.allclose(x, y, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="calibration.propagate=sideways"):
+        calibrate_checkpoint(src, scheme, calib(propagate="sideways"), fmt=fmt, backend=backend)
+
+
+def with_mtp(src, dst):
+    """`src` (tiny DeepSeek-V3, layers 0-2) plus the MTP layer 3 in the release's key names: a
+    copy of MoE layer 2 scaled, eh_proj, enorm, hnorm, shared_head."""
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(src / "model.safetensors"))
+    g = torch.Generator().manual_seed(11)
+    for k in [k for k in t if k.startswith("model.layers.2.")]:
+        t[k.replace("layers.2.", "layers.3.")] = t[k] * 1.5
+    norm = t["model.norm.weight"]
+    H, p = norm.shape[0], "model.layers.3."
+    t[p + "eh_proj.weight"] = (torch.randn(H, 2 * H, generator=g) * 0.1).to(norm.dtype)
+    t[p + "enorm.weight"] = (1 + 0.1 * torch.randn(H, generator=g)).to(norm.dtype)
+    t[p + "hnorm.weight"] = (1 + 0.1 * torch.randn(H, generator=g)).to(norm.dtype)
+    t[p + "shared_head.norm.weight"] = norm.clone()
+    dst.mkdir()
+    save_file(t, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}))
+    return dst
+
+
+def rms(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def test_mtp_layer_gets_learned_alphas_from_the_main_models_last_hidden_states(floats, tmp_path):
+    src = with_mtp(floats["deepseek_v3"], tmp_path / "mtp")
+    scheme, fmt, backend = components(compose("default", CLIP))
+    res = calibrate_checkpoint(
+        src, scheme, calib(), fmt=fmt, backend=backend, work_dir=tmp_path / "w", mtp="quantize"
+    )
+    assert sorted(res.alphas) == [1, 2, 3]
+    rows = [r for r in res.report if r["layer"] == 3]
+    assert len(rows) == 8 and any(r["status"] == "learned" for r in rows)
+    assert (res.alphas[3] < 1).any()
+    top_k = json.loads((src / "config.json").read_text())["num_experts_per_tok"]
+    assert sum(res.data["coverage"]["3"]) == 8 * 63 * top_k  # 8 windows, S-1 positions each
+    dropped = calibrate_checkpoint(src, scheme, calib(), fmt=fmt, backend=backend, work_dir=tmp_path / "d")
+    assert sorted(dropped.alphas) == [1, 2]
+    for L in (1, 2):  # the main layers do not depend on the MTP layer
+        assert torch.equal(dropped.alphas[L], res.alphas[L])
+    # the learned MTP alphas reach the checkpoint: only layer 3's experts differ from alpha = 1
+    a = tensors(quantize(src, tmp_path / "q", CLIP, res))
+    b = tensors(quantize(src, tmp_path / "q1", CLIP, dropped))
+    differ = {k for k in a if not torch.equal(a[k], b[k])}
+    assert differ and all(k.startswith("model.layers.3.mlp.experts") for k in differ), sorted(differ)[:3]
+    # the MTP input against its formula on the whole float model's final (normed) hidden states
+    model = load_float_model(src)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    seen = {}
+    model.model.norm.register_forward_hook(lambda _m, args, out: seen.update(pre=args[0], post=out))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    stack = DecoderStack(
+        src, CheckpointReader(src), lambda i: FloatMoE(torch.zeros(1, 2, 1), torch.zeros(1, 1, 1)), mtp=True
+    )
+    got = stack.mtp_input(3, ids, seen["pre"])
+    r = CheckpointReader(src)
+    eps = model.config.rms_norm_eps
+    e = rms(model.model.embed_tokens(ids[:, 1:]), r.get("model.layers.3.enorm.weight"), eps)
+    h = rms(seen["post"][:, :-1], r.get("model.layers.3.hnorm.weight"), eps)
+    want = torch.cat([e, h], -1) @ r.get("model.layers.3.eh_proj.weight").T
+    assert got.shape == (2, 15, seen["pre"].shape[-1]) and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_alpha_search_held_and_rebuilt_down_projections_give_the_same_alphas(floats, tmp_path, monkeypatch):
+    import quantfw.calibrate.experts as experts
+
+    src = floats["qwen3_moe"]
+    scheme, _ = scheme_fmt(CLIP)
+    held = calibrate_checkpoint(src, scheme, calib(), work_dir=tmp_path / "a")
+    monkeypatch.setattr(experts, "SEARCH_CACHE_BYTES", 0)  # every expert's w2 re-read from the shards
+    rebuilt = calibrate_checkpoint(src, scheme, calib(), work_dir=tmp_path / "b")
+    assert any((a < 1).any() for a in held.alphas.values())
+    for L, a in held.alphas.items():
+        assert torch.equal(rebuilt.alphas[L], a), L
+    assert rebuilt.report == held.report

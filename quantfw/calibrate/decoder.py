@@ -71,9 +71,16 @@ class DecoderStack:
     """The meta-device model of `folder` with its MoE experts replaced by `experts_factory(layer)`."""
 
     def __init__(
-        self, folder: str | Path, reader: CheckpointReader, experts_factory: Callable[[int], nn.Module]
+        self,
+        folder: str | Path,
+        reader: CheckpointReader,
+        experts_factory: Callable[[int], nn.Module],
+        mtp: bool = False,
     ):
+        """mtp: also build the MTP layers (DeepSeek `num_nextn_predict_layers`) as decoder layers
+        after the main ones (`mtp_layers`; their inputs come from `mtp_input`)."""
         from quantfw.integrations.hf import _transformers, swap_moe_experts
+        from quantfw.quantize.routing import mtp_layers
 
         tf = _transformers()
         self.reader = reader
@@ -83,6 +90,14 @@ class DecoderStack:
         try:
             # From the JSON the hardened reader already read: transformers opens no file here.
             fields = {k: v for k, v in raw.items() if k not in ("model_type", "quantization_config")}
+            self.mtp_layers = mtp_layers(raw) if mtp else range(0)
+            if len(self.mtp_layers) > 1:
+                raise ConfigError(
+                    f"{self.folder / 'config.json'}: num_nextn_predict_layers={len(self.mtp_layers)}; "
+                    "calibration handles one MTP layer (quantize.mtp=drop leaves them out)"
+                )
+            if self.mtp_layers:  # the same decoder-layer class, at the MTP layer's index
+                fields["num_hidden_layers"] = self.mtp_layers.stop
             config = tf.AutoConfig.for_model(self.model_type, **fields)
         except (OSError, ValueError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -101,7 +116,7 @@ class DecoderStack:
         self.layers = self.base.layers
         self.swap = swap_moe_experts(model, lambda _w13, _w2, layer: experts_factory(layer))
         self.moe_path = {e.layer_index: e.path for e in self.swap.entries}
-        names = {id(m): n for n, m in model.named_modules()}
+        names = self._names = {id(m): n for n, m in model.named_modules()}
         self.layer_prefix = names[id(self.layers)]
         self.embed_key = self.disk_key(names[id(self.base.get_input_embeddings())] + ".weight")
 
@@ -203,6 +218,26 @@ class DecoderStack:
                 f"{self.folder}: layer {i} tensor '{left[0]}' is neither stored nor computed"
             )
         return layer.eval()
+
+    def mtp_input(self, i: int, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """What MTP layer i sees [B, S-1, H] for token windows `ids` [B, S] and the main model's
+        last hidden states [B, S, H] (before its final norm), as DeepSeek-V3 defines it:
+        eh_proj(cat(enorm(embed(token t+1)), hnorm(final_norm(h_t)))). The final norm is applied
+        because the MTP module takes the hidden states the main model hands its output head."""
+        norm_cls, eps = type(self.base.norm), self.config.rms_norm_eps
+        prefix = f"{self.layer_prefix}.{i}."
+
+        def norm(key: str, x: torch.Tensor) -> torch.Tensor:
+            module = norm_cls(x.shape[-1], eps=eps)
+            module.weight = nn.Parameter(read_float(self.reader, key, self.fp8_block).float(), False)
+            return module(x)
+
+        final = self.disk_key(self._names[id(self.base.norm)] + ".weight")
+        h = norm(self.disk_key(prefix + "hnorm.weight"), norm(final, hidden[:, :-1]))
+        e = norm(self.disk_key(prefix + "enorm.weight"), self.embed(ids[:, 1:]))
+        proj = read_float(self.reader, self.disk_key(prefix + "eh_proj.weight"), self.fp8_block).float()
+        with torch.no_grad():
+            return torch.cat([e, h], dim=-1) @ proj.T
 
     def free(self, i: int) -> None:
         layer, moe = self.layers[i], self.moe_block(i)

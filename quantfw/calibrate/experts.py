@@ -33,6 +33,10 @@ __all__ = [
 ]
 
 POLICIES = ("ones", "fail")
+# Bytes of compact integer down-projections one layer's alpha search keeps (codes that fit 4 bits
+# two per byte: ~7 MB per DeepSeek-V3 expert). The search visits each expert's w2 about five
+# times; held ones are dequantized in place, the others re-read from the shards and re-quantized.
+SEARCH_CACHE_BYTES = 1 << 30
 METHOD = "grid_search_output_mse"
 # search_alpha's defaults, recorded so the metadata says exactly what ran.
 GRID = {
@@ -67,6 +71,7 @@ class LayerCapture:
     weights: list[list[torch.Tensor]] = field(default_factory=list)
     routed: list[list[torch.Tensor]] = field(default_factory=list)  # bool per kept row
     seen: int = 0  # layer tokens numbered so far
+    held_bytes: int = 0  # compact w2 kept for the alpha search (SEARCH_CACHE_BYTES)
     keys: list[list[torch.Tensor]] = field(default_factory=list)  # random sampling key of each kept row
 
     def __post_init__(self):
@@ -226,8 +231,6 @@ def expert_alpha_rows(
     fallback) or raise CalibrationError (policy "fail")."""
     _check_policy(min_tokens, policy)
     two_i = w13.shape[1]
-    deq = fake_quant_weights(scheme, w2).dequantize()
-    deq13 = None  # the int4 first GEMM, built only when expert inputs were captured
     rows: list[ExpertRows | None] = []
     report: list[dict] = []
     for j, e in enumerate(experts):
@@ -257,23 +260,67 @@ def expert_alpha_rows(
         h_dep, x = h, captured.x(e)
         if x.numel():
             x = x if pick is None else x[pick]
-            deq13 = fake_quant_weights(scheme, w13).dequantize() if deq13 is None else deq13
+            # Per expert, and only for experts that search: the quantizers act per expert, so
+            # this equals quantizing the block, without a second block-sized copy.
+            deq13 = _fake_quant(scheme, w13[j])
             xq, xs = ops.dynamic_quant(x)
-            h_dep = ((xq.float() * xs.unsqueeze(-1)) @ deq13[j].T).to(torch.bfloat16).float()
+            h_dep = ((xq.float() * xs.unsqueeze(-1)) @ deq13.T).to(torch.bfloat16).float()
+            del deq13
         tokens, weight = torch.cat(captured.tokens[e]), torch.cat(captured.weights[e])
         rows[j] = ExpertRows(
             h=h_dep,
             ref=ops.swiglu(h) @ w2[j].float().T,
             # With read_w2 the rows keep a recipe for the dequantized w2, not the tensor (same values).
-            w2_deq=deq[j].float() if read_w2 is None else _rebuild(scheme, read_w2, e),
+            w2_deq=_fake_quant(scheme, w2[j])
+            if read_w2 is None
+            else _held_or_rebuilt(scheme, w2[j], read_w2, e, captured),
             tokens=tokens if pick is None else tokens[pick],
             weight=weight if pick is None else weight[pick],
         )
     return rows, report
 
 
+def _fake_quant(scheme: Scheme, w: torch.Tensor) -> torch.Tensor:
+    """One expert's weight [N, K] quantized as the scheme declares and dequantized, fp32."""
+    return fake_quant_weights(scheme, w.unsqueeze(0)).dequantize()[0].float()
+
+
 def _rebuild(scheme: Scheme, read_w2: Callable[[int], torch.Tensor], e: int) -> Callable[[], torch.Tensor]:
-    return lambda: fake_quant_weights(scheme, read_w2(e)).dequantize().float()
+    return lambda: _fake_quant(scheme, read_w2(e))
+
+
+class _Compact:
+    """A quantized weight held small: integer codes in [-8, 7] packed two per byte (else kept as
+    they are); `dequantize()` returns exactly QuantizedWeight.dequantize()."""
+
+    def __init__(self, qw):
+        q = qw.q
+        self.packed = (
+            q.dtype == torch.int8 and q.shape[-1] % 2 == 0 and -8 <= int(q.min()) <= int(q.max()) <= 7
+        )
+        if self.packed:
+            u = (q + 8).to(torch.uint8)
+            q = u[..., 0::2] | (u[..., 1::2] << 4)
+        self.q, self.s1, self.s2 = q, qw.s1, qw.s2
+        self.nbytes = sum(t.numel() * t.element_size() for t in (q, qw.s1, qw.s2) if t is not None)
+
+    def dequantize(self) -> torch.Tensor:
+        from quantfw.quantize import primitives
+
+        q = self.q
+        if self.packed:
+            q = torch.stack([(q & 15).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8], -1).flatten(-2)
+        return primitives.dequantize(q, self.s1, self.s2)
+
+
+def _held_or_rebuilt(scheme, w2: torch.Tensor, read_w2, e: int, captured: LayerCapture):
+    """Expert e's dequantized int w2 as the alpha search asks for it: from a compact copy while the
+    layer's SEARCH_CACHE_BYTES allow, else rebuilt from the shards each time."""
+    compact = _Compact(fake_quant_weights(scheme, w2.unsqueeze(0)))
+    if captured.held_bytes + compact.nbytes > SEARCH_CACHE_BYTES:
+        return _rebuild(scheme, read_w2, e)
+    captured.held_bytes += compact.nbytes
+    return lambda: compact.dequantize()[0].float()
 
 
 def search_expert_rows(rows: list[ExpertRows | None], report: list[dict]) -> tuple[torch.Tensor, list[dict]]:

@@ -27,6 +27,8 @@ from omegaconf import OmegaConf
 
 from quantfw.calibrate.decoder import DecoderStack, check_model_type
 from quantfw.calibrate.experts import LayerCapture, expert_alpha_rows, search_expert_rows
+from quantfw.calibrate.propagate import check_propagate, quantized_outputs
+from quantfw.calibrate.stages import STAGES, Stages
 from quantfw.calibrate.streaming import ExpertSource, SpilledInputs, StreamingExperts, run_blocks
 from quantfw.calibrate.workdir import WorkDir
 from quantfw.errors import ConfigError
@@ -86,7 +88,7 @@ class _Progress:
         else:
             print(f"quantfw calibrate: {text}", file=sys.stderr, flush=True)
 
-    def layer(self, i: int, experts: int, seconds: float) -> None:
+    def layer(self, i: int, experts: int, seconds: float, stages: dict[str, float] | None = None) -> None:
         if not self.on:
             return
         self.experts += experts
@@ -95,6 +97,8 @@ class _Progress:
         eta = spent / done * (self.total - i - 1)
         rate = f"{self.experts / spent:.1f} experts/s" if self.experts else "dense"
         text = f"layer {i + 1}/{self.total}: {experts} experts in {seconds:.1f} s, {rate}, ETA {eta:.0f} s"
+        if stages:
+            text += f" ({Stages.line(stages)})"
         if self.bar is not None:
             self.bar.set_postfix_str(f"{experts} experts, {rate}, ETA {eta:.0f} s", refresh=False)
             self.bar.update(1)
@@ -142,22 +146,23 @@ def calibrate_layers(
     windows: torch.Tensor,
     work_dir: str | Path | None = None,
     progress: bool = True,
+    fmt=None,
+    backend=None,
+    mtp: bool = False,
 ):
     """Run the calibration `windows` [n, seq_len] through the model of `folder` one decoder layer at
     a time (module doc). Returns ({moe layer: LayerResult}, {moe layer: SpilledInputs}, owner of a
-    temporary work dir or None)."""
+    temporary work dir or None). `fmt` and `backend` run the quantized experts that
+    calibration.propagate=quantized passes on (quantfw.calibrate.propagate); `mtp` calibrates the
+    MTP layer after the main ones (the recipe's quantize.mtp=quantize)."""
     reader = CheckpointReader(folder)
     config = reader.config()
     check_model_type(config, str(reader.folder / "config.json"))
     propagate = str(calib.get("propagate", "float"))
-    if propagate != "float":
-        raise ConfigError(
-            f"calibration.propagate={propagate}: only float is implemented (each layer sees the float "
-            "outputs of the layers before it)"
-        )
+    check_propagate(propagate, fmt, backend)
     clips = bool(scheme.flags.get("activation_use_clip"))
     all_experts = bool(calib.get("all_experts", False))
-    block = int(calib.get("expert_block", 16) or 16)
+    block = int(calib.get("expert_block", 4) or 4)
     budget = float(calib.get("memory_budget_mb", 2048)) * 2**20
     if block < 1:
         raise ConfigError(f"calibration.expert_block={block} (must be >= 1)")
@@ -165,7 +170,7 @@ def calibrate_layers(
     work = WorkDir(path, _fingerprint(reader, scheme, calib, windows))
     model = MoEModel.from_config(config, str(reader.folder / "config.json"))
     prefixes = expert_prefixes(reader.keys(), model)
-    stack = DecoderStack(folder, reader, StreamingExperts)
+    stack = DecoderStack(folder, reader, StreamingExperts, mtp=mtp)
     info = {e.layer_index: e.info for e in stack.swap.entries}
     n = len(stack)
 
@@ -188,15 +193,19 @@ def calibrate_layers(
     try:
         for i in range(done, n):
             t0 = time.perf_counter()
-            layer = stack.materialize(i)
+            STAGES.reset()
+            if i in stack.mtp_layers:
+                hidden = _mtp_inputs(stack, i, batches, hidden, layer_args)
+            with STAGES("layer read+dequant"):
+                layer = stack.materialize(i)
             moe = stack.moe_block(i)
 
             def run(b, layer=layer, i=i, hidden=hidden):
                 args, kwargs = layer_args[b][i]
-                with torch.no_grad():
+                with torch.no_grad(), STAGES("layer forward"):
                     return _output(layer(hidden[b], *args, **kwargs))
 
-            spill = None
+            spill = spill_rec = None
             if moe is not None:
                 experts = moe.experts
                 experts.reset()
@@ -206,19 +215,41 @@ def calibrate_layers(
                 spill = _calibrate_moe(
                     i, experts, info[i].num_experts, source, scheme, calib, clips, all_experts, block
                 )
+                with STAGES("write"):
+                    spill_rec = work.save(f"layer-{i:04d}.safetensors", *spill)
+                if propagate == "quantized":
+                    spilled = SpilledInputs(work.path / spill_rec["file"], source, all_experts)
+                    alphas = spill[0].get("alphas")
+                    experts.replay(
+                        quantized_outputs(
+                            experts.calls,
+                            source,
+                            info[i].num_experts,
+                            block,
+                            scheme,
+                            fmt,
+                            backend,
+                            alphas,
+                            spilled,
+                        )
+                    )
+                del spill
             outputs = [run(b) for b in range(len(batches))]
             if moe is not None:
                 moe.experts.reset()
             stack.free(i)
-            recs = [
-                work.save(f"hidden-{i:04d}-{b:04d}.safetensors", {"hidden": h}) for b, h in enumerate(outputs)
-            ]
-            spill_rec = work.save(f"layer-{i:04d}.safetensors", *spill) if spill is not None else None
+            with STAGES("write"):
+                recs = [
+                    work.save(f"hidden-{i:04d}-{b:04d}.safetensors", {"hidden": h})
+                    for b, h in enumerate(outputs)
+                ]
             previous = work.state["layers"].get(str(i - 1), {}).get("hidden", [])
             work.finish_layer(i, {"spill": spill_rec, "hidden": recs}, drop=[r["file"] for r in previous])
             hidden = _Hidden(outputs if in_memory else [], [work.path / r["file"] for r in recs], in_memory)
             del outputs
-            bar.layer(i, info[i].num_experts if moe is not None else 0, time.perf_counter() - t0)
+            bar.layer(
+                i, info[i].num_experts if moe is not None else 0, time.perf_counter() - t0, STAGES.reset()
+            )
             if AFTER_LAYER is not None:
                 AFTER_LAYER(i)
     finally:
@@ -239,6 +270,15 @@ def calibrate_layers(
     return results, inputs, owner
 
 
+def _mtp_inputs(stack: DecoderStack, i: int, batches, hidden: _Hidden, layer_args):
+    """The MTP layer's hidden states (its layer arguments are set in `layer_args`): it predicts one
+    token further than the main model, so it runs on the first S-1 positions of each window
+    (DecoderStack.mtp_input)."""
+    for b, w in enumerate(batches):
+        layer_args[b][i] = stack.layer_inputs(stack.embed(w[:, 1:]))[i]
+    return _Hidden([stack.mtp_input(i, w, hidden[b]) for b, w in enumerate(batches)], [], True)
+
+
 def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, block):
     """Routed outputs of layer i's recorded calls (left in `experts` for the replay pass), its
     alphas and the spill: (tensors, metadata) for the work dir."""
@@ -247,7 +287,10 @@ def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, blo
 
     def on_block(ids: range, w13, w2):
         if clips:
-            r, p = expert_alpha_rows(scheme, w13, w2, cap, ids, calib.min_tokens, calib.policy, source.down)
+            with STAGES("alpha rows"):
+                r, p = expert_alpha_rows(
+                    scheme, w13, w2, cap, ids, calib.min_tokens, calib.policy, source.down
+                )
             rows[ids.start : ids.stop], report[ids.start : ids.stop] = r, p
         for e in ids:
             cap.drop_rows(e)
@@ -263,6 +306,7 @@ def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, blo
         "counts": cap.counts.clone(),
     }
     if clips:
-        alphas, report = search_expert_rows(rows, report)
+        with STAGES("alpha search"):
+            alphas, report = search_expert_rows(rows, report)
         tensors["alphas"] = alphas
     return tensors, {"report": json.dumps(report if clips else [])}

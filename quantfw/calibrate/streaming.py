@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -25,12 +26,13 @@ from torch import nn
 
 from quantfw import ops
 from quantfw.calibrate.experts import LayerCapture
+from quantfw.calibrate.stages import STAGES
 from quantfw.errors import CalibrationError, CheckpointError
-from quantfw.io.experts import FUSED_RE, PROJS, MoEModel, key_of
+from quantfw.io.experts import FUSED_RE, MoEModel, key_of
 from quantfw.io.fp8 import block_size, read_float
 from quantfw.io.reader import CheckpointReader
 
-__all__ = ["ExpertSource", "SpilledInputs", "StreamingExperts", "run_blocks"]
+__all__ = ["ExpertSource", "SpilledInputs", "StreamingExperts", "read_blocks", "run_blocks"]
 
 
 class ExpertSource:
@@ -61,19 +63,30 @@ class ExpertSource:
             self.reader, key_of(self.prefix, e, self.model, "down", "weight"), self.fp8_block
         ).float()
 
+    def _proj(self, e: int, proj: str) -> torch.Tensor:
+        key = key_of(self.prefix, e, self.model, proj, "weight")
+        if key not in self.reader:
+            raise CheckpointError(f"{self.reader.folder}: float expert weight '{key}' missing")
+        return read_float(self.reader, key, self.fp8_block)
+
     def block(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fused:
-            return self._fused("gate_up_proj", start, stop), self._fused("down_proj", start, stop)
-        w = {}
-        for e in range(start, stop):
-            for p in PROJS:
-                key = key_of(self.prefix, e, self.model, p, "weight")
-                if key not in self.reader:
-                    raise CheckpointError(f"{self.reader.folder}: float expert weight '{key}' missing")
-                w[e, p] = read_float(self.reader, key, self.fp8_block).float()
-        w13 = torch.stack([torch.cat([w[e, "gate"], w[e, "up"]]) for e in range(start, stop)])
-        w2 = torch.stack([w[e, "down"] for e in range(start, stop)])
-        return w13, w2
+        with STAGES("read+dequant"):
+            if self.fused:
+                return self._fused("gate_up_proj", start, stop), self._fused("down_proj", start, stop)
+            # Filled in place, one projection at a time: the block is never held twice (a stack of
+            # per-expert copies would double it: 2.8 GB more for 16 experts at DeepSeek-V3 dims).
+            w13 = w2 = None
+            for j, e in enumerate(range(start, stop)):
+                gate = self._proj(e, "gate")
+                if w13 is None:
+                    inter, hidden = gate.shape
+                    w13 = torch.empty(stop - start, 2 * inter, hidden)
+                    w2 = torch.empty(stop - start, hidden, inter)
+                w13[j, : gate.shape[0]] = gate
+                del gate
+                w13[j, w13.shape[1] // 2 :] = self._proj(e, "up")
+                w2[j] = self._proj(e, "down")
+            return w13, w2
 
 
 class StreamingExperts(nn.Module):
@@ -127,30 +140,51 @@ def run_blocks(
     starts = [0]
     for x, _, _ in calls:
         starts.append(starts[-1] + x.shape[0])
-    for first in range(0, num_experts, block):
-        experts = range(first, min(num_experts, first + block))
-        w13, w2 = source.block(experts.start, experts.stop)
-        inter = w13.shape[1] // 2
-        for j, e in enumerate(experts):
-            for b, (x, weights, ids) in enumerate(calls):
-                seen, routed = _expert_rows(ids, e, all_experts)
-                if not seen.any():
-                    continue
-                w = (weights.to(torch.float32) * (ids == e)).sum(-1)
-                h = x[routed] @ w13[j].T if routed.any() else None
-                if capture is not None:
-                    number = torch.arange(starts[b], starts[b + 1])
-                    if all_experts:
-                        capture.add(e, x @ w13[j].T, x, tokens=number, weights=w, routed=routed)
-                    else:
-                        capture.add(e, h, x[routed], tokens=number[routed], weights=w[routed])
-                if h is not None:
-                    y = (F.silu(h[:, :inter]) * h[:, inter:]) @ w2[j].t()
-                    outs[b].index_add_(0, routed.nonzero().squeeze(1), y * w[routed, None])
+    for experts, w13, w2 in read_blocks(source, num_experts, block):
+        with STAGES("experts forward"):
+            _block_outputs(calls, starts, experts, w13, w2, outs, capture, all_experts)
         if on_block is not None:
             on_block(experts, w13, w2)
         del w13, w2
     return outs
+
+
+def read_blocks(source: ExpertSource, num_experts: int, block: int):
+    """Yield (experts, w13, w2) block by block. One reader thread works a block ahead (file reads
+    and the FP8 products release the GIL), so reading and dequantizing overlap the caller's
+    compute; at most two blocks are in memory."""
+    blocks = [range(f, min(num_experts, f + block)) for f in range(0, num_experts, block)]
+    with ThreadPoolExecutor(1, thread_name_prefix="quantfw-experts") as pool:
+        ahead = pool.submit(source.block, blocks[0].start, blocks[0].stop) if blocks else None
+        for n, experts in enumerate(blocks):
+            with STAGES("wait for weights"):
+                w13, w2 = ahead.result()
+            if n + 1 < len(blocks):
+                ahead = pool.submit(source.block, blocks[n + 1].start, blocks[n + 1].stop)
+            yield experts, w13, w2
+            del w13, w2
+
+
+def _block_outputs(calls, starts, experts: range, w13, w2, outs, capture, all_experts) -> None:
+    """Add the routed outputs of `experts` (weights w13 [B, 2I, H], w2 [B, H, I]) to `outs` and
+    their rows to the capture."""
+    inter = w13.shape[1] // 2
+    for j, e in enumerate(experts):
+        for b, (x, weights, ids) in enumerate(calls):
+            seen, routed = _expert_rows(ids, e, all_experts)
+            if not seen.any():
+                continue
+            w = (weights.to(torch.float32) * (ids == e)).sum(-1)
+            h = x[routed] @ w13[j].T if routed.any() else None
+            if capture is not None:
+                number = torch.arange(starts[b], starts[b + 1])
+                if all_experts:
+                    capture.add(e, x @ w13[j].T, x, tokens=number, weights=w, routed=routed)
+                else:
+                    capture.add(e, h, x[routed], tokens=number[routed], weights=w[routed])
+            if h is not None:
+                y = (F.silu(h[:, :inter]) * h[:, inter:]) @ w2[j].t()
+                outs[b].index_add_(0, routed.nonzero().squeeze(1), y * w[routed, None])
 
 
 class _SpillCache:

@@ -42,7 +42,14 @@ def run(cfg: DictConfig) -> str:
         try:
             calib = OmegaConf.merge(cfg.calibration, {"progress": cfg.calibration.progress and cfg.progress})
             result = calibrate_checkpoint(
-                cfg.input, scheme, calib, cfg.seed, fmt=fmt, backend=backend, work_dir=work_dir
+                cfg.input,
+                scheme,
+                calib,
+                cfg.seed,
+                fmt=fmt,
+                backend=backend,
+                work_dir=work_dir,
+                mtp=cfg.quantize.mtp,
             )
         except QuantfwError:
             shutil.rmtree(work_dir, ignore_errors=True)  # bad input: nothing worth resuming

@@ -98,9 +98,9 @@ class CalibrationConfig:
     # One decoder layer in memory at a time (false: the whole float model, which the guard needs).
     layerwise: bool = True
     all_experts: bool = False  # every expert sees every token for its statistics (outputs: routed only)
-    propagate: str = "float"  # what the next layer sees: float outputs (quantized: not implemented)
+    propagate: str = "float"  # what the next layer sees: float outputs, or quantized (sequential)
     memory_budget_mb: int = 2048  # hidden states above this stay on disk (read a batch at a time)
-    expert_block: int = 16  # routed experts whose weights are in memory at once
+    expert_block: int = 4  # routed experts per weight read (two blocks are in memory at once)
     progress: bool = True  # one line per layer on stderr
 
 
