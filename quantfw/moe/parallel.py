@@ -155,6 +155,47 @@ def _pad(t: torch.Tensor, rows: int, value) -> torch.Tensor:
     return torch.cat([t, torch.full((rows - t.shape[0], *t.shape[1:]), value, dtype=t.dtype)])
 
 
+def open_parallel(
+    path: str | Path,
+    group,
+    tp_size: int = 1,
+    recipe_overrides: Sequence[str] = (),
+    recipe: str = "default",
+    backend: str | None = "torch",
+):
+    """This rank's view of a quantized checkpoint (quantfw.io.loader.Opened for its EP/TP rank);
+    a failure on any rank is raised on every rank as one line naming it."""
+    from quantfw.io.loader import open_checkpoint
+
+    ep_rank, ep_size, tp_rank, tp_size = mesh(group, tp_size)
+    op, error = None, None
+    try:
+        op = open_checkpoint(path, recipe, recipe_overrides, ep_rank, ep_size, tp_rank, tp_size, backend)
+    except Exception as e:  # reported to every rank below, then raised there as one line
+        error = one_line(e)
+    agree(group, error, f"opening {path} (ep_size={ep_size}, tp_size={tp_size})")
+    return op
+
+
+def load_parallel(op, group, layer: int = -1) -> ParallelMoE:
+    """Each rank reads only its experts (its TP slices) of MoE layer `layer` (-1: the first)."""
+    from quantfw.api import placement
+    from quantfw.io.loader import load_layer
+
+    cfg = op.cfg
+    local, error = None, None
+    try:
+        local = load_layer(op, op.layer_index(layer))
+    except Exception as e:  # reported to every rank below, then raised there as one line
+        error = one_line(e)
+    agree(
+        group,
+        error,
+        f"loading {op.reader.folder} layer {layer} (ep_size={cfg.ep_size}, tp_size={cfg.tp_size})",
+    )
+    return ParallelMoE(local, placement(cfg), cfg.ep_rank, cfg.tp_size, group)
+
+
 def from_checkpoint(
     path: str | Path,
     group,
@@ -164,17 +205,4 @@ def from_checkpoint(
     recipe_overrides: Sequence[str] = (),
     recipe: str = "default",
 ) -> ParallelMoE:
-    """Each rank of `group` reads only its experts (its TP slices) of MoE layer `layer`; a failure
-    on any rank is raised on every rank as one line naming it."""
-    from quantfw.api import placement
-    from quantfw.io.loader import load_layer, open_checkpoint
-
-    ep_rank, ep_size, tp_rank, tp_size = mesh(group, tp_size)
-    local, error = None, None
-    try:
-        op = open_checkpoint(path, recipe, recipe_overrides, ep_rank, ep_size, tp_rank, tp_size, backend)
-        local = load_layer(op, op.layer_index(layer))
-    except Exception as e:  # reported to every rank below, then raised there as one line
-        error = one_line(e)
-    agree(group, error, f"loading {path} (ep_size={ep_size}, tp_size={tp_size})")
-    return ParallelMoE(local, placement(op.cfg), ep_rank, tp_size, group)
+    return load_parallel(open_parallel(path, group, tp_size, recipe_overrides, recipe, backend), group, layer)
