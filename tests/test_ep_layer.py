@@ -38,7 +38,9 @@ SCHEMES = {  # (scheme, format) -> recipe overrides
 }
 # Token counts per rank (sum T): uneven, and on 4 ranks one rank brings no tokens at all.
 SPLITS = {2: [29, 11], 4: [7, 0, 25, 8]}
-LAUNCH_TIMEOUT_S = 600
+LAUNCH_TIMEOUT_S = 900
+# Schemes the placement / idle-rank scenarios run on at 4 ranks (every scheme at 2 ranks).
+SCENARIO_SCHEMES = (("w8a8", "msmodelslim"), ("w4a8_clip", "compressed_tensors"))
 
 
 def _name(key) -> str:
@@ -154,10 +156,12 @@ def run(request, ckpts, tmp_path_factory):
     for key, path in ckpts.items():
         n = _name(key)
         jobs.append(_job(f"ep-{n}", path, tmp, tmp / "in.pt", world))
+        jobs.append(_job(f"tp-{n}", path, tmp, tmp / "in.pt", world, tp=2))
+        if world == 4 and key not in SCENARIO_SCHEMES:
+            continue  # 4 ranks are slow to launch jobs on: the scenarios on two schemes there
         jobs.append(_job(f"idle-{n}", path, tmp, tmp / "in_idle.pt", world))
         for pname, lists in PLACEMENTS[world].items():
             jobs.append(_job(f"{pname}-{n}", path, tmp, tmp / "in.pt", world, [f"placement={lists}"]))
-        jobs.append(_job(f"tp-{n}", path, tmp, tmp / "in.pt", world, tp=2))
     codes, seconds = launch(world, jobs, tmp)
     assert codes == [0] * world, (codes, seconds)
     return world, tmp
@@ -175,6 +179,8 @@ def _single(path, name):
 @pytest.mark.parametrize("kind", ["ep", "idle", "interleaved", "redundant"])
 def test_expert_parallel_equals_single_process_bit_for_bit(run, ckpts, key, kind):
     world, tmp = run
+    if kind != "ep" and world == 4 and key not in SCENARIO_SCHEMES:
+        pytest.skip(f"the {kind} scenario runs on {SCENARIO_SCHEMES} at 4 ranks")
     if kind == "interleaved" and kind not in PLACEMENTS[world]:
         pytest.skip(f"no {kind} placement declared for {world} ranks")
     y, errors = outputs(tmp, f"{kind}-{_name(key)}", world)
@@ -186,7 +192,7 @@ def test_expert_parallel_equals_single_process_bit_for_bit(run, ckpts, key, kind
 
 
 @pytest.mark.parametrize("key", list(SCHEMES), ids=_name)
-def test_tensor_parallel_within_peer_criterion_or_refused_by_rule(run, ckpts, key):
+def test_tensor_parallel_equals_its_ranks_slices_and_stays_close_to_tp1(run, ckpts, key):
     world, tmp = run
     y, errors = outputs(tmp, f"tp-{_name(key)}", world)
     if key[1] == "compressed_tensors" and key[0] != "w8a8":
@@ -198,11 +204,19 @@ def test_tensor_parallel_within_peer_criterion_or_refused_by_rule(run, ckpts, ke
         assert "down_proj.bias" in next(iter(msgs)) and "sums over all of K" in next(iter(msgs))
         return
     assert y is not None, errors
-    ref = _single(ckpts[key], tmp / "in.pt")
-    m = compare(y, ref)
+    x, w, ids = torch.load(tmp / "in.pt")
+    ep = world // 2
+    # Peer: the same TP slices run one by one in this process, their partial outputs summed.
+    slices = sum(
+        load_one(ckpts[key], ep_rank=r // 2, ep_size=ep, tp_rank=r % 2, tp_size=2)(x, w, ids).float()
+        for r in range(world)
+    )
+    assert peer_check(y, slices)["ok"], peer_check(y, slices)
+    torch.testing.assert_close(y.float(), slices, rtol=0, atol=1e-5)
+    # Against TP 1: each TP rank quantizes its slice of the SwiGLU output per token (as the engines
+    # do), so int8-activation-level differences only; a wrong slicing would be O(1) off.
+    m = compare(y, _single(ckpts[key], tmp / "in.pt"))
     assert m["rel_l2"] < 0.02 and m["cosine"] > 0.9998, m
-    assert not torch.equal(y, ref)  # TP really split the experts (per-slice activation quant)
-    assert peer_check(y, ref)["ok"], peer_check(y, ref)
 
 
 def test_rank_failing_during_load_stops_every_rank_with_one_line(ckpts, tmp_path):
