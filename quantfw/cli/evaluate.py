@@ -13,6 +13,7 @@ in one table.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -60,8 +61,10 @@ def run(cfg: DictConfig) -> dict:
         print(f"engine {engine.name}: plan overrides {plan or 'none'}", file=sys.stderr)
         overrides = [*overrides, *plan]
     e = cfg.eval
-    if _parallel_world():
-        return _run_parallel(cfg, recipe, overrides)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the expert-parallel layers
+        from quantfw.eval.parallel import run_parallel_eval
+
+        return run_parallel_eval(cfg, recipe, overrides, _provenance(cfg.checkpoint) or {})
     rows = evaluate_checkpoint(
         cfg.checkpoint, cfg.reference, cfg.tokens, cfg.seed, recipe, overrides, per_expert=e.per_expert, progress=cfg.progress
     )
@@ -94,53 +97,3 @@ def run(cfg: DictConfig) -> dict:
     if e.plot:
         print(f"plot: {report.plot(doc, e.plot)}", file=sys.stderr)
     return doc
-
-
-# ---------------------------------------------------------------- under torchrun (expert parallel)
-
-
-def _parallel_world() -> bool:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def _run_parallel(cfg: DictConfig, recipe: str, overrides: list[str]) -> dict:
-    """`torchrun --nproc-per-node P -m quantfw eval ... [tp_size=T]`: the expert/tensor-parallel
-    layers (ep_size = P*nodes / T) vs the float reference; rank 0 prints and writes `out`."""
-    import torch.distributed as dist
-
-    from quantfw.eval.parallel import evaluate_parallel
-    from quantfw.moe.parallel import init_world
-
-    e = cfg.eval
-    if e.perplexity or e.table or e.plot:
-        raise ConfigError("eval under torchrun measures the layers only: drop eval.perplexity/table/plot")
-    # The world's layout comes from torchrun; ep_size/ep_rank/tp_rank overrides would contradict it.
-    overrides = [o for o in overrides if o.split("=", 1)[0] not in ("ep_size", "ep_rank", "tp_size", "tp_rank")]
-    created = init_world()
-    try:
-        rows = evaluate_parallel(
-            cfg.checkpoint, cfg.reference, cfg.tokens, cfg.seed, recipe, overrides, cfg.tp_size, dist.group.WORLD, cfg.progress
-        )
-        doc = {
-            "schema": report.SCHEMA,
-            "checkpoint": str(cfg.checkpoint),
-            "reference": str(cfg.reference),
-            "recipe_overrides": list(overrides),
-            "tokens": int(cfg.tokens),
-            "seed": int(cfg.seed),
-            "layers": rows,
-            "perplexity": None,
-            "alpha_calibration": (_provenance(cfg.checkpoint) or {}).get("alpha_calibration"),
-        }
-        if dist.get_rank() == 0:
-            if e.per_expert:
-                print("eval under torchrun: per-layer rows only (eval.per_expert is single-process)", file=sys.stderr)
-            print(format_rows(rows))
-            if cfg.out:
-                doc = report.write_results(cfg.out, doc)
-        return doc
-    finally:
-        if created:
-            dist.destroy_process_group()

@@ -8,12 +8,15 @@ all_reduce sums their contributions, so no rank holds a whole layer in either pr
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 
+from quantfw.errors import ConfigError
 from quantfw.eval.checkpoint import _reference
 from quantfw.eval.metrics import compare
 from quantfw.eval.synthetic import hidden_states, random_routing
@@ -96,3 +99,56 @@ def evaluate_parallel(
         row.update(ep_size=int(op.cfg.ep_size), tp_size=int(op.cfg.tp_size))
         rows.append(row)
     return rows
+
+
+def run_parallel_eval(cfg: DictConfig, recipe: str, overrides: list[str], provenance: dict) -> dict:
+    """`torchrun --nproc-per-node P -m quantfw eval ... [tp_size=T]`: the expert/tensor-parallel
+    layers (ep_size = P*nodes / T) vs the float reference; rank 0 prints and writes `out`."""
+    from quantfw.eval import report
+    from quantfw.eval.checkpoint import format_rows
+    from quantfw.moe.parallel import init_world
+
+    e = cfg.eval
+    if e.perplexity or e.table or e.plot:
+        raise ConfigError("eval under torchrun measures the layers only: drop eval.perplexity/table/plot")
+    # The world's layout comes from torchrun; ep/tp rank overrides would contradict it.
+    layout_keys = ("ep_size", "ep_rank", "tp_size", "tp_rank")
+    overrides = [o for o in overrides if o.split("=", 1)[0] not in layout_keys]
+    created = init_world()
+    try:
+        group = dist.group.WORLD
+        rows = evaluate_parallel(
+            cfg.checkpoint,
+            cfg.reference,
+            cfg.tokens,
+            cfg.seed,
+            recipe,
+            overrides,
+            cfg.tp_size,
+            group,
+            cfg.progress,
+        )
+        doc = {
+            "schema": report.SCHEMA,
+            "checkpoint": str(cfg.checkpoint),
+            "reference": str(cfg.reference),
+            "recipe_overrides": list(overrides),
+            "tokens": int(cfg.tokens),
+            "seed": int(cfg.seed),
+            "layers": rows,
+            "perplexity": None,
+            "alpha_calibration": provenance.get("alpha_calibration"),
+        }
+        if dist.get_rank() == 0:
+            if e.per_expert:
+                print(
+                    "eval under torchrun: per-layer rows only (eval.per_expert is single-process)",
+                    file=sys.stderr,
+                )
+            print(format_rows(rows))
+            if cfg.out:
+                doc = report.write_results(cfg.out, doc)
+        return doc
+    finally:
+        if created:
+            dist.destroy_process_group()
