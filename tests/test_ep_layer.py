@@ -268,3 +268,55 @@ def test_a_placement_leaving_a_rank_without_experts_is_refused(ckpts):
     path = ckpts["w8a8", "msmodelslim"]
     with pytest.raises(ConfigError, match="ep_rank=1 holds no experts"):
         load_one(path, ep_rank=1, ep_size=2, recipe_overrides=["placement=[[0,1,2,3,4,5,6,7],[]]"])
+
+
+# ----------------------------------------------------------------------------- torchrun CLI
+
+
+def _torchrun(nproc: int) -> tuple[str, ...]:
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return (
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={port}",
+    )
+
+
+def test_torchrun_eval_equals_single_process_eval(ckpts, tmp_path):
+    from checkpoint_helpers import cli
+
+    from quantfw.eval.checkpoint import evaluate_checkpoint
+
+    path, ref = (
+        ckpts["w4a8_clip", "compressed_tensors"],
+        ckpts["w4a8_clip", "compressed_tensors"].parent / "float",
+    )
+    out = tmp_path / "eval.json"
+    args = ("eval", f"checkpoint={path}", f"reference={ref}", "tokens=48", "progress=false", f"out={out}")
+    r = cli(*args, prefix=_torchrun(2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(out.read_text())["layers"][0]
+    single = evaluate_checkpoint(path, ref, tokens=48, progress=False)[0]
+    assert row["ep_size"] == 2 and row["layer"] == single["layer"] == 0
+    for m in ("rel_l2", "cosine", "max_abs"):  # the float reference's fp32 sum order differs only
+        assert row[m] == pytest.approx(single[m], rel=1e-4, abs=1e-6), (m, row, single)
+
+
+def test_torchrun_bench_times_the_expert_parallel_layer(tmp_path):
+    from checkpoint_helpers import cli
+
+    out = tmp_path / "bench.json"
+    args = ("bench", "model=tiny", "bench.layers=[model]", "bench.tokens=[8]", "bench.modes=[fast]")
+    args += ("bench.schemes=[w8a8]", "bench.repeats=2", "bench.load=false", "progress=false", f"out={out}")
+    r = cli(*args, prefix=_torchrun(2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (rec,) = json.loads(out.read_text())["records"]
+    assert rec["kind"] == "forward_ep" and rec["ranks"] == 2 and rec["repeats"] == 2
+    assert len(rec["peak_rss_mb_per_rank"]) == 2 and rec["median_ms"] >= rec["min_ms"] > 0
