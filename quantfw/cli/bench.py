@@ -49,8 +49,14 @@ def _check(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict:
     _check(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _run_parallel(cfg)
     result = run_bench(_layers(cfg), cfg.bench, progress=cfg.progress)
     print(markdown_table(result))
+    return _write(cfg, result)
+
+
+def _write(cfg: DictConfig, result: dict) -> dict:
     if cfg.out:
         previous = []
         if os.path.exists(cfg.out) and not cfg.overwrite:
@@ -68,3 +74,25 @@ def run(cfg: DictConfig) -> dict:
         os.replace(tmp, cfg.out)  # never a half-written file under the final name
         print(f"wrote {len(result['records'])} records to {cfg.out}")
     return result
+
+
+def _run_parallel(cfg: DictConfig) -> dict:
+    """`torchrun --nproc-per-node P -m quantfw bench ...`: the expert-parallel layer over the P*nodes
+    ranks (whole layers: every expert of the model / reference layer, placed by `placement`)."""
+    import torch.distributed as dist
+
+    from quantfw.eval.parallel_bench import run_parallel_bench
+    from quantfw.moe.parallel import init_world
+
+    full = []
+    for spec in _layers(cfg):
+        d = spec.dims
+        E = cfg.model.num_experts if spec.name == cfg.model.name else d.E
+        full.append(BenchLayer(spec.name, Dims(E=E, H=d.H, I=d.I), spec.top_k))
+    created = init_world()
+    try:
+        result = run_parallel_bench(cfg, full, dist.group.WORLD)
+        return _write(cfg, result) if dist.get_rank() == 0 else result
+    finally:
+        if created:
+            dist.destroy_process_group()

@@ -13,6 +13,7 @@ in one table.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +61,10 @@ def run(cfg: DictConfig) -> dict:
         print(f"engine {engine.name}: plan overrides {plan or 'none'}", file=sys.stderr)
         overrides = [*overrides, *plan]
     e = cfg.eval
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the expert-parallel layers
+        from quantfw.eval.parallel import run_parallel_eval
+
+        return run_parallel_eval(cfg, recipe, overrides, _provenance(cfg.checkpoint) or {})
     rows = evaluate_checkpoint(
         cfg.checkpoint, cfg.reference, cfg.tokens, cfg.seed, recipe, overrides, per_expert=e.per_expert, progress=cfg.progress
     )

@@ -229,12 +229,18 @@ def _slice(t: torch.Tensor, kind: str, rank: int, tp: int, key: str, entry: str,
     return t.narrow(dim, rank * (n // tp), n // tp)
 
 
+def _rank_experts(cfg: DictConfig) -> tuple[int, ...]:
+    """The experts this rank reads: the recipe's placement (contiguous blocks by default)."""
+    from quantfw.api import local_experts
+
+    return local_experts(cfg)
+
+
 def layer_tensors(op: Opened, layer: int) -> dict[str, torch.Tensor]:
     """This rank's expert-stacked tensors in the format's loaded layout (`{role}_{suffix}`)."""
     cfg = op.cfg
     tp, tp_rank = cfg.tp_size, cfg.tp_rank
-    dims = op.model.dims(cfg.ep_size)
-    experts = range(cfg.ep_rank * dims.E, (cfg.ep_rank + 1) * dims.E)
+    experts = _rank_experts(cfg)
     specs = projection_specs(op.fmt, op.scheme, op.model.dims())
     prefix = op.prefixes[layer]
     clip_alpha = "alpha" in specs["down"]

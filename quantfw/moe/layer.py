@@ -7,7 +7,7 @@ no branch on a scheme's name or flags: everything scheme-specific arrives as dat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -21,10 +21,27 @@ from quantfw.schemes.scheme import Scheme
 class MoELayer(torch.nn.Module):
     """Routed experts of one MoE layer: forward(hidden [T,H], topk_weights [T,k], topk_ids [T,k])."""
 
-    def __init__(self, scheme: Scheme, fmt: Format, backend: Backend, dims: Dims, expert_offset: int = 0):
+    def __init__(
+        self,
+        scheme: Scheme,
+        fmt: Format,
+        backend: Backend,
+        dims: Dims,
+        expert_offset: int = 0,
+        experts: Sequence[int] | None = None,
+    ):
         super().__init__()
         self.scheme, self.format, self.backend, self.dims = scheme, fmt, backend, dims
-        self.expert_offset = expert_offset  # global id of local expert 0 (expert parallel)
+        # Global ids of the local experts (expert parallel): a contiguous block from expert_offset,
+        # or any placement's list; a non-contiguous list routes through a global -> local id table.
+        self.experts = (
+            tuple(range(expert_offset, expert_offset + dims.E)) if experts is None else tuple(experts)
+        )
+        if len(self.experts) != dims.E:
+            raise LayoutError(f"MoELayer: {len(self.experts)} expert ids for dims.E={dims.E}")
+        self.expert_offset = self.experts[0] if self.experts else expert_offset  # global id of local 0
+        contiguous = self.experts == tuple(range(self.expert_offset, self.expert_offset + dims.E))
+        self._local_of = None if contiguous else local_id_table(self.experts)
         fmt.check_compatible(scheme)
         scheme.check_dims(dims)
         self.loaded_specs: dict[str, ParamSpec] = fmt.loaded_layout(dims, scheme)
@@ -71,7 +88,18 @@ class MoELayer(torch.nn.Module):
             raise LayoutError("MoELayer.forward before load(): no weights")
         route = self.backend.route or route_tokens
         combine = self.backend.combine or combine_tokens
-        x, counts, ctx = route(hidden_states, topk_ids, self.expert_offset, self.dims.E)
+        offset = self.expert_offset
+        if self._local_of is not None:
+            topk_ids, offset = local_ids(self._local_of, topk_ids), 0
+        x, counts, ctx = route(hidden_states, topk_ids, offset, self.dims.E)
+        return combine(self.expert_rows(x, counts), topk_weights, ctx, hidden_states)
+
+    @torch.no_grad()
+    def expert_rows(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The compute plan on dispatched rows x (grouped by local expert, `counts` int64 [E]):
+        one unweighted output row per input row."""
+        if not self.loaded:
+            raise LayoutError("MoELayer.expert_rows before load(): no weights")
         env: dict[str, object] = {**self.runtime_tensors(), "x": x, "counts": counts}
         for step in self.plan:
             result = self.backend.op(step.op)(
@@ -79,7 +107,21 @@ class MoELayer(torch.nn.Module):
             )
             result = result if isinstance(result, tuple) else (result,)
             env.update(zip(step.out, result))
-        return combine(env["out"], topk_weights, ctx, hidden_states)
+        return env["out"]
+
+
+def local_id_table(experts: Sequence[int]) -> torch.Tensor:
+    """int64 table: global expert id -> its index in `experts`, -1 for experts held elsewhere."""
+    table = torch.full((max(experts, default=-1) + 1,), -1, dtype=torch.int64)
+    table[torch.tensor(experts, dtype=torch.int64)] = torch.arange(len(experts), dtype=torch.int64)
+    return table
+
+
+def local_ids(table: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """topk_ids mapped through `local_id_table` (ids outside the table become -1: dropped)."""
+    ids = topk_ids.long()
+    inside = (ids >= 0) & (ids < table.numel())
+    return torch.where(inside, table[ids.clamp(0, max(table.numel() - 1, 0))], -1)
 
 
 def route_tokens(hidden_states: torch.Tensor, topk_ids: torch.Tensor, expert_offset: int, E: int):
@@ -87,12 +129,17 @@ def route_tokens(hidden_states: torch.Tensor, topk_ids: torch.Tensor, expert_off
     for `combine_tokens`. Slots routed to experts outside [expert_offset, expert_offset+E) are dropped
     (expert-parallel ranks sum their outputs)."""
     k = topk_ids.shape[1]
-    local = topk_ids.reshape(-1).long() - expert_offset
-    keep = (local >= 0) & (local < E)
-    slots = torch.nonzero(keep).squeeze(1)
-    order = slots[torch.argsort(local[slots], stable=True)]
-    counts = torch.bincount(local[order], minlength=E).to(torch.int64)
+    order = slot_order(topk_ids, expert_offset, E)
+    counts = torch.bincount(topk_ids.reshape(-1).long()[order] - expert_offset, minlength=E).to(torch.int64)
     return hidden_states[order // k], counts, order
+
+
+def slot_order(topk_ids: torch.Tensor, expert_offset: int, E: int) -> torch.Tensor:
+    """Flat slot indices (token * k + j) routed to experts [expert_offset, expert_offset+E), sorted
+    by expert (stable): the order rows are computed and combined in."""
+    local = topk_ids.reshape(-1).long() - expert_offset
+    slots = torch.nonzero((local >= 0) & (local < E)).squeeze(1)
+    return slots[torch.argsort(local[slots], stable=True)]
 
 
 def combine_tokens(
