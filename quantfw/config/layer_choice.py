@@ -26,7 +26,9 @@ def parse_key(key: object) -> range:
     """`"61"` or `"0-2"` (inclusive) -> the layer indices it names."""
     m = RANGE_RE.match(str(key).strip())
     if m is None:
-        raise ConfigError(f"layers.{key}: expected a layer index or an inclusive range 'A-B' (e.g. '0-2', '61')")
+        raise ConfigError(
+            f"layers.{key}: expected a layer index or an inclusive range 'A-B' (e.g. '0-2', '61')"
+        )
     lo, hi = int(m[1]), int(m[2] if m[2] is not None else m[1])
     if hi < lo or hi >= MAX_LAYER:
         raise ConfigError(f"layers.{key}: range {lo}-{hi} is empty or beyond {MAX_LAYER - 1}")
@@ -47,7 +49,9 @@ def parse_choices(node: Mapping | DictConfig | None) -> dict[int, str]:
             raise ConfigError(f"layers.{key}: expected a scheme name, found {name!r}")
         for layer in parse_key(key):
             if layer in out:
-                raise ConfigError(f"layers.{key}: layer {layer} is also chosen by layers.{owner[layer]} (overlap)")
+                raise ConfigError(
+                    f"layers.{key}: layer {layer} is also chosen by layers.{owner[layer]} (overlap)"
+                )
             out[layer], owner[layer] = name, str(key)
     return out
 

@@ -49,7 +49,13 @@ def evaluate_checkpoint(
         w13, w2 = read_float_experts(ref, ref_model, layer)
         ref_moe = FloatMoE(w13, w2)
         m = compare(quant(x, weights, ids), ref_moe(x, weights, ids))
-        row = {"layer": layer, "scheme": op.at(layer).scheme.name, "format": op.fmt.name, "tokens": tokens, **m}
+        row = {
+            "layer": layer,
+            "scheme": op.at(layer).scheme.name,
+            "format": op.fmt.name,
+            "tokens": tokens,
+            **m,
+        }
         alpha = getattr(quant, "w2_alpha", None)
         if alpha is not None:
             row["alphas"] = [float(a) for a in alpha]

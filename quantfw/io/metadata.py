@@ -279,7 +279,9 @@ def _detect_int_quantized(reader, qc: Fields, module: str = "") -> list[str]:
     where = reader.folder / "config.json"
     groups = list((qc.obj("config_groups") or Fields({}, where)).objects())
     named = [
-        g for _, g in groups if _targets_module([t for t in g.strings("targets", []) if t != "Linear"], module)
+        g
+        for _, g in groups
+        if _targets_module([t for t in g.strings("targets", []) if t != "Linear"], module)
     ]
     moe = named or [g for _, g in groups if "MoEGMM" in g.strings("targets", [])]
     if not moe:

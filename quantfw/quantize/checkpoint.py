@@ -195,7 +195,11 @@ class Converter:
             else:
                 dense.append(layer)
             applies = "routed experts" if layer in moe else "mlp linears"
-            choices[str(layer)] = {"scheme": s.name, "applies": applies, "flags": dict(sorted(s.flags.items()))}
+            choices[str(layer)] = {
+                "scheme": s.name,
+                "applies": applies,
+                "flags": dict(sorted(s.flags.items())),
+            }
         self.router.dense_layers = set(dense)
         return encoders, choices
 
