@@ -104,7 +104,10 @@ def resolve(names: Mapping[str, str], fmt_name: str, config_dirs: Sequence[str |
         for name, key in names.items():
             if name not in known:
                 raise ConfigError(f"layers.{key}: unknown scheme '{name}' (available: {', '.join(known)})")
-            cfg = compose("default", [f"scheme={name}", f"format={fmt_name}"], config_dirs=dirs)
+            try:
+                cfg = compose("default", [f"scheme={name}", f"format={fmt_name}"], config_dirs=dirs)
+            except ConfigError as e:
+                raise ConfigError(f"layers.{key}: {e}") from None
             out[name] = cfg.scheme
     finally:
         if running is not None and not GlobalHydra.instance().is_initialized():
