@@ -5,6 +5,7 @@ cann_recipes engine loading the mixed DeepSeek output, plan's bytes per choice."
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -130,8 +131,6 @@ def test_each_layer_is_written_with_its_scheme(mixed):
     assert groups["group_2"]["weights"] == {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False, "strategy": "channel"}
     assert groups["group_2"]["activation_use_clip"] is False
     (target,) = groups["group_2"]["targets"]
-    import re
-
     assert re.match(target[3:], f"model.layers.{MTP}.mlp.experts.3.down_proj")
     assert not re.match(target[3:], "model.layers.1.mlp.experts.3.down_proj")
     assert not re.match(target[3:], f"model.layers.{MTP}.mlp.shared_experts.down_proj")
@@ -209,13 +208,7 @@ def test_choices_the_checkpoint_cannot_take_are_one_line(release, tmp_path, choi
     _, fp8, _ = release
     r = cli("quantize", f"input={fp8}", f"output={tmp_path / 'x'}", "scheme=w4a8_clip", "format=compressed_tensors", choice)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert re_search(message, r.stderr.strip().splitlines()[-1])
-
-
-def re_search(pattern: str, text: str) -> bool:
-    import re
-
-    return re.search(pattern, text) is not None
+    assert re.search(message, r.stderr.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------ plan
@@ -223,7 +216,7 @@ def re_search(pattern: str, text: str) -> bool:
 
 def test_plan_shows_each_choice_with_its_bytes(mixed, tmp_path):
     out = tmp_path / "plan.json"
-    r = cli("plan", "recipe=deepseek_v3_w4a8_clip", "model=tiny_deepseek_v3", f"layers={{0:w8a8,1:w8a8}}", f"out={out}")
+    r = cli("plan", "recipe=deepseek_v3_w4a8_clip", "model=tiny_deepseek_v3", "layers={0:w8a8,1:w8a8}", f"out={out}")
     assert r.returncode == 0, r.stderr
     assert "per-layer scheme choices (layers)" in r.stdout
     assert "note: layers 0: dense (no routed experts): MLP linears written W8A8" in r.stdout
