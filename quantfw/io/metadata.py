@@ -348,7 +348,9 @@ def detect(reader, expert_keys: Mapping[str, str], experts: Sequence[str] = ()) 
     qtype = desc.string(wkey, EXPERT_TYPES)
     for key in experts:
         if key in desc and desc.data[key] != qtype:
-            raise desc.fail(key, f"{qtype} like '{wkey}' (one type for every routed expert)", desc.data[key])
+            raise desc.fail(
+                key, f"{qtype} like '{wkey}' (one type for every routed expert of a layer)", desc.data[key]
+            )
     if qtype == "W8A8_DYNAMIC":
         return ["scheme=w8a8", "format=msmodelslim"]
     if version is not None and version != PACKED_INT4_VERSION:
