@@ -51,9 +51,8 @@ COMMANDS: dict[str, Command] = {
             ("out", "write the rows as JSON"),
         ),
         (
-            "demo",
-            "demo scheme=w4a8 scheme.group_size=128",
-            "demo recipe=qwen3_30b_a3b_w4a8 ep_size=16 tokens=64",
+            "demo tokens=64",
+            "demo scheme=w4a8 scheme.group_size=128 tokens=64",
         ),
         "docs/schemes.md",
     ),
