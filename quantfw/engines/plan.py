@@ -35,8 +35,9 @@ def engine_open(
     from quantfw.io.loader import open_checkpoint
 
     profile = engine if isinstance(engine, EngineProfile) else load_profile(engine)
+    extra = plan_overrides(profile, open_checkpoint(checkpoint, recipe, overrides).scheme.flags)
     op = open_checkpoint(checkpoint, recipe, overrides, layer_plan=lambda flags: plan_overrides(profile, flags))
-    return op, plan_overrides(profile, op.scheme.flags)
+    return op, extra
 
 
 def load_engine_layer(
