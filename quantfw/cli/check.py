@@ -24,6 +24,13 @@ def run(cfg: DictConfig) -> list[str]:
         f"{len(layers)} MoE layer(s) {layers}, {op.model.num_experts} experts"
     )
     print(head)
+    if op.layer_overrides:  # per-layer scheme choices (config/layer_choice.py)
+        from quantfw.config.layer_choice import by_scheme, ranges_text
+
+        chosen = by_scheme(op.schemes())
+        print(
+            "  per-layer schemes: " + "; ".join(f"layers {ranges_text(ls)}: {n}" for n, ls in chosen.items())
+        )
     for p in problems:
         print(f"  {p}")
     if cfg.get("engine") is not None:  # engine=NAME: that engine's rules too (docs/engines.md)

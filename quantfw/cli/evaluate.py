@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from quantfw.cli.user_overrides import recipe_and_overrides
+from quantfw.engines.plan import plan_overrides
 from quantfw.errors import ConfigError
 from quantfw.eval import report
 from quantfw.eval.checkpoint import checkpoint_perplexity, evaluate_checkpoint, format_rows
@@ -59,21 +61,29 @@ def run(cfg: DictConfig) -> dict:
         engine = from_config(cfg.engine)
         _, plan = engine_open(cfg.checkpoint, engine, recipe, overrides)
         print(f"engine {engine.name}: plan overrides {plan or 'none'}", file=sys.stderr)
-        overrides = [*overrides, *plan]
+    layer_plan = None if engine is None else partial(plan_overrides, engine)  # per layer's scheme
     e = cfg.eval
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the expert-parallel layers
         from quantfw.eval.parallel import run_parallel_eval
 
         return run_parallel_eval(cfg, recipe, overrides, _provenance(cfg.checkpoint) or {})
     rows = evaluate_checkpoint(
-        cfg.checkpoint, cfg.reference, cfg.tokens, cfg.seed, recipe, overrides, per_expert=e.per_expert, progress=cfg.progress
+        cfg.checkpoint,
+        cfg.reference,
+        cfg.tokens,
+        cfg.seed,
+        recipe,
+        overrides,
+        per_expert=e.per_expert,
+        progress=cfg.progress,
+        layer_plan=layer_plan,
     )
     print(format_rows(rows))
     ppl = None
     if e.perplexity:
         quiet_transformers(cfg.progress)
         ppl = checkpoint_perplexity(
-            cfg.checkpoint, cfg.reference, e.ppl_tokens, e.seq_len, cfg.seed, recipe, overrides
+            cfg.checkpoint, cfg.reference, e.ppl_tokens, e.seq_len, cfg.seed, recipe, overrides, layer_plan
         )
         print(report.perplexity_line(ppl))
     prov = _provenance(cfg.checkpoint) or {}
@@ -81,7 +91,7 @@ def run(cfg: DictConfig) -> dict:
         "schema": report.SCHEMA,
         "checkpoint": str(cfg.checkpoint),
         "reference": str(cfg.reference),
-        "recipe_overrides": list(overrides),
+        "recipe_overrides": [*overrides, *plan],
         "tokens": int(cfg.tokens),
         "seed": int(cfg.seed),
         "layers": rows,

@@ -19,11 +19,13 @@ commands:
 
 Recipes: recipes/*.yaml (recipe=deepseek_v3_w4a8_clip); your own with --config-dir DIR.
 Overrides: scheme=w4a8 scheme.group_size=0 scheme.activation_use_clip=true model=qwen3_30b_a3b ...
-Hydra flags: --cfg job, --multirun (-m), --help for the composed config.
+`quantfw <command> --help`: that command's page (what it does, required keys, options with
+their defaults, examples, its docs page).
+Hydra flags: --cfg job (the composed config), --multirun (-m), --hydra-help.
 """
 
 
-def _commands() -> dict[str, tuple[str, str]]:
+def _commands():
     from quantfw.cli.commands import COMMANDS
 
     return COMMANDS
@@ -125,16 +127,21 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str]) -> None:
     commands = _commands()
     if not argv or argv[0] in ("-h", "--help", "help"):
-        listing = "\n".join(f"  {n:<10} {d}" for n, (d, _) in commands.items())
+        listing = "\n".join(f"  {n:<10} {c.summary}" for n, c in commands.items())
         print(USAGE.format(commands=listing))
         return
     command, argv = argv[0], argv[1:]
     if command not in commands:
         fail(command, f"unknown command '{command}' (available: {', '.join(commands)})")
     recipe, debug, dirs, flags, overrides = _split_args(argv)
+    if "--help" in flags or "-h" in flags:
+        from quantfw.cli.help_page import page
+
+        print(page(command, commands[command], recipe, overrides, dirs))
+        return
     import importlib
 
-    run = importlib.import_module(commands[command][1]).run
+    run = importlib.import_module(commands[command].module).run
 
     from quantfw.config.bounds import check_memory
     from quantfw.config.compose import check_run, hydra_args

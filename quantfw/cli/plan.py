@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 from quantfw.api import build_layer, layer_dims
+from quantfw.config.layer_choice import by_scheme, layer_schemes, parse_choices, ranges_text
 from quantfw.errors import ConfigError
 from quantfw.eval.comparison import comparison_rows, label
 from quantfw.formats.format import Format
@@ -98,6 +99,7 @@ def run(cfg: DictConfig) -> dict:
     for note in notes:
         print(f"  note: {note}")
     per_layer = expert_bytes(layer.scheme, layer.format, full)
+    choices = choice_rows(cfg, layer.scheme, layer.format, full)
     result = {
         "model": m.name,
         "scheme": layer.scheme.name,
@@ -109,6 +111,59 @@ def run(cfg: DictConfig) -> dict:
         "notes": notes,
         "after": {k: list(v[0]) for k, v in after.items()},
     }
+    if choices:
+        result["layers"] = choices
     if cfg.out:
         write_json(cfg.out, result)
     return result
+
+
+def choice_rows(cfg: DictConfig, recipe_scheme: Scheme, fmt: Format, full: Dims) -> list[dict]:
+    """The recipe's per-layer scheme choices (`layers`) with their routed-expert bytes, printed;
+    the recipe's scheme holds the MoE layers no choice names."""
+    chosen = layer_schemes(cfg)
+    if not chosen:
+        return []
+    m = cfg.model
+    moe = range(m.first_moe_layer, m.num_layers)
+    groups = [
+        (name, layers, chosen[layers[0]]) for name, layers in by_scheme(parse_choices(cfg.layers)).items()
+    ]
+    rest = [layer for layer in moe if layer not in chosen]
+    groups.append((f"{recipe_scheme.name} (recipe)", rest, recipe_scheme))
+    print(f"\nper-layer scheme choices (layers), routed experts of {m.name} in {fmt.name}:")
+    print(f"  {'layers':<16} {'scheme':<32} {'MoE layers':>10} {'on disk':>12} {'kernel memory':>14}")
+    rows, disk_total, kernel_total = [], 0, 0
+    for name, layers, scheme in groups:
+        n = sum(1 for layer in layers if layer in moe)
+        disk, kernel = expert_bytes(scheme, fmt, full), kernel_bytes(scheme, full)
+        disk_total, kernel_total = disk_total + n * disk, kernel_total + n * kernel
+        row = {"layers": ranges_text(layers), "scheme": scheme.name, "moe_layers": n}
+        row.update(
+            disk_bytes=n * disk, kernel_bytes=n * kernel, layer_disk_bytes=disk, layer_kernel_bytes=kernel
+        )
+        dense = [layer for layer in layers if layer < m.first_moe_layer]
+        beyond = [layer for layer in layers if layer >= m.num_layers]
+        notes = []
+        if dense:
+            notes.append(f"{ranges_text(dense)}: dense (no routed experts): MLP linears written W8A8")
+        if beyond:
+            notes.append(
+                f"{ranges_text(beyond)}: beyond num_layers={m.num_layers} (an MTP layer, if the checkpoint has one): "
+                f"{_fmt_bytes(disk)} on disk / {_fmt_bytes(kernel)} kernel each, not in the total"
+            )
+        row["notes"] = notes
+        rows.append(row)
+        text = label(scheme, fmt).split(" [")[0] + (" (recipe)" if name.endswith("(recipe)") else "")
+        print(
+            f"  {row['layers'] or '-':<16} {text:<32} {n:>10} {_fmt_bytes(n * disk):>12} {_fmt_bytes(n * kernel):>14}"
+        )
+        for note in notes:
+            print(f"    note: layers {note}")
+    print(
+        f"  {'total':<16} {'':<32} {len(moe):>10} {_fmt_bytes(disk_total):>12} {_fmt_bytes(kernel_total):>14}"
+    )
+    rows.append(
+        {"layers": "total", "moe_layers": len(moe), "disk_bytes": disk_total, "kernel_bytes": kernel_total}
+    )
+    return rows

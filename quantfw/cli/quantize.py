@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from quantfw.api import components
+from quantfw.config.layer_choice import layer_schemes
 from quantfw.errors import ConfigError, QuantfwError
 from quantfw.parallel.dist import Dist
 from quantfw.quantize.checkpoint import quantize_checkpoint
@@ -103,6 +104,7 @@ def run(cfg: DictConfig) -> str:
             weight_data=weight_data,
             compute_dtype=cfg.quantize.compute_dtype,
             progress=cfg.progress,
+            layers=layer_schemes(cfg),
         )
     finally:
         dist.close()

@@ -145,7 +145,7 @@ def compose(
         check_hydra(cfg.hydra, task, hydra_lines)
         with open_dict(cfg):
             del cfg["hydra"]
-    validate(cfg)
+    validate(cfg, config_dirs)
     return cfg
 
 
@@ -157,7 +157,7 @@ def describe_compose_error(e: BaseException, config_dirs: Sequence[str | Path] =
     return text
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, config_dirs: Sequence[str | Path] | None = None) -> None:
     """Re-check the composed config against the schema (catches `+key=` additions) and its bounds,
     and build the scheme and format objects so a malformed declaration fails now, naming file and key."""
     check_no_resolvers(cfg)
@@ -177,3 +177,8 @@ def validate(cfg: DictConfig) -> None:
     from quantfw.api import layer_dims
 
     scheme.check_dims(layer_dims(cfg))
+    from quantfw.config import layer_choice
+    from quantfw.engines.profile import from_config
+
+    layer_choice.check(cfg, config_dirs)  # per-layer scheme choices: keys and names
+    from_config(cfg.get("engine"))  # an engine profile is checked when composed, not when used

@@ -191,6 +191,8 @@ class QuantfwConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     engine: Any = None  # serving-engine profile: config group conf/engine (docs/engines.md)
+    # Per-layer scheme choices: {"0-2": w8a8, "61": w8a8} (quantfw/config/layer_choice.py)
+    layers: Any = None
 
 
 def register_configs() -> None:

@@ -30,14 +30,14 @@ def plan_overrides(engine: str | EngineProfile, flags: Mapping[str, Any]) -> lis
 def engine_open(
     checkpoint: str | Path, engine: str | EngineProfile, recipe: str = "default", overrides: Sequence[str] = ()
 ):
-    """(opened checkpoint computing as `engine` does, the plan overrides applied)."""
+    """(opened checkpoint computing as `engine` does, the first MoE layer's plan overrides): each
+    layer gets the plan of its own scheme (per-layer choices)."""
     from quantfw.io.loader import open_checkpoint
 
-    op = open_checkpoint(checkpoint, recipe, overrides)
-    extra = plan_overrides(engine, op.scheme.flags)
-    if not extra:
-        return op, extra
-    return open_checkpoint(checkpoint, recipe, [*overrides, *extra]), extra
+    profile = engine if isinstance(engine, EngineProfile) else load_profile(engine)
+    extra = plan_overrides(profile, open_checkpoint(checkpoint, recipe, overrides).scheme.flags)
+    op = open_checkpoint(checkpoint, recipe, overrides, layer_plan=lambda flags: plan_overrides(profile, flags))
+    return op, extra
 
 
 def load_engine_layer(

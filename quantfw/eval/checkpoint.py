@@ -33,10 +33,11 @@ def evaluate_checkpoint(
     recipe_overrides: Sequence[str] = (),
     per_expert: bool = False,
     progress: bool = True,
+    layer_plan=None,
 ) -> list[dict]:
     """One row per MoE layer; with per_expert each row gets `experts`: the same metrics per expert
     on the tokens routed to it (that expert alone, weight 1), plus its alpha when the layer clips."""
-    op = open_checkpoint(checkpoint, recipe, recipe_overrides)
+    op = open_checkpoint(checkpoint, recipe, recipe_overrides, layer_plan=layer_plan)
     ref, ref_model = _reference(reference, op)
     E, H = op.model.num_experts, op.model.hidden_size
     top_k = Fields(ref.config(), ref.folder / "config.json").integer("num_experts_per_tok", 1, E, default=2)
@@ -48,7 +49,13 @@ def evaluate_checkpoint(
         w13, w2 = read_float_experts(ref, ref_model, layer)
         ref_moe = FloatMoE(w13, w2)
         m = compare(quant(x, weights, ids), ref_moe(x, weights, ids))
-        row = {"layer": layer, "scheme": op.scheme.name, "format": op.fmt.name, "tokens": tokens, **m}
+        row = {
+            "layer": layer,
+            "scheme": op.at(layer).scheme.name,
+            "format": op.fmt.name,
+            "tokens": tokens,
+            **m,
+        }
         alpha = getattr(quant, "w2_alpha", None)
         if alpha is not None:
             row["alphas"] = [float(a) for a in alpha]
@@ -97,6 +104,7 @@ def checkpoint_perplexity(
     seed: int = 0,
     recipe: str = "default",
     recipe_overrides: Sequence[str] = (),
+    layer_plan=None,
 ) -> dict:
     """Held-out perplexity of the float causal LM in `reference`, and of the same model with every
     MoE block's experts replaced by the quantized layers of `checkpoint` (router, shared experts,
@@ -106,7 +114,7 @@ def checkpoint_perplexity(
     from quantfw.eval.perplexity import paired_delta, perplexity_details
     from quantfw.integrations.hf import swap_moe_experts
 
-    op = open_checkpoint(checkpoint, recipe, recipe_overrides)
+    op = open_checkpoint(checkpoint, recipe, recipe_overrides, layer_plan=layer_plan)
     _reference(reference, op)  # dims agree with the tensors before transformers sizes the model
     model = load_float_model(reference)
     ids, data = calibration_tokens(reference, model.config.vocab_size, tokens, seed, split="heldout")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -45,6 +45,34 @@ class Opened:
     cfg: DictConfig
     scheme: Scheme
     fmt: Format
+    # Per-layer scheme choices: layer -> recipe overrides of the layers whose detected scheme
+    # differs from the first MoE layer's (that layer's own composition is `at(layer)`).
+    layer_overrides: dict[int, list[str]] = field(default_factory=dict)
+    recipe: str = "default"
+    _at: dict[int, Opened] = field(default_factory=dict, repr=False)
+
+    def at(self, layer: int) -> Opened:
+        """This checkpoint as MoE layer `layer` was written: its own scheme when a per-layer choice
+        gave it one, else self."""
+        if layer not in self.layer_overrides:
+            return self
+        if layer not in self._at:
+            from quantfw.config.compose import compose
+
+            cfg = compose(self.recipe, self.layer_overrides[layer])
+            self._at[layer] = replace(
+                self,
+                cfg=cfg,
+                scheme=Scheme.from_config(cfg.scheme),
+                fmt=Format.from_config(cfg.format),
+                layer_overrides={},
+                _at={},
+            )
+        return self._at[layer]
+
+    def schemes(self) -> dict[int, str]:
+        """MoE layer -> the scheme name its experts were written with."""
+        return {layer: self.at(layer).scheme.name for layer in self.prefixes}
 
     def layer_index(self, layer: int) -> int:
         if layer < 0:
@@ -67,10 +95,13 @@ def open_checkpoint(
     backend: str | None = None,
     proj_names=None,
     collect: bool = False,
+    layer_plan: Callable[[dict], list[str]] | None = None,
 ) -> Opened:
     """The checkpoint with its detected recipe. Dims from config.json are typed, bounded and
     checked against the tensor headers before anything is sized from them. `collect=True` keeps
-    index/shard inconsistencies in `reader.problems` for `check` instead of raising."""
+    index/shard inconsistencies in `reader.problems` for `check` instead of raising.
+    Each MoE layer's scheme is detected on its own (per-layer choices, config/layer_choice.py);
+    `layer_plan(flags)` adds overrides per layer from its detected scheme flags (an engine's plan)."""
     from quantfw.config.compose import compose
 
     if not (0 <= ep_rank < ep_size and 0 <= tp_rank < tp_size):
@@ -85,11 +116,16 @@ def open_checkpoint(
             f"{reader.folder}: no routed-expert tensors found (expected keys like "
             f"model.layers.L.mlp.experts.e.{model.proj_names['gate']}.weight)"
         )
-    first = next(iter(prefixes.items()))
-    probe = {s: key_of(first[1], 0, model, "gate", s) for s in ("weight", "weight_scale_second")}
-    probe["alpha"] = key_of(first[1], 0, model, "down", "alpha")
-    experts = [k for k in reader.keys() if parse_expert_key(k, model)]
-    detected = metadata.detect(reader, probe, experts)
+    experts: dict[int, list[str]] = {}
+    for k in reader.keys():
+        p = parse_expert_key(k, model)
+        if p:
+            experts.setdefault(p[1], []).append(k)
+    detected = {}
+    for layer, prefix in prefixes.items():
+        probe = {s: key_of(prefix, 0, model, "gate", s) for s in ("weight", "weight_scale_second")}
+        probe["alpha"] = key_of(prefix, 0, model, "down", "alpha")
+        detected[layer] = metadata.detect(reader, probe, experts.get(layer, []))
     dims = [
         f"model.hidden_size={model.hidden_size}",
         f"model.moe_intermediate_size={model.moe_intermediate_size}",
@@ -100,10 +136,25 @@ def open_checkpoint(
         f"tp_size={tp_size}",
         f"checkpoint={reader.folder}",
     ]
-    chosen = [*detected, *dims, *([f"backend={backend}"] if backend else []), *recipe_overrides]
-    cfg = compose(recipe, chosen)
+    extra = [*dims, *([f"backend={backend}"] if backend else []), *recipe_overrides]
+
+    def overrides(found: list[str]) -> list[str]:
+        if layer_plan is None:
+            return [*found, *extra]
+        return [*found, *extra, *layer_plan(dict(compose(recipe, [*found, *extra]).scheme))]
+
+    first = next(iter(detected.values()))
+    cfg = compose(recipe, overrides(first))
+    per_layer = {layer: overrides(found) for layer, found in detected.items() if found != first}
     return Opened(
-        reader, model, prefixes, cfg, Scheme.from_config(cfg.scheme), Format.from_config(cfg.format)
+        reader,
+        model,
+        prefixes,
+        cfg,
+        Scheme.from_config(cfg.scheme),
+        Format.from_config(cfg.format),
+        per_layer,
+        recipe,
     )
 
 
@@ -203,8 +254,8 @@ def check(op: Opened) -> list[str]:
                 )
     E = op.model.num_experts
     for layer in op.prefixes:
-        out += layer_problems(op, layer, range(E))
-        ranged = _ranged_keys(op, layer, range(E))
+        out += layer_problems(op.at(layer), layer, range(E))
+        ranged = _ranged_keys(op.at(layer), layer, range(E))
         values = op.reader.read_many(list(ranged))
         for key, e in ranged.items():
             out += value_problems(key, values[key], e)
@@ -324,5 +375,6 @@ def from_checkpoint(
 def load_layer(op: Opened, layer: int):
     from quantfw.api import build_layer
 
+    op = op.at(layer)
     moe = build_layer(op.cfg)
     return moe.load(layer_tensors(op, layer), source=f"{op.reader.folder} layer {layer}")

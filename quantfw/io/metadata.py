@@ -79,17 +79,42 @@ def _write_msmodelslim(out: Path, config: dict, scheme: Scheme, types: Mapping[s
     dump(out / "config.json", {k: v for k, v in config.items() if k != "quantization_config"})
 
 
-def _write_compressed_tensors(
-    out: Path, config: dict, scheme: Scheme, types: Mapping[str, str], prov: dict
-) -> None:
-    f = scheme.flags
-    acts = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True}
+_ACTS = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True}
+
+
+def _expert_group(f: Mapping[str, Any], targets: list[str]) -> dict[str, Any]:
+    """A compressed-tensors config group of routed experts quantized with scheme flags `f`."""
     weights = {"num_bits": f["weight_bits"], "type": "int", "symmetric": True, "dynamic": False}
     weights.update(
         {"strategy": "group", "group_size": f["group_size"]}
         if f.get("group_size")
         else {"strategy": "channel"}
     )
+    return {
+        "targets": targets,
+        "weights": weights,
+        "input_activations": dict(_ACTS),
+        "activation_use_clip": bool(f.get("activation_use_clip")),
+    }
+
+
+def _layer_groups(prov: dict) -> dict[str, Any]:
+    """One config group per scheme of the recipe's per-layer choices (prov `layers`), targeting
+    the routed experts of its layers by `re:` module name; group_1 (MoEGMM) holds the others."""
+    by_scheme: dict[str, tuple[dict, list[str]]] = {}
+    for layer, choice in (prov.get("layers") or {}).items():
+        if choice.get("applies") == "routed experts":
+            by_scheme.setdefault(choice["scheme"], (choice["flags"], []))[1].append(layer)
+    return {
+        f"group_{i + 2}": _expert_group(flags, [rf"re:.*layers\.({'|'.join(layers)})\.(.*\.)?experts\..*"])
+        for i, (flags, layers) in enumerate(by_scheme.values())
+    }
+
+
+def _write_compressed_tensors(
+    out: Path, config: dict, scheme: Scheme, types: Mapping[str, str], prov: dict
+) -> None:
+    acts = _ACTS
     # Routed experts are group_1 (MoEGMM); non-expert linears written W8A8 are group_0 ("Linear"),
     # claimed only when there are some. Every float `.weight` is listed in `ignore`.
     ignore = sorted(k[: -len(".weight")] for k, t in types.items() if t == FLOAT and k.endswith(".weight"))
@@ -117,12 +142,8 @@ def _write_compressed_tensors(
                 if linears
                 else {}
             ),
-            "group_1": {
-                "targets": ["MoEGMM"],
-                "weights": weights,
-                "input_activations": acts,
-                "activation_use_clip": bool(f.get("activation_use_clip")),
-            },
+            "group_1": _expert_group(scheme.flags, ["MoEGMM"]),
+            **_layer_groups(prov),
         },
         "ignore": ignore,
         "quantfw": prov,
@@ -252,11 +273,17 @@ def _detect_pack_quantized(reader, qc: Fields, weight_key: str) -> list[str]:
     ]
 
 
-def _detect_int_quantized(reader, qc: Fields) -> list[str]:
-    """compressed-tensors int-quantized (cann-recipes, quantfw): the MoEGMM config group."""
+def _detect_int_quantized(reader, qc: Fields, module: str = "") -> list[str]:
+    """compressed-tensors int-quantized (cann-recipes, quantfw): the group targeting this routed
+    expert `module` by name (a per-layer choice), else the MoEGMM config group."""
     where = reader.folder / "config.json"
     groups = list((qc.obj("config_groups") or Fields({}, where)).objects())
-    moe = [g for _, g in groups if "MoEGMM" in g.strings("targets", [])]
+    named = [
+        g
+        for _, g in groups
+        if _targets_module([t for t in g.strings("targets", []) if t != "Linear"], module)
+    ]
+    moe = named or [g for _, g in groups if "MoEGMM" in g.strings("targets", [])]
     if not moe:
         raise CheckpointError(
             f"{where}: quantization_config has no config group targeting MoEGMM "
@@ -299,7 +326,7 @@ def detect(reader, expert_keys: Mapping[str, str], experts: Sequence[str] = ()) 
             g.string("format", default=None) == PACK_QUANTIZED for _, g in groups.objects()
         ):
             return _detect_pack_quantized(reader, qc, expert_keys["weight"])
-        return _detect_int_quantized(reader, qc)
+        return _detect_int_quantized(reader, qc, expert_keys["weight"].rsplit(".", 1)[0])
     desc_name = next((n for n in DESCRIPTION_NAMES if reader.has(n)), None)
     if desc_name is None:
         raise CheckpointError(
@@ -321,7 +348,9 @@ def detect(reader, expert_keys: Mapping[str, str], experts: Sequence[str] = ()) 
     qtype = desc.string(wkey, EXPERT_TYPES)
     for key in experts:
         if key in desc and desc.data[key] != qtype:
-            raise desc.fail(key, f"{qtype} like '{wkey}' (one type for every routed expert)", desc.data[key])
+            raise desc.fail(
+                key, f"{qtype} like '{wkey}' (one type for every routed expert of a layer)", desc.data[key]
+            )
     if qtype == "W8A8_DYNAMIC":
         return ["scheme=w8a8", "format=msmodelslim"]
     if version is not None and version != PACKED_INT4_VERSION:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from quantfw.errors import CheckpointError, OutputKeptError, QuantfwError
+from quantfw.errors import CheckpointError, ConfigError, OutputKeptError, QuantfwError
 from quantfw.formats.format import Format
 from quantfw.io import metadata
 from quantfw.io.experts import MoEModel, parse_expert_key
@@ -95,6 +95,8 @@ class ConvertOptions:
     weight_inputs: Mapping[int, CalibrationInputs] | None = None
     weight_data: dict | None = field(default=None)
     compute_dtype: str = "float32"  # recipe quantize.compute_dtype (encode.compute_flags)
+    # layer -> Scheme of the recipe's `layers` choices (config/layer_choice.py)
+    layers: Mapping[int, Scheme] | None = None
 
 
 class Converter:
@@ -132,6 +134,7 @@ class Converter:
                 )
         self.compute_dtype = o.compute_dtype
         self.encoder = ExpertEncoder(scheme, fmt, self.model, dims, o.compute_dtype)
+        self.layer_encoders, self.layer_choices = self._layer_choices(dict(o.layers or {}), dims)
         self.observer_needs_data = self.encoder.needs_data
         n = len(self.reader.shards)
         base = SHARD_BASE[fmt.metadata]
@@ -158,6 +161,7 @@ class Converter:
                     # (observer parameters are scheme flags, in the signature)
                     self.weight_data if self.observer_needs_data else None,
                     *([o.compute_dtype] if o.compute_dtype != "float32" else []),
+                    *([self.layer_choices] if self.layer_choices else []),
                 ],
                 sort_keys=True,
                 default=str,
@@ -168,6 +172,38 @@ class Converter:
         if not self.store.journal.exists():  # early; checked again under the lock
             self.store.check_target(self.overwrite)
 
+    def _layer_choices(self, layers: dict[int, Scheme], dims) -> tuple[dict[int, ExpertEncoder], dict]:
+        """Encoders of the MoE layers a `layers` choice names, and the choices as metadata; the
+        chosen layers without routed experts get their MLP linears written W8A8 (routing.py)."""
+        if not layers:
+            return {}, {}
+        moe, every = self.router.layers()
+        encoders, dense, choices = {}, [], {}
+        for layer, s in sorted(layers.items()):
+            if layer not in every:
+                raise ConfigError(
+                    f"layers: {self.reader.folder} has no layer {layer} (its layers: {min(every)}-{max(every)})"
+                )
+            if layer in moe:
+                self.fmt.check_compatible(s)
+                s.check_dims(dims)
+                encoders[layer] = ExpertEncoder(s, self.fmt, self.model, dims, self.compute_dtype)
+            elif s.flags["weight_bits"] != 8 or s.flags.get("group_size"):
+                raise ConfigError(
+                    f"layers: layer {layer} has no routed experts; its MLP linears are written W8A8 only "
+                    f"(found scheme '{s.name}' with {s.flags['weight_bits']}-bit weights)"
+                )
+            else:
+                dense.append(layer)
+            applies = "routed experts" if layer in moe else "mlp linears"
+            choices[str(layer)] = {
+                "scheme": s.name,
+                "applies": applies,
+                "flags": dict(sorted(s.flags.items())),
+            }
+        self.router.dense_layers = set(dense)
+        return encoders, choices
+
     # ------------------------------------------------------------------ one projection / shard
 
     def _quantize_part(self, part: Part, out: dict, types: dict) -> None:
@@ -175,11 +211,12 @@ class Converter:
             o, t = self.encoder.linear(part.prefix, part.weight, part.src, part.fp8_scales)
         else:
             x = None
-            if self.observer_needs_data:
+            if self.layer_encoders.get(layer_of(part.prefix), self.encoder).needs_data:
                 inputs = self.weight_inputs.get(layer_of(part.prefix))
                 role = "w2" if part.proj == "down" else "w13"
                 x = inputs(role, part.expert) if inputs is not None else None
-            o, t, record = self.encoder.expert(
+            encoder = self.layer_encoders.get(layer_of(part.prefix), self.encoder)
+            o, t, record = encoder.expert(
                 part.prefix,
                 part.expert,
                 part.proj,
@@ -325,7 +362,9 @@ class Converter:
             prov["weight_calibration"] = weight_calibration_metadata(
                 self.scheme.flags, records, self.weight_data
             )
-        if self.targets:
+        if self.layer_choices:
+            prov["layers"] = self.layer_choices
+        if self.targets or self.router.dense_layers:
             modules = sorted(
                 k[: -len(".weight")]
                 for k, t in types.items()

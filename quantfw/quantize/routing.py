@@ -28,6 +28,8 @@ from quantfw.io.reader import CheckpointReader
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MTP_MODES = ("quantize", "drop")
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# The MLP linears of a layer without routed experts, written per its `layers` choice.
+DENSE_MLP_RE = re.compile(r"(^|\.)mlp\.")
 
 
 @dataclass
@@ -58,8 +60,10 @@ class TensorRouter:
         targets: Sequence[str],
         ignore: Sequence[str],
         mtp: str = "quantize",
+        dense_layers: Sequence[int] = (),
     ):
         self.reader, self.model = reader, model
+        self.dense_layers = set(dense_layers)  # layers whose MLP linears a `layers` choice makes W8A8
         config = reader.config()
         self.block = fp8.block_size(config, str(reader.folder / "config.json"))
         if mtp not in MTP_MODES:
@@ -171,13 +175,27 @@ class TensorRouter:
 
     def is_target_linear(self, key: str, t: torch.Tensor) -> bool:
         if (
-            not self.targets
+            not (self.targets or self.dense_layers)
             or not key.endswith(".weight")
             or t.dim() != 2
             or t.dtype not in (*FLOAT_DTYPES, *fp8.FP8_DTYPES)
         ):
             return False
         module = key[: -len(".weight")]
-        return any(re.search(p, module) for p in self.targets) and not any(
+        layer = LAYER_RE.search(key)
+        chosen = layer is not None and int(layer[1]) in self.dense_layers and DENSE_MLP_RE.search(module)
+        return (chosen or any(re.search(p, module) for p in self.targets)) and not any(
             re.search(p, module) for p in self.ignore
         )
+
+    def layers(self) -> tuple[set[int], set[int]]:
+        """(layers with routed experts, every layer index) among the input's keys."""
+        moe, every = set(), set()
+        for key in self.reader.keys():
+            m = LAYER_RE.search(key)
+            if m is None:
+                continue
+            every.add(int(m[1]))
+            if parse_expert_key(key, self.model) or FUSED_RE.match(key):
+                moe.add(int(m[1]))
+        return moe, every
