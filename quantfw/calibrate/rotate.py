@@ -35,7 +35,7 @@ def random_hadamard(n: int, seed: int = 0) -> torch.Tensor:
     q = _hadamard(pow2) / pow2**0.5
     if rest > 1:
         r, _ = torch.linalg.qr(torch.randn(rest, rest, generator=g, dtype=torch.float64))
-        q = torch.kron(q, r)
+        q = torch.kron(q.contiguous(), r.contiguous())
     signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
     return signs.unsqueeze(1) * q
 
