@@ -323,7 +323,7 @@ def sensitivity_plan(model, x, scheme, wide, prepare, experts, budget):
             r = ref(rows, ones, ids)
         errs, sizes = [], []
         for sch, fmt in ((scheme, fmt_base), (wide, fmt_wide)):
-            t = quantize_experts(sch, fmt, w13, w2, log=None)
+            t = quantize_experts(sch, fmt, w13, w2, calib=RoutedInputs(rows, ids, w13), log=None)
             dims = Dims(E=experts, H=w13.shape[2], I=w13.shape[1] // 2)
             backend = components(compose("default", PC))[2]
             mod = MoELayer(sch, fmt, backend, dims).load(t, source=f"layer {i}")
