@@ -25,8 +25,17 @@ from quantfw import ops
 from quantfw.errors import ConfigError, LayoutError
 from quantfw.quantize import observers
 from quantfw.quantize.weights import quantize_weight
+from quantfw.registry import Registry
 
-__all__ = ["EqualizeReport", "apply_updown", "equalize_experts", "search_updown_scale"]
+__all__ = [
+    "EQUALIZERS",
+    "EqualizeReport",
+    "EqualizedInputs",
+    "apply_updown",
+    "equalize_block",
+    "equalize_experts",
+    "search_updown_scale",
+]
 
 DEFAULT_GRID = 21  # r = 0, 0.05, ..., 1
 
@@ -142,3 +151,80 @@ def equalize_experts(
         report.error_before.append(before)
         report.error_after.append(after)
     return apply_updown(w13.float(), w2.float(), scales)
+
+
+# --------------------------------------------------------------------------- recipe and pipeline
+# `calibration.equalize: [updown]` names expert equalizers of this registry. An equalizer takes
+# (flags, w13 [2I, H], w2 [H, I], routed hidden rows x [M, H], alpha, grid) and returns (s [I], r).
+EQUALIZERS: Registry = Registry("equalizer")
+
+
+@EQUALIZERS.register("updown")
+def _updown(flags, w13, w2, x, alpha, grid):
+    s, r, _, _ = search_updown_scale(w13, w2, x, flags, alpha, grid)
+    return s, r
+
+
+def declared(calib) -> list[str]:
+    """The recipe's equalizers, checked against the registry (ConfigError naming the key)."""
+    names = list(calib.get("equalize", None) or [])
+    for n in names:
+        EQUALIZERS.get(n, "calibration.equalize")
+    return names
+
+
+def equalize_block(calib, flags, w13, w2, cap, ids: range, read_w2=None):
+    """The layerwise hook: equalize experts `ids` of a block (w13 [B, 2I, H], w2 [B, H, I]) on
+    their captured rows, before the alpha search. The capture's pre-SwiGLU rows get the same up/s,
+    so the search sees the equalized expert. Returns (w13, w2, read_w2, scales [B, I] or None)."""
+    names = declared(calib)
+    if not names:
+        return w13, w2, read_w2, None
+    grid = int(calib.get("equalize_grid", DEFAULT_GRID) or DEFAULT_GRID)
+    min_rows = int(calib.get("min_tokens", 16) or 16)
+    inter = w2.shape[-1]
+    scales = torch.ones(len(ids), inter)
+    for j, e in enumerate(ids):
+        x = cap.x(e)
+        if x.shape[0] < min_rows:
+            continue
+        for name in names:
+            s, _ = EQUALIZERS.get(name)(flags, *apply_updown(w13[j], w2[j], scales[j]), x, 1.0, grid)
+            scales[j] *= s
+        cap.rows[e] = [torch.cat([h[:, :inter], h[:, inter:] / scales[j]], dim=1) for h in cap.rows[e]]
+    w13, w2 = apply_updown(w13.float(), w2.float(), scales)
+    if read_w2 is not None:
+        inner, start = read_w2, ids.start
+        read_w2 = lambda e: inner(e) * scales[e - start]  # noqa: E731
+    return w13, w2, read_w2, scales
+
+
+class EqualizedInputs:
+    """A layer's observer inputs (CalibrationInputs) seen through its equalization: the w2 input
+    of expert e is divided by s[e] (w13 inputs are unchanged)."""
+
+    def __init__(self, inner, scales: torch.Tensor):
+        self.inner, self.scales = inner, scales
+
+    def __call__(self, role: str, expert: int):
+        x = self.inner(role, expert)
+        return x / self.scales[expert] if role == "w2" and x is not None else x
+
+
+def equalize_weight(proj: str, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """One expert projection as the equalized checkpoint stores it: up rows / s, down columns * s."""
+    if proj == "up":
+        return w / s.to(w.dtype).unsqueeze(1)
+    if proj == "down":
+        return w * s.to(w.dtype).unsqueeze(0)
+    return w
+
+
+def equalize_metadata(names: list[str], scales: dict[int, torch.Tensor]) -> dict:
+    moved = {str(k): int((v != 1).any(dim=1).sum()) for k, v in scales.items()}
+    return {
+        "equalizers": names,
+        "method": "w2 columns * s, up rows / s (exact in float through SwiGLU), s = mean|swiglu|^r, r on "
+        "an AWQ grid minimising the clipped int8 x int4 down-projection output error",
+        "experts_equalized": moved,
+    }
