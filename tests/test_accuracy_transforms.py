@@ -271,7 +271,7 @@ def test_layerwise_equalization_reaches_the_checkpoint(tiny_ckpt, tmp_path):
     from quantfw.quantize.checkpoint import quantize_checkpoint
 
     scheme, fmt, _ = components(compose("default", PC_MS))
-    res = calibrate_checkpoint(tiny_ckpt, scheme, _calib(equalize=["updown"]), 0)
+    res = calibrate_checkpoint(tiny_ckpt, scheme, _calib(equalize=["updown"], equalize_grid=5, tokens=256), 0)
     assert sorted(res.scales) == [0, 1] and res.scales[1].shape == (8, 256)
     assert (res.scales[1] != 1).any()
     out = quantize_checkpoint(
