@@ -186,8 +186,12 @@ def main(argv=None):
         "'observer[+rotate][+smooth][+equalize][+clip|+alphas][+mixed]' (top8 routing; clip: the "
         "W4A8-clip scheme at alpha = 1, alphas: its learned alphas)",
     )
-    p.add_argument("--budget", type=float, default=0.1, help="mixed: extra expert bytes vs all-W4A8 (fraction)")
-    p.add_argument("--backend-mode", default="exact", choices=["exact", "fast"], help="study: torch backend mode")
+    p.add_argument(
+        "--budget", type=float, default=0.1, help="mixed: extra expert bytes vs all-W4A8 (fraction)"
+    )
+    p.add_argument(
+        "--backend-mode", default="exact", choices=["exact", "fast"], help="study: torch backend mode"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -396,7 +400,10 @@ def run_variant(base, name, calibration, evaluate, args):
     meta["equalize"] = eq_meta
     meta["prepare_quantize_s"] = time.perf_counter() - t0
     r = perplexity_details(model, evaluate, seq_len=args.seq_len, max_tokens=args.max_tokens)
-    print(f"  {name:<40} ppl {r.perplexity:8.3f}  ({meta['prepare_quantize_s']:.0f}s + {r.seconds:.0f}s)", flush=True)
+    print(
+        f"  {name:<40} ppl {r.perplexity:8.3f}  ({meta['prepare_quantize_s']:.0f}s + {r.seconds:.0f}s)",
+        flush=True,
+    )
     return r, meta
 
 
@@ -415,7 +422,11 @@ def run_study(base, tokenizer, args):
         fl = result_of(runs["float"])
     else:
         fl = run_config(base, None, "float", None, None, evaluate, args)
-        runs["float"] = {"perplexity": fl.perplexity, "tokens": fl.predicted_tokens, "window_nll": list(fl.window_nll)}
+        runs["float"] = {
+            "perplexity": fl.perplexity,
+            "tokens": fl.predicted_tokens,
+            "window_nll": list(fl.window_nll),
+        }
     for name in args.variants:
         if name in runs:
             continue

@@ -30,7 +30,6 @@ def _tiny(arch: str):
     # SmolLM2's architecture (tied embeddings) with its dense MLPs run as 4 experts, top-2 router.
     import transformers
 
-
     cfg = transformers.LlamaConfig(
         vocab_size=300, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
@@ -53,7 +52,9 @@ def _router_hooks(model, store):
         if isinstance(gate, torch.nn.Module) and hasattr(layer.mlp, "experts"):
             hooks.append(gate.register_forward_hook(lambda _m, _a, out: store.append(out[0].clone())))
         elif hasattr(layer.mlp, "route"):
-            hooks.append(layer.mlp.experts.register_forward_pre_hook(lambda _m, a: store.append(a[2].float())))
+            hooks.append(
+                layer.mlp.experts.register_forward_pre_hook(lambda _m, a: store.append(a[2].float()))
+            )
     return hooks
 
 

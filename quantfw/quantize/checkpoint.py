@@ -162,7 +162,11 @@ class Converter:
                     # (observer parameters are scheme flags, in the signature)
                     self.weight_data if self.observer_needs_data else None,
                     *([o.compute_dtype] if o.compute_dtype != "float32" else []),
-                    *([{k: v.tolist() for k, v in sorted(self.expert_scales.items())}] if self.expert_scales else []),
+                    *(
+                        [{k: v.tolist() for k, v in sorted(self.expert_scales.items())}]
+                        if self.expert_scales
+                        else []
+                    ),
                 ],
                 sort_keys=True,
                 default=str,
