@@ -21,16 +21,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantfw.api import components  # noqa: E402
+from quantfw.calibrate import sensitivity  # noqa: E402
+from quantfw.calibrate.equalize import EqualizeReport, equalize_experts  # noqa: E402
 from quantfw.calibrate.experts import ExpertCapture, alpha_metadata, learn_expert_alphas  # noqa: E402
 from quantfw.calibrate.guard import guard_alphas, split_guard_windows  # noqa: E402
+from quantfw.calibrate.rotate import rotate_model  # noqa: E402
+from quantfw.calibrate.smooth import smooth_layer  # noqa: E402
 from quantfw.config.compose import compose  # noqa: E402
-from quantfw.eval.perplexity import paired_delta, perplexity_details  # noqa: E402
+from quantfw.eval.perplexity import (  # noqa: E402
+    PerplexityResult,  # noqa: E402
+    paired_delta,
+    perplexity_details,
+)
 from quantfw.eval.text import spread_windows, token_splits  # noqa: E402
-from quantfw.integrations.smollm2 import load_smollm2, mlp_to_moe  # noqa: E402
+from quantfw.integrations.smollm2 import _split_dense, load_smollm2, mlp_to_moe  # noqa: E402
 from quantfw.layout.spec import Dims  # noqa: E402
 from quantfw.moe.layer import MoELayer  # noqa: E402
 from quantfw.moe.reference import FloatMoE  # noqa: E402
-from quantfw.quantize.experts import quantize_experts  # noqa: E402
+from quantfw.quantize.experts import RoutedInputs, quantize_experts  # noqa: E402
 
 E = 8
 # (label, recipe overrides, learned alpha?)
@@ -59,12 +67,15 @@ def quant_factory(overrides, alphas=None):
     return factory, scheme
 
 
-def calibrate(base, top_k, calib_ids, scheme, args):
-    """Float MoE model on calibration windows -> alphas {layer: [E]}, report, metadata."""
+def calibrate(base, top_k, calib_ids, scheme, args, prepare=None):
+    """Float MoE model on calibration windows -> alphas {layer: [E]}, report, metadata.
+    prepare(w13, w2, layer) -> (w13, w2): a float-exact expert transform applied first."""
     model = copy.deepcopy(base)
     weights = {}
 
     def factory(w13, w2, layer):
+        if prepare is not None:
+            w13, w2 = prepare(w13, w2, layer)
         weights[layer] = (w13, w2)
         return FloatMoE(w13, w2)
 
@@ -167,9 +178,28 @@ def main(argv=None):
         choices=["all", "topk"],
         help="routing configurations: all = every token to all experts, topk = the --topk router",
     )
+    p.add_argument(
+        "--variants",
+        nargs="*",
+        default=None,
+        help="transform study instead of the scheme table: per-channel W4A8 variants, each "
+        "'observer[+rotate][+smooth][+equalize][+clip|+alphas][+mixed]' (top8 routing; clip: the "
+        "W4A8-clip scheme at alpha = 1, alphas: its learned alphas)",
+    )
+    p.add_argument(
+        "--budget", type=float, default=0.1, help="mixed: extra expert bytes vs all-W4A8 (fraction)"
+    )
+    p.add_argument(
+        "--backend-mode", default="exact", choices=["exact", "fast"], help="study: torch backend mode"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base, tokenizer = load_smollm2()
+    if args.variants is not None:
+        return run_study(base, tokenizer, args)
     splits = token_splits(tokenizer)
     # Calibration windows come from the first 3/4 of the calibration half; its last 1/4 is a
     # validation text for design choices, so the held-out half is only read for the final table.
@@ -203,6 +233,214 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(table(results))
+
+
+PC = ["scheme=w4a8", "scheme.group_size=0", "format=msmodelslim"]
+CLIP = ["scheme=w4a8_clip", "format=compressed_tensors"]
+W8 = ["scheme=w8a8", "format=msmodelslim"]
+TRANSFORMS = ("rotate", "smooth", "equalize", "clip", "alphas", "mixed")
+
+
+def parse_variant(name):
+    """'gptq+rotate+equalize' -> (observer, {transforms})."""
+    parts = name.split("+")
+    bad = [t for t in parts[1:] if t not in TRANSFORMS]
+    if bad:
+        raise SystemExit(f"--variants {name}: unknown transform(s) {bad} (known: {', '.join(TRANSFORMS)})")
+    return parts[0], set(parts[1:])
+
+
+def capture_mlp_inputs(model, windows):
+    """Float MLP inputs [tokens, H] of every layer on the calibration windows."""
+    layers = model.model.layers
+    store = {i: [] for i in range(len(layers))}
+    hooks = [
+        layer.mlp.register_forward_pre_hook(
+            lambda _m, a, i=i: store[i].append(a[0].detach().reshape(-1, a[0].shape[-1]).float())
+        )
+        for i, layer in enumerate(layers)
+    ]
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], 4):
+            model(input_ids=windows[i : i + 4], use_cache=False)
+    for h in hooks:
+        h.remove()
+    return {i: torch.cat(v) for i, v in store.items()}
+
+
+def spread_rows(x, n):
+    """At most n rows of x, evenly spread (calibration windows change topic as they go)."""
+    if n is None or x.shape[0] <= n:
+        return x
+    return x[torch.linspace(0, x.shape[0] - 1, n).long()]
+
+
+def prepare_model(base, tf, flags):
+    model = copy.deepcopy(base)
+    meta = {}
+    if "rotate" in tf:
+        rotate_model(model, seed=0)
+        meta["rotate"] = "random Hadamard (H_64 x orthogonal 9), seed 0, norms folded"
+    return model, meta
+
+
+def smooth_model(model, x, flags, experts):
+    """Smoothing of every layer's MLP input, folded into its post-attention norm."""
+    rows = []
+    for i, layer in enumerate(model.model.layers):
+        mlp = layer.mlp
+        w13 = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().float()
+        r = smooth_layer(layer, x[i], w13, flags)
+        rows.append({"layer": i, **r})
+    return rows
+
+
+def expert_prepare(x, flags, equalize, max_rows):
+    """prepare(w13, w2, layer) -> equalized (or unchanged) experts, cached per layer."""
+    cache, meta = {}, {}
+
+    def prepare(w13, w2, layer):
+        if not equalize:
+            return w13, w2
+        if layer not in cache:
+            rows = spread_rows(x[layer], max_rows)
+            rep = EqualizeReport()
+            cache[layer] = equalize_experts(w13, w2, lambda e: rows, flags, report=rep)
+            meta[layer] = {"ratio": rep.ratio, "before": rep.error_before, "after": rep.error_after}
+        return cache[layer]
+
+    return prepare, meta
+
+
+def sensitivity_plan(model, x, scheme, wide, prepare, experts, budget):
+    """Per-layer output error of the base and wide scheme on calibration rows -> mixed plan."""
+    costs = []
+    fmt_base = components(compose("default", PC))[1]
+    fmt_wide = components(compose("default", W8))[1]
+    for i, layer in enumerate(model.model.layers):
+        w13, w2 = prepare(*_split_dense(layer.mlp, experts), i)
+        rows = spread_rows(x[i], 1024)
+        ref = FloatMoE(w13, w2)
+        ids = torch.arange(experts).expand(rows.shape[0], experts)
+        ones = torch.ones(ids.shape)
+        with torch.no_grad():
+            r = ref(rows, ones, ids)
+        errs, sizes = [], []
+        for sch, fmt in ((scheme, fmt_base), (wide, fmt_wide)):
+            t = quantize_experts(sch, fmt, w13, w2, calib=RoutedInputs(rows, ids, w13), log=None)
+            dims = Dims(E=experts, H=w13.shape[2], I=w13.shape[1] // 2)
+            backend = components(compose("default", PC))[2]
+            mod = MoELayer(sch, fmt, backend, dims).load(t, source=f"layer {i}")
+            errs.append(sensitivity.output_error(lambda z, m=mod, o=ones, k=ids: m(z, o, k), r, rows))
+            sizes.append(sensitivity.tensor_bytes(t))
+        costs.append(sensitivity.LayerCost(i, errs[0], errs[1], sizes[0], sizes[1]))
+    base_bytes = sum(c.bytes_base for c in costs)
+    plan = sensitivity.plan_fragment(costs, int(budget * base_bytes), "w8a8")
+    plan["w8a8_layers"] = plan["wide_layers"]
+    print(f"  mixed: {plan['fragment']} (+{plan['extra_bytes']} of {plan['base_bytes']} bytes)", flush=True)
+    return plan
+
+
+def result_of(row):
+    nll = tuple(row["window_nll"])
+    return PerplexityResult(row["perplexity"], sum(nll) / len(nll), row["tokens"], len(nll), 0.0, nll)
+
+
+def study_table(runs):
+    lines = [f"{'variant':<40} {'ppl':>8} {'vs float (95% CI)':>28}"]
+    for name, r in runs.items():
+        d = r.get("vs_float")
+        ci = f"{d['delta']:+.2%} [{d['ci95'][0]:+.2%}, {d['ci95'][1]:+.2%}]" if d else ""
+        lines.append(f"{name:<40} {r['perplexity']:8.3f} {ci:>28}")
+    return "\n".join(lines)
+
+
+def run_variant(base, name, calibration, evaluate, args):
+    """One transform-study variant: the prepared float model and its quantized perplexity."""
+    observer, tf = parse_variant(name)
+    overrides = [*(CLIP if tf & {"alphas", "clip"} else PC), f"scheme.weight_observer={observer}"]
+    overrides += [f"backend.mode={args.backend_mode}"]
+    cfg = compose("default", overrides)
+    scheme, fmt, backend = components(cfg)
+    t0 = time.perf_counter()
+    model, meta = prepare_model(base, tf, scheme.flags)
+    windows = spread_windows(calibration, args.calib_tokens, args.seq_len)
+    x = capture_mlp_inputs(model, windows)
+    if "smooth" in tf:
+        meta["smooth"] = smooth_model(model, x, scheme.flags, E)
+        x = capture_mlp_inputs(model, windows)
+    prepare, eq_meta = expert_prepare(x, scheme.flags, "equalize" in tf, args.max_rows or None)
+    alphas = None
+    if "alphas" in tf:
+        alphas, _, meta["alphas"] = calibrate(model, None, calibration, scheme, args, prepare=prepare)
+    w8_layers = set()
+    if "mixed" in tf:
+        w8 = components(compose("default", W8))[0]
+        plan = sensitivity_plan(model, x, scheme, w8, prepare, E, args.budget)
+        w8_layers = set(plan["w8a8_layers"])
+        meta["mixed"] = plan
+    w8_factory, _ = quant_factory([*W8, f"backend.mode={args.backend_mode}"])
+
+    def factory(w13, w2, layer):
+        w13, w2 = prepare(w13, w2, layer)
+        if layer in w8_layers:
+            return w8_factory(w13, w2, layer)
+        alpha = None if alphas is None else alphas[layer]
+        if alpha is None and scheme.flags.get("activation_use_clip"):
+            alpha = torch.ones(E)
+        rows = spread_rows(x[layer], args.max_rows or None)
+        ids = torch.arange(E).expand(rows.shape[0], E)
+        tensors = quantize_experts(
+            scheme, fmt, w13, w2, alpha=alpha, calib=RoutedInputs(rows, ids, w13), log=None
+        )
+        dims = Dims(E=E, H=w13.shape[2], I=w13.shape[1] // 2)
+        return MoELayer(scheme, fmt, backend, dims).load(tensors, source=f"SmolLM2 layer {layer}")
+
+    mlp_to_moe(model, num_experts=E, top_k=None, factory=factory)
+    meta["equalize"] = eq_meta
+    meta["prepare_quantize_s"] = time.perf_counter() - t0
+    r = perplexity_details(model, evaluate, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    print(
+        f"  {name:<40} ppl {r.perplexity:8.3f}  ({meta['prepare_quantize_s']:.0f}s + {r.seconds:.0f}s)",
+        flush=True,
+    )
+    return r, meta
+
+
+def run_study(base, tokenizer, args):
+    splits = token_splits(tokenizer)
+    cut = len(splits.calibration) * 3 // 4
+    calibration = splits.calibration[:cut]
+    evaluate = splits.heldout if args.eval_split == "heldout" else splits.calibration[cut:]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized)", "experts": E, "args": vars(args)}
+    if out.exists():  # resume: keep finished variants (same setup assumed)
+        results = json.loads(out.read_text())
+    runs = results.setdefault("runs", {})
+    if "float" in runs:
+        fl = result_of(runs["float"])
+    else:
+        fl = run_config(base, None, "float", None, None, evaluate, args)
+        runs["float"] = {
+            "perplexity": fl.perplexity,
+            "tokens": fl.predicted_tokens,
+            "window_nll": list(fl.window_nll),
+        }
+    for name in args.variants:
+        if name in runs:
+            continue
+        r, meta = run_variant(base, name, calibration, evaluate, args)
+        runs[name] = {
+            "perplexity": r.perplexity,
+            "tokens": r.predicted_tokens,
+            "seconds": r.seconds,
+            "window_nll": list(r.window_nll),
+            "vs_float": paired_delta(fl, r),
+            "meta": meta,
+        }
+        out.write_text(json.dumps(results, indent=1, default=str))
+    print(study_table(runs))
 
 
 def table(results):

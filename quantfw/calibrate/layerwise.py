@@ -26,6 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from quantfw.calibrate.decoder import DecoderStack, check_model_type
+from quantfw.calibrate.equalize import equalize_block
 from quantfw.calibrate.experts import LayerCapture, expert_alpha_rows, search_expert_rows
 from quantfw.calibrate.propagate import check_propagate, quantized_outputs
 from quantfw.calibrate.stages import STAGES, Stages
@@ -46,10 +47,12 @@ _RUN_ONLY = ("progress", "memory_budget_mb", "expert_block", "work_dir", "layerw
 
 class LayerResult:
     """One MoE layer's outcome: alphas (None: the scheme does not clip), report rows, routed
-    counts and kept rows per expert, and the spill file the observers read."""
+    counts and kept rows per expert, the spill file the observers read, and the equalization
+    scales [E, I] (None: calibration.equalize is empty)."""
 
-    def __init__(self, alphas, report, counts, kept, spill: Path):
+    def __init__(self, alphas, report, counts, kept, spill: Path, scales=None):
         self.alphas, self.report, self.counts, self.kept, self.spill = alphas, report, counts, kept, spill
+        self.scales = scales
 
 
 class _Hidden:
@@ -261,11 +264,13 @@ def calibrate_layers(
         if rec is None:
             continue
         file = work.path / rec["file"]
-        t, meta = WorkDir.load(file, ("kept_offsets", "counts", "alphas"))
+        t, meta = WorkDir.load(file, ("kept_offsets", "counts", "alphas", "equalize_scales"))
         off = t["kept_offsets"]
         kept = (off[1:] - off[:-1]).tolist()
         alphas = t["alphas"] if "alphas" in t else None
-        results[i] = LayerResult(alphas, json.loads(meta["report"]), t["counts"].tolist(), kept, file)
+        results[i] = LayerResult(
+            alphas, json.loads(meta["report"]), t["counts"].tolist(), kept, file, t.get("equalize_scales")
+        )
         inputs[i] = SpilledInputs(file, ExpertSource(reader, model, i, prefixes.get(i)), all_experts)
     return results, inputs, owner
 
@@ -283,13 +288,17 @@ def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, blo
     """Routed outputs of layer i's recorded calls (left in `experts` for the replay pass), its
     alphas and the spill: (tensors, metadata) for the work dir."""
     cap = LayerCapture(i, E, calib.max_rows)
-    rows, report = [None] * E, [None] * E
+    rows, report, scales = [None] * E, [None] * E, [None] * E
 
     def on_block(ids: range, w13, w2):
+        # Equalization first (quantfw.calibrate.equalize), so the alpha search sees its experts.
+        w13, w2, down, s = equalize_block(calib, scheme.flags, w13, w2, cap, ids, source.down)
+        if s is not None:
+            scales[ids.start : ids.stop] = list(s)
         if clips:
             with STAGES("alpha rows"):
                 r, p = expert_alpha_rows(
-                    scheme, w13, w2, cap, ids, calib.min_tokens, calib.policy, source.down
+                    scheme, w13, w2, cap, ids, calib.min_tokens, calib.policy, down
                 )
             rows[ids.start : ids.stop], report[ids.start : ids.stop] = r, p
         for e in ids:
@@ -305,6 +314,8 @@ def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, blo
         "kept_offsets": torch.tensor([0] + [cap.kept(e) for e in range(E)]).cumsum(0),
         "counts": cap.counts.clone(),
     }
+    if scales[0] is not None:
+        tensors["equalize_scales"] = torch.stack(scales)
     if clips:
         with STAGES("alpha search"):
             alphas, report = search_expert_rows(rows, report)

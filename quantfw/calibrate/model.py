@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from quantfw.calibrate.equalize import EqualizedInputs, declared, equalize_metadata
 from quantfw.calibrate.experts import (
     POLICIES,
     ExpertCapture,
@@ -45,6 +46,9 @@ class CalibrationResult:
     inputs: dict[int, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)  # token source and coverage, alpha-independent
     work_dir: Any = None  # keeps a temporary work dir (the spills `inputs` read) alive
+    # MoE layer index -> equalization scales [E, I] (calibration.equalize; empty: none declared)
+    scales: dict[int, torch.Tensor] = field(default_factory=dict)
+    equalization: dict[str, Any] | None = None  # its provenance, for checkpoint metadata
 
     @property
     def alpha_metadata(self) -> dict[str, Any] | None:
@@ -154,6 +158,11 @@ def calibrate_checkpoint(
     if guard_tokens < 0:
         raise ConfigError(f"calibration.guard_tokens={guard_tokens} (must be >= 0)")
     if not calib.get("layerwise", True):
+        if declared(calib):
+            raise ConfigError(
+                "calibration.equalize runs in the layer-by-layer calibration only "
+                "(found calibration.layerwise=false)"
+            )
         return _calibrate_whole_model(folder, scheme, calib, seed, fmt, backend, guard_tokens)
     from quantfw.calibrate.decoder import check_model_type
     from quantfw.calibrate.layerwise import calibrate_layers
@@ -195,6 +204,11 @@ def calibrate_checkpoint(
         inputs,
     )
     result.work_dir = owner
+    scales = {i: r.scales for i, r in results.items() if r.scales is not None}
+    if scales:
+        result.scales = scales
+        result.inputs = {i: EqualizedInputs(x, scales[i]) if i in scales else x for i, x in inputs.items()}
+        result.equalization = equalize_metadata(declared(calib), scales)
     return result
 
 

@@ -35,11 +35,13 @@ def run(cfg: DictConfig) -> str:
     if source not in ("none", "model"):
         raise ConfigError(f"calibration.source={source} (allowed: none, model)")
     alphas = calibration = weight_inputs = weight_data = None
+    expert_scales = equalization = None
+    from quantfw.calibrate.equalize import declared
     from quantfw.calibrate.model import calibrate_checkpoint, needs_calibration
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     work_dir = calibration_dir(cfg.output, int(os.environ.get("RANK", "0")) if world > 1 else None)
-    if source == "model" and needs_calibration(scheme):
+    if source == "model" and (needs_calibration(scheme) or declared(cfg.calibration)):
         try:
             calib = OmegaConf.merge(cfg.calibration, {"progress": cfg.calibration.progress and cfg.progress})
             result = calibrate_checkpoint(
@@ -56,6 +58,7 @@ def run(cfg: DictConfig) -> str:
             shutil.rmtree(work_dir, ignore_errors=True)  # bad input: nothing worth resuming
             raise
         weight_inputs, weight_data = result.inputs, result.data
+        expert_scales, equalization = result.scales or None, result.equalization
         if result.alphas:
             alphas, calibration = result.alphas, result.metadata
             fallback = calibration["fallback_experts"]
@@ -102,6 +105,8 @@ def run(cfg: DictConfig) -> str:
             calibration=calibration,
             weight_inputs=weight_inputs,
             weight_data=weight_data,
+            expert_scales=expert_scales,
+            equalization=equalization,
             compute_dtype=cfg.quantize.compute_dtype,
             progress=cfg.progress,
             layers=layer_schemes(cfg),

@@ -98,6 +98,10 @@ class CalibrationConfig:
     # One decoder layer in memory at a time (false: the whole float model, which the guard needs).
     layerwise: bool = True
     all_experts: bool = False  # every expert sees every token for its statistics (outputs: routed only)
+    # Expert equalizers run on each layer's captured rows before the alpha search and the
+    # observers (quantfw.calibrate.equalize registry, e.g. [updown]); grid = points of its search.
+    equalize: list[str] = field(default_factory=list)
+    equalize_grid: int = 21
     propagate: str = "float"  # what the next layer sees: float outputs, or quantized (sequential)
     memory_budget_mb: int = 2048  # hidden states above this stay on disk (read a batch at a time)
     expert_block: int = 4  # routed experts per weight read (two blocks are in memory at once)

@@ -97,6 +97,9 @@ class ConvertOptions:
     compute_dtype: str = "float32"  # recipe quantize.compute_dtype (encode.compute_flags)
     # layer -> Scheme of the recipe's `layers` choices (config/layer_choice.py)
     layers: Mapping[int, Scheme] | None = None
+    # MoE layer -> equalization scales [E, I] applied to up / down before quantizing (and how)
+    expert_scales: Mapping[int, torch.Tensor] | None = None
+    equalization: dict | None = None
 
 
 class Converter:
@@ -109,6 +112,8 @@ class Converter:
         # observer (quantfw.calibrate); weight_data: where they came from (tokens, seed, coverage).
         self.weight_inputs = {int(k): v for k, v in (o.weight_inputs or {}).items()}
         self.weight_data = o.weight_data
+        self.expert_scales = {int(k): v.float() for k, v in (o.expert_scales or {}).items()}
+        self.equalization = o.equalization
         self._wc_records: list[dict] = []
         # alphas: MoE layer -> W4A8-clip alpha [E] (from quantfw.calibrate); calibration: how.
         self.alphas = {int(k): v.float() for k, v in (o.alphas or {}).items()}
@@ -162,6 +167,11 @@ class Converter:
                     self.weight_data if self.observer_needs_data else None,
                     *([o.compute_dtype] if o.compute_dtype != "float32" else []),
                     *([self.layer_choices] if self.layer_choices else []),
+                    *(
+                        [{k: v.tolist() for k, v in sorted(self.expert_scales.items())}]
+                        if self.expert_scales
+                        else []
+                    ),
                 ],
                 sort_keys=True,
                 default=str,
@@ -220,7 +230,7 @@ class Converter:
                 part.prefix,
                 part.expert,
                 part.proj,
-                part.weight,
+                self._equalized(part),
                 x,
                 self._alpha(part),
                 part.src,
@@ -231,6 +241,15 @@ class Converter:
                 self._wc_records.append(record)  # list.append is atomic: worker threads share this list
         out.update(o)
         types.update(t)
+
+    def _equalized(self, part: Part) -> torch.Tensor:
+        """The expert weight with its layer's equalization applied (quantfw.calibrate.equalize)."""
+        scales = self.expert_scales.get(layer_of(part.prefix))
+        if scales is None:
+            return part.weight
+        from quantfw.calibrate.equalize import equalize_weight
+
+        return equalize_weight(part.proj, part.weight.float(), scales[part.expert])
 
     def _alpha(self, part: Part) -> torch.Tensor | None:
         """This expert's learned alpha (down_proj only), None = the encoder's alpha = 1."""
@@ -358,6 +377,8 @@ class Converter:
             prov["alpha_calibration"] = self.calibration
         if self.compute_dtype != "float32":
             prov["compute_dtype"] = self.compute_dtype
+        if self.equalization is not None:
+            prov["equalization"] = self.equalization
         if self.observer_needs_data:
             prov["weight_calibration"] = weight_calibration_metadata(
                 self.scheme.flags, records, self.weight_data
