@@ -155,7 +155,7 @@ def calibrate_layers(
             f"calibration.propagate={propagate}: only float is implemented (each layer sees the float "
             "outputs of the layers before it)"
         )
-    clips = bool(scheme.flags.get("activation_use_clip"))
+    clips = scheme.clips
     all_experts = bool(calib.get("all_experts", False))
     block = int(calib.get("expert_block", 16) or 16)
     budget = float(calib.get("memory_budget_mb", 2048)) * 2**20

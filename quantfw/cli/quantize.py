@@ -95,6 +95,7 @@ def run(cfg: DictConfig) -> str:
             weight_inputs=weight_inputs,
             weight_data=weight_data,
             compute_dtype=cfg.quantize.compute_dtype,
+            linear_scheme=cfg.quantize.linear_scheme,
             progress=cfg.progress,
         )
     finally:

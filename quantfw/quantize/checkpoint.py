@@ -38,12 +38,12 @@ import torch
 from quantfw.errors import CheckpointError, OutputKeptError, QuantfwError
 from quantfw.formats.format import Format
 from quantfw.io import metadata
-from quantfw.io.experts import MoEModel, parse_expert_key
+from quantfw.io.experts import ROLE_OF, MoEModel, parse_expert_key
 from quantfw.io.reader import CheckpointReader
 from quantfw.parallel.dist import Dist
 from quantfw.progress import bar
 from quantfw.quantize import store as output_store
-from quantfw.quantize.encode import ExpertEncoder, layer_of, weight_calibration_metadata
+from quantfw.quantize.encode import ExpertEncoder, layer_of, linear_scheme_named, weight_calibration_metadata
 from quantfw.quantize.experts import CalibrationInputs
 from quantfw.quantize.routing import Part, TensorRouter
 from quantfw.quantize.store import ShardStore, os_error
@@ -51,7 +51,6 @@ from quantfw.schemes.scheme import Scheme
 
 # Never copied to the output: weights (the output has its own) and pickles.
 WEIGHT_FILES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf")
-SHARD_BASE = {"msmodelslim": "quant_model_weight_w8a8_dynamic", "compressed_tensors": "model"}
 
 
 @contextmanager
@@ -94,6 +93,7 @@ class ConvertOptions:
     weight_inputs: Mapping[int, CalibrationInputs] | None = None
     weight_data: dict | None = field(default=None)
     compute_dtype: str = "float32"  # recipe quantize.compute_dtype (encode.compute_flags)
+    linear_scheme: str | None = None  # recipe quantize.linear_scheme (None: the schema default)
 
 
 class Converter:
@@ -130,16 +130,21 @@ class Converter:
                     f"alphas of layer {layer}: shape {list(a.shape)}, expected [{dims.E}] values in (0, 1]"
                 )
         self.compute_dtype = o.compute_dtype
-        self.encoder = ExpertEncoder(scheme, fmt, self.model, dims, o.compute_dtype)
+        self.encoder = ExpertEncoder(
+            scheme,
+            fmt,
+            self.model,
+            dims,
+            o.compute_dtype,
+            linear_scheme_named(o.linear_scheme) if self.targets else None,
+        )
         self.observer_needs_data = self.encoder.needs_data
         n = len(self.reader.shards)
-        base = SHARD_BASE[fmt.metadata]
+        base = fmt.shard_base
         self.names = [f"{base}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.index_name = f"{base}.safetensors.index.json"
-        self.alpha_method = (
-            "none: alpha = 1 (no calibration)" if scheme.flags.get("activation_use_clip") else None
-        )
-        if self.alphas and scheme.flags.get("activation_use_clip"):
+        self.alpha_method = "none: alpha = 1 (no calibration)" if scheme.clips else None
+        if self.alphas and scheme.clips:
             self.alpha_method = (o.calibration or {}).get("method", "given")
         fingerprint = hashlib.sha256(
             json.dumps(
@@ -176,7 +181,7 @@ class Converter:
             x = None
             if self.observer_needs_data:
                 inputs = self.weight_inputs.get(layer_of(part.prefix))
-                role = "w2" if part.proj == "down" else "w13"
+                role = ROLE_OF[part.proj]
                 x = inputs(role, part.expert) if inputs is not None else None
             o, t, record = self.encoder.expert(
                 part.prefix,
@@ -195,9 +200,10 @@ class Converter:
         types.update(t)
 
     def _alpha(self, part: Part) -> torch.Tensor | None:
-        """This expert's learned alpha (down_proj only), None = the encoder's alpha = 1."""
+        """This expert's learned alpha (encoded only where the format declares it), None = the
+        encoder's alpha = 1."""
         layer = layer_of(part.prefix)
-        if part.proj != "down" or layer not in self.alphas:
+        if layer not in self.alphas:
             return None
         return self.alphas[layer][part.expert]
 
@@ -328,7 +334,9 @@ class Converter:
             modules = sorted(
                 k[: -len(".weight")]
                 for k, t in types.items()
-                if t == metadata.LINEAR_W8A8 and k.endswith(".weight") and not parse_expert_key(k, self.model)
+                if t == self.encoder.linear_type
+                and k.endswith(".weight")
+                and not parse_expert_key(k, self.model)
             )
             every = sorted({k[: -len(".weight")] for k in weight_map if k.endswith(".weight")})
             unmatched = {
@@ -338,11 +346,18 @@ class Converter:
             prov["linears"] = {
                 "targets": self.targets,
                 "ignore": self.ignore,
-                "w8a8": modules,
+                self.encoder.linear_scheme.name: modules,
                 "unmatched": unmatched,
             }
-            self._log(f"{len(modules)} non-expert linear(s) W8A8; patterns matching nothing: {unmatched}")
-        metadata.write(self.fmt.metadata, self.tmp, self.config, self.scheme, types, prov)
+            self._log(
+                f"{len(modules)} non-expert linear(s) {self.encoder.linear_scheme.name}; patterns matching nothing: {unmatched}"
+            )
+        linear = (
+            self.encoder.linear_scheme
+            if prov.get("linears", {}).get(self.encoder.linear_scheme.name)
+            else None
+        )
+        metadata.write(self.fmt, self.tmp, self.config, self.scheme, types, prov, linear)
         output_store.step()
         self.store.commit(self.names)
 
