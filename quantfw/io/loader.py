@@ -260,7 +260,7 @@ def layer_tensors(op: Opened, layer: int) -> dict[str, torch.Tensor]:
         stored = ", ".join(f"{op.model.proj_names[p]}.{name}" for p in missing[name])
         warnings.warn(
             f"{op.reader.folder} layer {layer}: no {stored}; scheme.{FILL_OPTION}=ones loads "
-            f"{name} = {optional[name].init} (no clip)",
+            f"{name} = {optional[name].init_value} (no clip)",
             stacklevel=3,
         )
     keys = [

@@ -69,6 +69,10 @@ class OptionalParam:
     flag: str
     init: str
 
+    @property
+    def init_value(self) -> int:
+        return {"zeros": 0, "ones": 1}[self.init]
+
 
 def optional_params(runtime: Mapping[str, Any], where: str = "scheme runtime") -> dict[str, OptionalParam]:
     """The optional parameters a runtime layout declares, by name."""
@@ -81,7 +85,12 @@ def optional_params(runtime: Mapping[str, Any], where: str = "scheme runtime") -
             raise ConfigError(
                 f"{where}.{name}: optional needs when: FLAG (the flag that enables it), found {flag!r}"
             )
-        out[name] = OptionalParam(name, tuple(entry.get("roles", ROLES)), flag, entry.get("init", "ones"))
+        init = entry.get("init", "ones")
+        if init not in ("zeros", "ones"):
+            raise ConfigError(
+                f"{where}.{name}: optional needs init: ones or zeros (what a missing one loads as), found {init!r}"
+            )
+        out[name] = OptionalParam(name, tuple(entry.get("roles", ROLES)), flag, init)
     return out
 
 
