@@ -163,7 +163,7 @@ def calibrate_layers(
     check_model_type(config, str(reader.folder / "config.json"))
     propagate = str(calib.get("propagate", "float"))
     check_propagate(propagate, fmt, backend)
-    clips = bool(scheme.flags.get("activation_use_clip"))
+    clips = scheme.clips
     all_experts = bool(calib.get("all_experts", False))
     block = int(calib.get("expert_block", 4) or 4)
     budget = float(calib.get("memory_budget_mb", 2048)) * 2**20

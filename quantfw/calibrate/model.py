@@ -126,7 +126,7 @@ def needs_calibration(scheme: Scheme) -> bool:
     weight observer (asked from the observer registry)."""
     from quantfw.quantize import observers
 
-    return bool(scheme.flags.get("activation_use_clip")) or observers.needs_data(scheme.flags)
+    return scheme.clips or observers.needs_data(scheme.flags)
 
 
 def calibrate_checkpoint(
@@ -153,7 +153,7 @@ def calibrate_checkpoint(
     quantize.mtp: with `quantize` the layerwise path also learns the MTP layer's alphas."""
     if calib.policy not in POLICIES:
         raise ConfigError(f"calibration.policy={calib.policy} (allowed: {', '.join(POLICIES)})")
-    clips = bool(scheme.flags.get("activation_use_clip"))
+    clips = scheme.clips
     guard_tokens = int(calib.get("guard_tokens", 0) or 0) if clips and fmt is not None else 0
     if guard_tokens < 0:
         raise ConfigError(f"calibration.guard_tokens={guard_tokens} (must be >= 0)")
@@ -262,7 +262,7 @@ def _calibrate_whole_model(folder, scheme, calib, seed, fmt, backend, guard_toke
     capture = ExpertCapture(
         experts, max_rows=calib.max_rows, all_experts=bool(calib.get("all_experts", False))
     )
-    clips = bool(scheme.flags.get("activation_use_clip"))
+    clips = scheme.clips
     ids, data = calibration_tokens(
         folder, model.config.vocab_size, calib.tokens + guard_tokens, seed, seq_len=calib.seq_len
     )

@@ -19,7 +19,7 @@ PEAK_FACTOR = 7.5
 def run(cfg: DictConfig) -> list[dict]:
     scheme, fmt, backend = components(cfg)
     dims = layer_dims(cfg)
-    learn = bool(scheme.flags.get("activation_use_clip"))
+    learn = scheme.clips
     variants = [Variant(f"recipe: {label(scheme, fmt)}", scheme, fmt, learn_alpha=learn)]
     rows, notes = comparison_rows("demo", dims)
     variants += [Variant(r.label, r.scheme, r.format, learn_alpha=r.learn_alpha) for r in rows]

@@ -30,18 +30,9 @@ from quantfw.progress import quiet_transformers
 
 def _provenance(folder: str) -> dict | None:
     """The quantfw block of the checkpoint's metadata (either style), if any."""
-    from quantfw.io.metadata import DESCRIPTION_NAMES
-    from quantfw.io.reader import CheckpointReader
+    from quantfw.io.metadata import quantfw_block
 
-    reader = CheckpointReader(folder)
-    qc = reader.config().get("quantization_config") or {}
-    if isinstance(qc.get("quantfw"), dict):
-        return qc["quantfw"]
-    for name in DESCRIPTION_NAMES:
-        if (reader.folder / name).is_file():
-            prov = reader.json(name).get("quantfw")
-            return prov if isinstance(prov, dict) else None
-    return None
+    return quantfw_block(Path(folder))
 
 
 def run(cfg: DictConfig) -> dict:

@@ -108,6 +108,7 @@ def run(cfg: DictConfig) -> str:
             expert_scales=expert_scales,
             equalization=equalization,
             compute_dtype=cfg.quantize.compute_dtype,
+            linear_scheme=cfg.quantize.linear_scheme,
             progress=cfg.progress,
             layers=layer_schemes(cfg),
         )

@@ -63,7 +63,7 @@ class SchemeConfig:
 @dataclass
 class FormatConfig:
     name: str = MISSING
-    metadata: str = MISSING  # msmodelslim | compressed_tensors
+    metadata: Any = MISSING  # {style: NAME, ...}: how its metadata is written and detected (io/metadata.py)
     tensors: dict[str, Any] = field(default_factory=dict)
     load: list[Any] = field(default_factory=list)
     requires: list[Any] = field(default_factory=list)
@@ -161,6 +161,9 @@ class QuantizeConfig:
         default_factory=lambda: [r"(^|\.)mlp\.gate$", r"(^|\.)lm_head$", r"embed", r"norm", r"(^|\.)gate$"]
     )
     mtp: str = "quantize"  # quantize | drop
+    # The scheme (conf/scheme name) the non-expert linears are written in: its layout flags apply,
+    # with the routed experts' observer.
+    linear_scheme: str = "w8a8"
     # float32 | bfloat16: bfloat16 reproduces the cann-recipes reference converter's rounding chain
     # (minmax per-channel: routed experts and W8A8 linears; docs/engines.md)
     compute_dtype: str = "float32"

@@ -160,7 +160,7 @@ def bench_layer(
         label, overrides = variants[key]
         v = compose_variant(overrides)
         scheme, fmt = Scheme.from_config(v.scheme), Format.from_config(v.format)
-        alpha = torch.ones(dims.E) if scheme.flags.get("activation_use_clip") else None
+        alpha = torch.ones(dims.E) if scheme.clips else None
         tensors = quantize_experts(scheme, fmt, w13, w2, alpha=alpha)
         for mode in bench.modes:
             layer = MoELayer(scheme, fmt, get_backend({"name": "torch", "mode": mode}), dims)
@@ -237,7 +237,7 @@ def bench_load(layer_spec: BenchLayer, bench, log: Callable[[str], None] = print
             label, overrides = variants[key]
             v = compose_variant(overrides)
             scheme, fmt = Scheme.from_config(v.scheme), Format.from_config(v.format)
-            alpha = torch.ones(dims.E) if scheme.flags.get("activation_use_clip") else None
+            alpha = torch.ones(dims.E) if scheme.clips else None
             path = os.path.join(tmp, f"{key}.safetensors")
             save_file(
                 {n: t.contiguous() for n, t in quantize_experts(scheme, fmt, w13, w2, alpha).items()}, path

@@ -36,7 +36,8 @@ def evaluate_checkpoint(
     layer_plan=None,
 ) -> list[dict]:
     """One row per MoE layer; with per_expert each row gets `experts`: the same metrics per expert
-    on the tokens routed to it (that expert alone, weight 1), plus its alpha when the layer clips."""
+    on the tokens routed to it (that expert alone, weight 1), plus the values of the scheme's
+    optional parameters in use (`alphas` per layer, `alpha` per expert, when it clips)."""
     op = open_checkpoint(checkpoint, recipe, recipe_overrides, layer_plan=layer_plan)
     ref, ref_model = _reference(reference, op)
     E, H = op.model.num_experts, op.model.hidden_size
@@ -49,18 +50,11 @@ def evaluate_checkpoint(
         w13, w2 = read_float_experts(ref, ref_model, layer)
         ref_moe = FloatMoE(w13, w2)
         m = compare(quant(x, weights, ids), ref_moe(x, weights, ids))
-        row = {
-            "layer": layer,
-            "scheme": op.at(layer).scheme.name,
-            "format": op.fmt.name,
-            "tokens": tokens,
-            **m,
-        }
-        alpha = getattr(quant, "w2_alpha", None)
-        if alpha is not None:
-            row["alphas"] = [float(a) for a in alpha]
+        row = {"layer": layer, "scheme": op.at(layer).scheme.name, "format": op.fmt.name, "tokens": tokens, **m}
+        learned = _learned(op.at(layer), quant)
+        row.update({f"{name}s": values for name, values in learned.items()})
         if per_expert:
-            row["experts"] = _per_expert(quant, ref_moe, x, ids, row.get("alphas"))
+            row["experts"] = _per_expert(quant, ref_moe, x, ids, learned)
         rows.append(row)
     return rows
 
@@ -78,14 +72,23 @@ def _reference(reference: str | Path, op) -> tuple[CheckpointReader, MoEModel]:
     return ref, model
 
 
-def _per_expert(quant, ref_moe, x, ids, alphas) -> list[dict]:
+def _learned(op, quant) -> dict[str, list[float]]:
+    """Per-expert values of the scheme's optional parameters in use (its clip factors), by name."""
+    out = {}
+    for name, p in op.scheme.optional_in_use().items():
+        for role in p.roles:
+            t = getattr(quant, f"{role}_{name}", None)
+            if t is not None:
+                out[name] = [float(a) for a in t.reshape(-1)]
+    return out
+
+
+def _per_expert(quant, ref_moe, x, ids, learned: dict[str, list[float]]) -> list[dict]:
     out = []
     for e in range(ref_moe.num_experts):
         tok = (ids == e).any(-1)
         n = int(tok.sum())
-        row = {"expert": e, "tokens": n}
-        if alphas is not None:
-            row["alpha"] = alphas[e]
+        row = {"expert": e, "tokens": n, **{name: values[e] for name, values in learned.items()}}
         if n:
             xe, one = x[tok], torch.ones(n, 1)
             ide = torch.full((n, 1), e, dtype=torch.int64)

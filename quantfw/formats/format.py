@@ -7,7 +7,7 @@ W4A8-clip stored cann-recipes-style load to the same runtime layout. Both are de
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -24,31 +24,39 @@ SHARD_KINDS = {"rows", "cols", "replicate", "refuse"}
 @dataclass(frozen=True)
 class Format:
     name: str
-    metadata: str
+    metadata: str  # the metadata style's name (quantfw.io.metadata.STYLES)
     tensors: Mapping[str, Mapping[str, Any]]
     load: tuple[Any, ...]
     requires: tuple[Any, ...] = ()
     doc: str = ""
+    metadata_decl: Mapping[str, Any] = field(default_factory=dict)  # the whole `metadata:` mapping
 
     @property
     def where(self) -> str:
         return f"format '{self.name}' (format/{self.name}.yaml)"
 
+    @property
+    def shard_base(self) -> str:
+        """Output shards are `<shard_base>-00001-of-0000N.safetensors` (metadata.shard_base)."""
+        return self.metadata_decl.get("shard_base", "model")
+
     @classmethod
     def from_config(cls, cfg: DictConfig | Mapping[str, Any]) -> Format:
         data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        decl = data["metadata"]
+        decl = dict(decl) if isinstance(decl, Mapping) else {"style": decl}
         fmt = cls(
             name=data["name"],
-            metadata=data["metadata"],
+            metadata=decl.get("style", ""),
+            metadata_decl=decl,
             tensors=data.get("tensors") or {},
             load=tuple(data.get("load") or ()),
             requires=tuple(data.get("requires") or ()),
             doc=data.get("doc", ""),
         )
-        if fmt.metadata not in ("msmodelslim", "compressed_tensors"):
-            raise ConfigError(
-                f"{fmt.where}: metadata '{fmt.metadata}' (allowed: msmodelslim, compressed_tensors)"
-            )
+        from quantfw.io.metadata import style_of
+
+        style_of(decl, fmt.where)  # an unknown style fails at compose time, naming the styles
         for name, entry in fmt.tensors.items():
             shard = entry.get("shard", "replicate") if isinstance(entry, Mapping) else None
             kinds = set(shard.values()) if isinstance(shard, Mapping) else {shard}
@@ -60,6 +68,13 @@ class Format:
         return fmt
 
     def check_compatible(self, scheme: Scheme) -> None:
+        stored = self.metadata_decl.get("weight_bits")
+        bits = scheme.flags.get("weight_bits")
+        if stored is not None and bits not in stored:
+            raise ConfigError(
+                f"{self.where}: weight_bits={bits} (allowed: {', '.join(map(str, sorted(stored)))}) "
+                f"is what its metadata.weight_bits says it stores (scheme '{scheme.name}')"
+            )
         for i, req in enumerate(self.requires):
             if not expr.holds(req["check"], scheme.flags, f"{self.where} requires[{i}]"):
                 flags = ", ".join(

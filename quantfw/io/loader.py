@@ -32,7 +32,7 @@ from quantfw.io.experts import (
 )
 from quantfw.io.reader import CheckpointReader
 from quantfw.layout.spec import ParamSpec, conformance_problems
-from quantfw.schemes.scheme import Scheme
+from quantfw.schemes.scheme import FILL_OPTION, Scheme
 
 
 @dataclass
@@ -121,11 +121,13 @@ def open_checkpoint(
         p = parse_expert_key(k, model)
         if p:
             experts.setdefault(p[1], []).append(k)
-    detected = {}
-    for layer, prefix in prefixes.items():
-        probe = {s: key_of(prefix, 0, model, "gate", s) for s in ("weight", "weight_scale_second")}
-        probe["alpha"] = key_of(prefix, 0, model, "down", "alpha")
-        detected[layer] = metadata.detect(reader, probe, experts.get(layer, []))
+
+    def probe_of(prefix: str, layer: int) -> metadata.Probe:
+        return metadata.Probe(
+            lambda proj, suffix: key_of(prefix, 0, model, proj, suffix), experts.get(layer, []), PROJS[0]
+        )
+
+    detected = {layer: metadata.detect(reader, probe_of(prefix, layer)) for layer, prefix in prefixes.items()}
     dims = [
         f"model.hidden_size={model.hidden_size}",
         f"model.moe_intermediate_size={model.moe_intermediate_size}",
@@ -164,7 +166,7 @@ def layer_problems(
     """Every missing / unexpected / wrong-shape / wrong-dtype expert tensor of one layer.
 
     The loader passes unexpected=False: it reads only what the scheme declares, so a clip
-    checkpoint loads with activation_use_clip=false (its alphas unused: an A/B switch)."""
+    checkpoint loads with its optional parameters switched off (unused: an A/B switch)."""
     prefix = op.prefixes[layer]
     specs = projection_specs(op.fmt, op.scheme, op.model.dims())
     problems: list[str] = []
@@ -203,16 +205,13 @@ def _accepting_scalar(info, shape):
     return info
 
 
-# Value ranges of stored tensors, by suffix: (low exclusive, high inclusive, why).
-VALUE_RANGES = {"alpha": (0.0, 1.0, "a clip factor of the activation amax")}
-
-
-def value_problems(key: str, t: torch.Tensor, expert: int) -> list[str]:
-    """Why a tensor's values are out of their declared range (empty = fine or no range)."""
+def value_problems(op: Opened, key: str, t: torch.Tensor, expert: int) -> list[str]:
+    """Why a tensor's values are out of the range its scheme declares (empty = fine or no range)."""
     suffix = key.rsplit(".", 1)[-1]
-    if suffix not in VALUE_RANGES:
+    ranges = op.scheme.value_ranges()
+    if suffix not in ranges:
         return []
-    lo, hi, why = VALUE_RANGES[suffix]
+    lo, hi, why = ranges[suffix]
     v = t.detach().float().reshape(-1)
     bad = ~(torch.isfinite(v) & (v > lo) & (v <= hi))
     if not bool(bad.any()):
@@ -227,7 +226,7 @@ def _ranged_keys(op: Opened, layer: int, experts: Iterable[int]) -> dict[str, in
     out = {}
     for e in experts:
         for proj in PROJS:
-            for suffix in VALUE_RANGES:
+            for suffix in op.scheme.value_ranges():
                 key = key_of(op.prefixes[layer], e, op.model, proj, suffix)
                 if key in op.reader and math.prod(op.reader.info(key).shape) <= 1:
                     out[key] = e
@@ -237,7 +236,7 @@ def _ranged_keys(op: Opened, layer: int, experts: Iterable[int]) -> dict[str, in
 def check(op: Opened) -> list[str]:
     """The conformance report of the whole checkpoint (empty = conforming): index/shard
     inconsistencies, MoE layers config.json promises but the tensors lack, every layer's
-    missing/unexpected/wrong tensors, and out-of-range values (alpha)."""
+    missing/unexpected/wrong tensors, and out-of-range values (the scheme's declared `values`)."""
     out = list(op.reader.problems)
     config = op.reader.config()
     by_config = op.model.moe_layers(config, str(op.reader.folder / "config.json"))
@@ -258,7 +257,7 @@ def check(op: Opened) -> list[str]:
         ranged = _ranged_keys(op.at(layer), layer, range(E))
         values = op.reader.read_many(list(ranged))
         for key, e in ranged.items():
-            out += value_problems(key, values[key], e)
+            out += value_problems(op, key, values[key], e)
     return out
 
 
@@ -294,33 +293,42 @@ def layer_tensors(op: Opened, layer: int) -> dict[str, torch.Tensor]:
     experts = _rank_experts(cfg)
     specs = projection_specs(op.fmt, op.scheme, op.model.dims())
     prefix = op.prefixes[layer]
-    clip_alpha = "alpha" in specs["down"]
-    alpha_missing = clip_alpha and not any(
-        key_of(prefix, e, op.model, "down", "alpha") in op.reader for e in experts
-    )
-    fill_alpha = alpha_missing and op.scheme.flags.get("missing_alpha") == "ones"
-    problems = layer_problems(op, layer, experts, skip={"alpha"} if fill_alpha else set(), unexpected=False)
+    # Optional parameters in use that no expert of this rank stores: filled at their `init` when
+    # the scheme's load option says so, else an error naming the option.
+    optional = op.scheme.optional_in_use()
+    missing = {
+        name: [p for p in PROJS if name in specs[p]]
+        for name in optional
+        if not any(
+            key_of(prefix, e, op.model, p, name) in op.reader
+            for e in experts
+            for p in PROJS
+            if name in specs[p]
+        )
+    }
+    missing = {name: projs for name, projs in missing.items() if projs}
+    fill = set(missing) if op.scheme.fills_missing() else set()
+    problems = layer_problems(op, layer, experts, skip=fill, unexpected=False)
     if problems:
+        hint = f"scheme '{op.scheme.name}' needs {', '.join(missing)} (or scheme.{FILL_OPTION}=ones)"
         raise CheckpointError(
             f"{op.reader.folder} layer {layer}: {len(problems)} problem(s): "
             + "; ".join(problems)
-            + ("; a clip checkpoint needs alpha (or scheme.missing_alpha=ones)" if alpha_missing else "")
+            + (f"; {hint}" if missing else "")
         )
-    if fill_alpha:
+    for name in fill:
+        stored = ", ".join(f"{op.model.proj_names[p]}.{name}" for p in missing[name])
         warnings.warn(
-            f"{op.reader.folder} layer {layer}: no down_proj.alpha; scheme.missing_alpha=ones loads alpha = 1 (no clip)",
+            f"{op.reader.folder} layer {layer}: no {stored}; scheme.{FILL_OPTION}=ones loads "
+            f"{name} = {optional[name].init_value} (no clip)",
             stacklevel=3,
         )
     keys = [
-        key_of(prefix, e, op.model, p, s)
-        for e in experts
-        for p in PROJS
-        for s in specs[p]
-        if not (fill_alpha and s == "alpha")
+        key_of(prefix, e, op.model, p, s) for e in experts for p in PROJS for s in specs[p] if s not in fill
     ]
     raw = op.reader.read_many(keys)
     for key, e in _ranged_keys(op, layer, experts).items():
-        bad = value_problems(key, raw[key], e) if key in raw else []
+        bad = value_problems(op, key, raw[key], e) if key in raw else []
         if bad:
             raise CheckpointError(f"{op.reader.folder / op.reader.shard_of(key)}: {bad[0]}")
     per_role: dict[str, list[torch.Tensor]] = {}
@@ -334,8 +342,8 @@ def layer_tensors(op: Opened, layer: int) -> dict[str, torch.Tensor]:
             for e in experts:
                 parts = []
                 for p in projs:
-                    if fill_alpha and suffix == "alpha":
-                        parts.append(torch.ones(spec.shape, dtype=spec.dtype))
+                    if suffix in fill:
+                        parts.append(getattr(torch, optional[suffix].init)(spec.shape, dtype=spec.dtype))
                         continue
                     key = key_of(prefix, e, op.model, p, suffix)
                     parts.append(

@@ -1,34 +1,38 @@
-"""Checkpoint metadata as real runtimes read it, one registered writer/detector per format style.
+"""Checkpoint metadata, driven by each format's `metadata:` declaration (conf/format/*.yaml).
 
-- msmodelslim: `quant_model_description.json` (per-tensor type, "version", "group_size",
-  "model_quant_type") next to the original config.json (spec sections 3 and 8).
-- compressed_tensors: config.json with `quantization_config` (config_groups with
-  `activation_use_clip`, spec section 4).
-Both carry a `quantfw` provenance block. Detection reads per-tensor facts of the routed experts,
-never the global model_quant_type alone (spec section 8).
+A format declares its metadata `style` (a name in `STYLES`, entry-point group
+`quantfw.metadata_styles`) and the style's parameters. The style writes the files and, on
+detection, reports FLAGS (bits, group size, whether optional parameters are in use, observer
+provenance) read from the file; the scheme is then the declared one whose flags match (no style
+names a scheme). Built-in styles: quantfw/io/styles/. Per-tensor facts decide, never a global
+field alone (spec section 8).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from quantfw.errors import CheckpointError
-from quantfw.io.fields import Fields
-from quantfw.schemes.scheme import Scheme
+from quantfw.io.experts import ROLE_OF
+from quantfw.registry import Registry
+from quantfw.schemes.scheme import Scheme, optional_params
 
 VERSION = "0.1.0"
-DESCRIPTION_NAMES = ("quant_model_description.json", "quant_model_description_w8a8_dynamic.json")
 FLOAT = "FLOAT"
-LINEAR_W8A8 = "W8A8_DYNAMIC"  # non-expert linears written W8A8 (recipe quantize.targets)
+
+
+def quant_type(bits: int) -> str:
+    """The per-tensor type string of a tensor quantized to `bits` with int8 dynamic activations
+    (msModelSlim's vocabulary, also the type of every tensor in the resume records)."""
+    return f"W{bits}A8_DYNAMIC"
 
 
 def expert_type(scheme: Scheme) -> str:
-    """msModelSlim's per-tensor type string of the routed-expert tensors."""
-    return "W4A8_DYNAMIC" if scheme.flags["weight_bits"] == 4 else "W8A8_DYNAMIC"
+    return quant_type(scheme.flags["weight_bits"])
 
 
 def provenance(scheme: Scheme, format_name: str, alpha_method: str | None) -> dict[str, Any]:
@@ -46,335 +50,166 @@ def dump(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+@dataclass(frozen=True)
+class Probe:
+    """Where detection looks: `key(suffix, proj)` names expert 0's tensor of the first MoE layer;
+    `experts` lists every routed-expert key."""
+
+    key_of: Callable[[str, str], str]
+    experts: Sequence[str] = ()
+    first_proj: str = "gate"
+
+    def key(self, suffix: str, proj: str | None = None) -> str:
+        return self.key_of(proj or self.first_proj, suffix)
+
+
+@dataclass
+class Detected:
+    """What a style read from a checkpoint's metadata.
+
+    flags: scheme flags, the defining one first (a matching scheme must agree on it; the others
+    become overrides when they differ). optional: whether the file says the scheme's optional
+    runtime parameters are in use (None: it does not say; their tensors' presence decides).
+    overrides: format keys the file sets (e.g. a stored tensor's dtype)."""
+
+    flags: dict[str, Any]
+    optional: bool | None = None
+    overrides: list[str] = field(default_factory=list)
+
+
+class MetadataStyle:
+    """One way of writing and reading checkpoint metadata; `decl` is the format's `metadata:`."""
+
+    name = ""
+    priority = 0  # lower first, when the metadata of several styles is present
+
+    def files(self, decl: Mapping[str, Any]) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def quantfw_block(self, folder: Path, decl: Mapping[str, Any]) -> dict | None:
+        """The quantfw provenance block this style wrote into `folder` (None: none)."""
+        raise NotImplementedError
+
+    def claims(self, reader, decl: Mapping[str, Any], declared: Sequence[Mapping[str, Any]]) -> bool:
+        """Whether `decl` describes the checkpoint (`declared`: every declaration of this style)."""
+        raise NotImplementedError
+
+    def detect(self, reader, decl: Mapping[str, Any], probe: Probe) -> Detected:
+        raise NotImplementedError
+
+    def write(
+        self,
+        out: Path,
+        config: dict,
+        scheme: Scheme,
+        types: Mapping[str, str],
+        prov: dict,
+        decl: Mapping,
+        linear: Scheme | None = None,
+    ) -> None:
+        raise NotImplementedError
+
+
+STYLES: Registry[MetadataStyle] = Registry("metadata style", "metadata_styles")
+
+
+def styles() -> Registry[MetadataStyle]:
+    import quantfw.io.styles  # noqa: F401  (registers the built-in styles)
+
+    return STYLES
+
+
+def style_of(decl: Mapping[str, Any], where: str = "") -> MetadataStyle:
+    return styles().get(decl.get("style", ""), f"{where} metadata.style".strip())
+
+
+def _format_decls() -> list[tuple[str, dict]]:
+    """(format name, metadata declaration) of every declared format, in detection order."""
+    from quantfw.config.declared import declarations
+
+    decls = [(name, d["metadata"]) for name, d in declarations("format").items()]
+    return sorted(decls, key=lambda nd: (style_of(nd[1], nd[0]).priority, nd[0]))
+
+
+def quantfw_block(folder: Path) -> dict | None:
+    """The quantfw provenance block of the checkpoint in `folder`, whichever style wrote it."""
+    for name, decl in _format_decls():
+        block = style_of(decl, name).quantfw_block(folder, decl)
+        if block is not None:
+            return block
+    return None
+
+
 def produced_by_quantfw(folder: Path) -> bool:
     """Whether `folder` holds a checkpoint quantfw wrote (its metadata carries the quantfw block)."""
-    for name, block in (
-        ("quant_model_description.json", lambda d: d.get("quantfw")),
-        ("config.json", lambda d: (d.get("quantization_config") or {}).get("quantfw")),
-    ):
-        path = folder / name
-        if not path.is_file() or path.stat().st_size > 1 << 26:
-            continue
-        try:
-            prov = block(json.loads(path.read_text()))
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(prov, dict) and prov.get("producer") == "quantfw":
-            return True
-    return False
+    block = quantfw_block(folder)
+    return block is not None and block.get("producer") == "quantfw"
 
 
-# ---------------------------------------------------------------------------------------- writers
-
-
-def _write_msmodelslim(out: Path, config: dict, scheme: Scheme, types: Mapping[str, str], prov: dict) -> None:
-    desc: dict[str, Any] = dict(sorted(types.items()))
-    desc["version"] = "1.0.0"  # packed int4 + scale_bias present (spec section 3)
-    desc["group_size"] = scheme.flags.get("group_size", 0)
-    # The global type is informative only; readers decide per tensor (spec section 8).
-    desc["model_quant_type"] = expert_type(scheme)
-    desc["quantfw"] = prov
-    dump(out / "quant_model_description.json", desc)
-    # The input's own quantization_config (an FP8 release's) does not describe this output.
-    dump(out / "config.json", {k: v for k, v in config.items() if k != "quantization_config"})
-
-
-_ACTS = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True}
-
-
-def _expert_group(f: Mapping[str, Any], targets: list[str]) -> dict[str, Any]:
-    """A compressed-tensors config group of routed experts quantized with scheme flags `f`."""
-    weights = {"num_bits": f["weight_bits"], "type": "int", "symmetric": True, "dynamic": False}
-    weights.update(
-        {"strategy": "group", "group_size": f["group_size"]}
-        if f.get("group_size")
-        else {"strategy": "channel"}
-    )
-    return {
-        "targets": targets,
-        "weights": weights,
-        "input_activations": dict(_ACTS),
-        "activation_use_clip": bool(f.get("activation_use_clip")),
-    }
-
-
-def _layer_groups(prov: dict) -> dict[str, Any]:
-    """One config group per scheme of the recipe's per-layer choices (prov `layers`), targeting
-    the routed experts of its layers by `re:` module name; group_1 (MoEGMM) holds the others."""
-    by_scheme: dict[str, tuple[dict, list[str]]] = {}
-    for layer, choice in (prov.get("layers") or {}).items():
-        if choice.get("applies") == "routed experts":
-            by_scheme.setdefault(choice["scheme"], (choice["flags"], []))[1].append(layer)
-    return {
-        f"group_{i + 2}": _expert_group(flags, [rf"re:.*layers\.({'|'.join(layers)})\.(.*\.)?experts\..*"])
-        for i, (flags, layers) in enumerate(by_scheme.values())
-    }
-
-
-def _write_compressed_tensors(
-    out: Path, config: dict, scheme: Scheme, types: Mapping[str, str], prov: dict
+def write(
+    fmt,
+    out: Path,
+    config: dict,
+    scheme: Scheme,
+    types: Mapping[str, str],
+    prov: dict,
+    linear: Scheme | None = None,
 ) -> None:
-    acts = _ACTS
-    # Routed experts are group_1 (MoEGMM); non-expert linears written W8A8 are group_0 ("Linear"),
-    # claimed only when there are some. Every float `.weight` is listed in `ignore`.
-    ignore = sorted(k[: -len(".weight")] for k, t in types.items() if t == FLOAT and k.endswith(".weight"))
-    linears = bool((prov.get("linears") or {}).get("w8a8"))
-    qc = {
-        "quant_method": "compressed-tensors",
-        "format": "int-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {
-            **(
-                {
-                    "group_0": {
-                        "targets": ["Linear"],
-                        "weights": {
-                            "num_bits": 8,
-                            "type": "int",
-                            "symmetric": True,
-                            "dynamic": False,
-                            "strategy": "channel",
-                        },
-                        "input_activations": acts,
-                        "activation_use_clip": False,
-                    }
-                }
-                if linears
-                else {}
-            ),
-            "group_1": _expert_group(scheme.flags, ["MoEGMM"]),
-            **_layer_groups(prov),
-        },
-        "ignore": ignore,
-        "quantfw": prov,
-    }
-    dump(out / "config.json", {**config, "quantization_config": qc})  # replaces the input's, never merged
-
-
-WRITERS: dict[str, Callable[..., None]] = {
-    "msmodelslim": _write_msmodelslim,
-    "compressed_tensors": _write_compressed_tensors,
-}
-
-
-def write(style: str, out: Path, config: dict, scheme: Scheme, types: Mapping[str, str], prov: dict) -> None:
-    WRITERS[style](out, config, scheme, types, prov)
+    """Write `fmt`'s metadata files into `out` as its declaration says (`linear`: the scheme of
+    the non-expert linears written, None when there are none)."""
+    style_of(fmt.metadata_decl, fmt.where).write(out, config, scheme, types, prov, fmt.metadata_decl, linear)
 
 
 # -------------------------------------------------------------------------------------- detection
 
-PACK_QUANTIZED = "pack-quantized"
-# Values detection reads, typed strictly (quantfw.io.fields): anything else is refused naming the key.
-STRATEGIES = ("channel", "group")  # weight strategies of the routed experts that can be read
-MAX_GROUP = 1 << 16
-EXPERT_TYPES = ("W8A8_DYNAMIC", "W4A8_DYNAMIC")  # msModelSlim per-tensor types of readable experts
-PACKED_INT4_VERSION = "1.0.0"  # msModelSlim description version of packed int4 + scale_bias
-DESCRIPTION_FIELDS = ("version", "group_size", "model_quant_type", "quantfw")
 
-
-def _targets_module(targets, name: str) -> bool:
-    """compressed-tensors target matching for one Linear module: class name, exact name or `re:`."""
-    for t in targets or ():
-        if t == "Linear" or t == name or (t.startswith("re:") and _matches(t[3:], name)):
-            return True
-    return False
-
-
-def _matches(pattern: str, name: str) -> bool:
-    try:
-        return re.match(pattern, name) is not None
-    except re.error:
-        return False  # a broken pattern targets nothing (reported as no group targeting the experts)
-
-
-def _weights_group(g: Fields, readable_bits: tuple[int, ...]) -> tuple[int, int]:
-    """(num_bits, group_size) of a config group's `weights`; group_size 0 = per channel.
-    A strategy/group_size combination other than channel (no size) or group (a size) is refused."""
-    w = g.obj("weights", required=True)
-    bits = w.integer("num_bits", 1, 64)
-    if bits not in readable_bits:
-        raise w.fail("num_bits", f"one of {list(readable_bits)}", bits)
-    w.string("type", ("int",), default="int")
-    w.boolean("symmetric", default=True)
-    w.boolean("dynamic", default=False)
-    strategy = w.string("strategy", STRATEGIES)
-    if strategy == "channel":
-        if "group_size" in w:
-            raise w.fail("group_size", "null with strategy channel", w.raw("group_size"))
-        return bits, 0
-    return bits, w.integer("group_size", 1, MAX_GROUP)
-
-
-def _activations(g: Fields) -> None:
-    """Expert input activations, when declared, must be int8 dynamic per token (what W4A8/W8A8 run)."""
-    acts = g.obj("input_activations")
-    if acts is None:
-        return
-    acts.integer("num_bits", 8, 8, (8,))
-    acts.string("type", ("int",), default="int")
-    if not acts.boolean("dynamic"):
-        raise acts.fail("dynamic", "true (int8 dynamic per-token activations)", False)
-    acts.string("strategy", ("token",), default="token")
-    acts.boolean("symmetric", default=True)
-
-
-def _detect_pack_quantized(reader, qc: Fields, weight_key: str) -> list[str]:
-    """llm-compressor int4 "pack-quantized" -> scheme w4a8 (group size from the config group
-    that targets the routed experts) read through format pack_quantized."""
-    where = reader.folder / "config.json"
-    module = weight_key.rsplit(".", 1)[0]
-    if any(
-        i == module or (i.startswith("re:") and _matches(i[3:], module)) for i in qc.strings("ignore", [])
-    ):
-        raise CheckpointError(
-            f"{where}: quantization_config ignores routed expert {module} (it is not quantized)"
-        )
-    groups = [g for _, g in (qc.obj("config_groups") or Fields({}, where)).objects()]
-    groups = [g for g in groups if _targets_module(g.strings("targets", []), module)]
-    if not groups:
-        raise CheckpointError(f"{where}: no quantization_config group targets routed expert {module}")
-    g = groups[0]
-    fmt = g.string("format", default=None) or qc.string("format", default=None)
-    w = g.obj("weights", required=True)
-    facts = (
-        fmt,
-        w.integer("num_bits", 1, 64),
-        w.string("type", default="int"),
-        w.boolean("symmetric", default=True),
-        w.string("strategy"),
+def detect(reader, probe: Probe) -> list[str]:
+    """Recipe overrides (scheme, format, flags) that match the checkpoint's metadata."""
+    decls = _format_decls()
+    by_style: dict[str, list[dict]] = {}
+    for _, decl in decls:
+        by_style.setdefault(decl["style"], []).append(decl)
+    for name, decl in decls:
+        style = style_of(decl, name)
+        if style.claims(reader, decl, by_style[decl["style"]]):
+            found = style.detect(reader, decl, probe)
+            return [*scheme_overrides(reader, found, probe), f"format={name}", *found.overrides]
+    expected = sorted({f for _, d in decls for f in style_of(d).files(d)})
+    raise CheckpointError(
+        f"{reader.folder}: no quantization metadata (expected {' or '.join(expected)} as a declared "
+        "format writes it: conf/format/*.yaml metadata)"
     )
-    if facts[:4] != (PACK_QUANTIZED, 4, "int", True) or facts[4] not in STRATEGIES:
+
+
+def _value(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def scheme_overrides(reader, found: Detected, probe: Probe) -> list[str]:
+    """`scheme=NAME` of the declared scheme whose flags match `found` best, plus `scheme.K=V` for
+    each flag that differs. A scheme must agree on the defining (first) flag; then matching
+    optional-parameter flags (they change the runtime layout) weigh more than the others."""
+    from quantfw.config.declared import declarations
+
+    first, *rest = found.flags.items()
+    best = None
+    for name, data in declarations("scheme").items():
+        if data.get(first[0]) != first[1]:
+            continue
+        facts = [first]
+        for pname, opt in optional_params(data.get("runtime") or {}).items():
+            in_use = found.optional
+            if in_use is None:
+                projs = [p for p, role in ROLE_OF.items() if role in opt.roles]
+                in_use = any(probe.key(pname, proj) in reader for proj in projs)
+            facts.append((opt.flag, in_use))
+        facts += rest
+        score = tuple(data.get(k) == v for k, v in facts)
+        if best is None or score > best[0]:
+            best = (score, name, [f"scheme.{k}={_value(v)}" for k, v in facts if data.get(k) != v])
+    if best is None:
         raise CheckpointError(
-            f"{where}: expert group {g.raw('targets')} has format={fmt} num_bits={facts[1]} "
-            f"type={facts[2]} symmetric={facts[3]} strategy={facts[4]} "
-            "(readable: pack-quantized, 4-bit int, symmetric, group or channel)"
+            f"{reader.folder}: its metadata says {first[0]}={first[1]}; no declared scheme has it "
+            f"(conf/scheme: {', '.join(declarations('scheme'))})"
         )
-    _, group = _weights_group(g, (4,))
-    acts = g.obj("input_activations")
-    if acts is not None and (
-        acts.raw("num_bits"),
-        acts.raw("type", "int"),
-        acts.raw("dynamic"),
-    ) != (8, "int", True):
-        raise CheckpointError(
-            f"{where}: expert input_activations {dict(acts.data)} (W4A8 runs int8 dynamic per-token activations)"
-        )
-    _activations(g)
-    scale_key = module + ".weight_scale"
-    if scale_key not in reader:
-        raise CheckpointError(f"{reader.folder}: '{scale_key}' missing (pack-quantized needs weight_scale)")
-    dtype = str(reader.info(scale_key).dtype).removeprefix("torch.")
-    return [
-        "scheme=w4a8",
-        f"scheme.group_size={group}",
-        "scheme.activation_use_clip=false",
-        "format=pack_quantized",
-        f"format.tensors.weight_scale.dtype={dtype}",
-    ]
-
-
-def _detect_int_quantized(reader, qc: Fields, module: str = "") -> list[str]:
-    """compressed-tensors int-quantized (cann-recipes, quantfw): the group targeting this routed
-    expert `module` by name (a per-layer choice), else the MoEGMM config group."""
-    where = reader.folder / "config.json"
-    groups = list((qc.obj("config_groups") or Fields({}, where)).objects())
-    named = [
-        g
-        for _, g in groups
-        if _targets_module([t for t in g.strings("targets", []) if t != "Linear"], module)
-    ]
-    moe = named or [g for _, g in groups if "MoEGMM" in g.strings("targets", [])]
-    if not moe:
-        raise CheckpointError(
-            f"{where}: quantization_config has no config group targeting MoEGMM "
-            f"(found targets: {[g.raw('targets') for _, g in groups]})"
-        )
-    g = moe[0]
-    bits, group = _weights_group(g, (4, 8))
-    _activations(g)
-    clip = g.boolean("activation_use_clip", default=False)
-    if group:
-        # this format stores experts per channel only (conf/format/compressed_tensors.yaml)
-        raise g.obj("weights").fail("strategy", "channel (int-quantized experts are per channel)", "group")
-    if bits == 8:
-        if clip:
-            raise g.fail("activation_use_clip", "false for 8-bit experts", clip)
-        return ["scheme=w8a8", "format=compressed_tensors"]
-    return [
-        "scheme=w4a8_clip",
-        f"scheme.activation_use_clip={str(clip).lower()}",
-        "format=compressed_tensors",
-    ]
-
-
-def quantization_config(reader) -> Fields | None:
-    """config.json's quantization_config (an object, or absent)."""
-    return Fields(reader.config(), reader.folder / "config.json").obj("quantization_config")
-
-
-def detect(reader, expert_keys: Mapping[str, str], experts: Sequence[str] = ()) -> list[str]:
-    """Recipe overrides (scheme, format, flags) that match the checkpoint.
-
-    `expert_keys` maps suffix -> a full key of one routed expert's gate projection, plus 'alpha'
-    -> its down_proj.alpha key (present or not); `experts` lists every routed-expert key (their
-    msModelSlim entries must agree). Per-tensor facts decide, not global fields.
-    """
-    qc = quantization_config(reader)
-    if qc is not None and qc.string("quant_method", default=None) == "compressed-tensors":
-        groups = qc.obj("config_groups") or Fields({}, qc.file)
-        if qc.string("format", default=None) == PACK_QUANTIZED or any(
-            g.string("format", default=None) == PACK_QUANTIZED for _, g in groups.objects()
-        ):
-            return _detect_pack_quantized(reader, qc, expert_keys["weight"])
-        return _detect_int_quantized(reader, qc, expert_keys["weight"].rsplit(".", 1)[0])
-    desc_name = next((n for n in DESCRIPTION_NAMES if reader.has(n)), None)
-    if desc_name is None:
-        raise CheckpointError(
-            f"{reader.folder}: no quantization metadata (expected {' or '.join(DESCRIPTION_NAMES)}, "
-            "or config.json quantization_config with quant_method compressed-tensors)"
-        )
-    where = reader.folder / desc_name
-    desc = Fields(reader.json(desc_name), where)
-    for key, value in desc.data.items():
-        if key not in DESCRIPTION_FIELDS and not isinstance(value, str):
-            raise desc.fail(key, "a quantization type string", value)
-    desc.string("model_quant_type", default=None)
-    desc.obj("quantfw")
-    version = desc.string("version", default=None)
-    declared = desc.integer("group_size", 0, MAX_GROUP, default=None)
-    wkey = expert_keys["weight"]
-    if wkey not in desc:
-        raise CheckpointError(f"{where}: no entry for routed-expert tensor '{wkey}'")
-    qtype = desc.string(wkey, EXPERT_TYPES)
-    for key in experts:
-        if key in desc and desc.data[key] != qtype:
-            raise desc.fail(
-                key, f"{qtype} like '{wkey}' (one type for every routed expert of a layer)", desc.data[key]
-            )
-    if qtype == "W8A8_DYNAMIC":
-        return ["scheme=w8a8", "format=msmodelslim"]
-    if version is not None and version != PACKED_INT4_VERSION:
-        raise desc.fail(
-            "version", f"'{PACKED_INT4_VERSION}' for W4A8_DYNAMIC (packed int4 + scale_bias)", version
-        )
-    second = expert_keys["weight_scale_second"]
-    group = 0
-    if second in reader:
-        k, cols = reader.info(wkey).shape[-1], reader.info(second).shape[-1]
-        group = k // cols if cols else 0
-        if not group or group * cols != k:
-            raise CheckpointError(
-                f"{reader.folder}: '{second}' {list(reader.info(second).shape)} does not split K={k} into equal groups"
-            )
-    if declared not in (None, group):
-        raise CheckpointError(
-            f"{where}: group_size {declared} disagrees with the tensors (group {group} from "
-            f"'{second}'{'' if group else ' absent: per channel'}, K={reader.info(wkey).shape[-1]})"
-        )
-    clip = expert_keys["alpha"] in reader
-    return [
-        "scheme=w4a8",
-        f"scheme.group_size={group}",
-        f"scheme.activation_use_clip={str(clip).lower()}",
-        "format=msmodelslim",
-    ]
+    return [f"scheme={best[1]}", *best[2]]

@@ -28,7 +28,20 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
 }
 
-ENTRY_KEYS = {"shape", "dtype", "roles", "when", "init", "encoding", "packing", "shard", "encode", "doc"}
+ENTRY_KEYS = {
+    "shape",
+    "dtype",
+    "roles",
+    "when",
+    "init",
+    "optional",
+    "values",
+    "encoding",
+    "packing",
+    "shard",
+    "encode",
+    "doc",
+}
 INITS = {"empty", "zeros", "ones"}
 
 

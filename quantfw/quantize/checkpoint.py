@@ -38,13 +38,13 @@ import torch
 from quantfw.errors import CheckpointError, ConfigError, OutputKeptError, QuantfwError
 from quantfw.formats.format import Format
 from quantfw.io import metadata
-from quantfw.io.experts import MoEModel, parse_expert_key
+from quantfw.io.experts import ROLE_OF, MoEModel, parse_expert_key
 from quantfw.io.reader import CheckpointReader
 from quantfw.parallel.dist import Dist
 from quantfw.progress import bar
 from quantfw.quantize import store as output_store
 from quantfw.quantize.alloc import keep_freed_memory
-from quantfw.quantize.encode import ExpertEncoder, layer_of, weight_calibration_metadata
+from quantfw.quantize.encode import ExpertEncoder, layer_of, linear_scheme_named, weight_calibration_metadata
 from quantfw.quantize.experts import CalibrationInputs
 from quantfw.quantize.routing import Part, TensorRouter
 from quantfw.quantize.store import ShardStore, os_error
@@ -52,7 +52,6 @@ from quantfw.schemes.scheme import Scheme
 
 # Never copied to the output: weights (the output has its own) and pickles.
 WEIGHT_FILES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".gguf")
-SHARD_BASE = {"msmodelslim": "quant_model_weight_w8a8_dynamic", "compressed_tensors": "model"}
 
 
 @contextmanager
@@ -100,6 +99,7 @@ class ConvertOptions:
     # MoE layer -> equalization scales [E, I] applied to up / down before quantizing (and how)
     expert_scales: Mapping[int, torch.Tensor] | None = None
     equalization: dict | None = None
+    linear_scheme: str | None = None  # recipe quantize.linear_scheme (None: the schema default)
 
 
 class Converter:
@@ -138,17 +138,22 @@ class Converter:
                     f"alphas of layer {layer}: shape {list(a.shape)}, expected [{dims.E}] values in (0, 1]"
                 )
         self.compute_dtype = o.compute_dtype
-        self.encoder = ExpertEncoder(scheme, fmt, self.model, dims, o.compute_dtype)
+        self.encoder = ExpertEncoder(
+            scheme,
+            fmt,
+            self.model,
+            dims,
+            o.compute_dtype,
+            linear_scheme_named(o.linear_scheme) if self.targets else None,
+        )
         self.layer_encoders, self.layer_choices = self._layer_choices(dict(o.layers or {}), dims)
         self.observer_needs_data = self.encoder.needs_data
         n = len(self.reader.shards)
-        base = SHARD_BASE[fmt.metadata]
+        base = fmt.shard_base
         self.names = [f"{base}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.index_name = f"{base}.safetensors.index.json"
-        self.alpha_method = (
-            "none: alpha = 1 (no calibration)" if scheme.flags.get("activation_use_clip") else None
-        )
-        if self.alphas and scheme.flags.get("activation_use_clip"):
+        self.alpha_method = "none: alpha = 1 (no calibration)" if scheme.clips else None
+        if self.alphas and scheme.clips:
             self.alpha_method = (o.calibration or {}).get("method", "given")
         fingerprint = hashlib.sha256(
             json.dumps(
@@ -223,7 +228,7 @@ class Converter:
             x = None
             if self.layer_encoders.get(layer_of(part.prefix), self.encoder).needs_data:
                 inputs = self.weight_inputs.get(layer_of(part.prefix))
-                role = "w2" if part.proj == "down" else "w13"
+                role = ROLE_OF[part.proj]
                 x = inputs(role, part.expert) if inputs is not None else None
             encoder = self.layer_encoders.get(layer_of(part.prefix), self.encoder)
             o, t, record = encoder.expert(
@@ -252,9 +257,10 @@ class Converter:
         return equalize_weight(part.proj, part.weight.float(), scales[part.expert])
 
     def _alpha(self, part: Part) -> torch.Tensor | None:
-        """This expert's learned alpha (down_proj only), None = the encoder's alpha = 1."""
+        """This expert's learned alpha (encoded only where the format declares it), None = the
+        encoder's alpha = 1."""
         layer = layer_of(part.prefix)
-        if part.proj != "down" or layer not in self.alphas:
+        if layer not in self.alphas:
             return None
         return self.alphas[layer][part.expert]
 
@@ -389,7 +395,9 @@ class Converter:
             modules = sorted(
                 k[: -len(".weight")]
                 for k, t in types.items()
-                if t == metadata.LINEAR_W8A8 and k.endswith(".weight") and not parse_expert_key(k, self.model)
+                if t == self.encoder.linear_type
+                and k.endswith(".weight")
+                and not parse_expert_key(k, self.model)
             )
             every = sorted({k[: -len(".weight")] for k in weight_map if k.endswith(".weight")})
             unmatched = {
@@ -399,11 +407,18 @@ class Converter:
             prov["linears"] = {
                 "targets": self.targets,
                 "ignore": self.ignore,
-                "w8a8": modules,
+                self.encoder.linear_scheme.name: modules,
                 "unmatched": unmatched,
             }
-            self._log(f"{len(modules)} non-expert linear(s) W8A8; patterns matching nothing: {unmatched}")
-        metadata.write(self.fmt.metadata, self.tmp, self.config, self.scheme, types, prov)
+            self._log(
+                f"{len(modules)} non-expert linear(s) {self.encoder.linear_scheme.name}; patterns matching nothing: {unmatched}"
+            )
+        linear = (
+            self.encoder.linear_scheme
+            if prov.get("linears", {}).get(self.encoder.linear_scheme.name)
+            else None
+        )
+        metadata.write(self.fmt, self.tmp, self.config, self.scheme, types, prov, linear)
         output_store.step()
         self.store.commit(self.names)
 

@@ -64,7 +64,15 @@ def compute_flags(flags: Mapping, compute_dtype: str) -> dict:
 
 
 class ExpertEncoder:
-    def __init__(self, scheme: Scheme, fmt: Format, model: MoEModel, dims: Dims, compute_dtype: str = "float32"):
+    def __init__(
+        self,
+        scheme: Scheme,
+        fmt: Format,
+        model: MoEModel,
+        dims: Dims,
+        compute_dtype: str = "float32",
+        linear_scheme: Scheme | None = None,
+    ):
         self.scheme, self.fmt, self.model = scheme, fmt, model
         self.flags = compute_flags(scheme.flags, compute_dtype)
         self.specs = projection_specs(fmt, scheme, dims)
@@ -78,7 +86,10 @@ class ExpertEncoder:
             )
         self.qtype = metadata.expert_type(scheme)
         self.needs_data = observers.needs_data(scheme.flags)
-        self.linear_flags = {**self.flags, "weight_bits": 8, "group_size": 0, "activation_use_clip": False}
+        # Non-expert linears: the linear scheme's layout flags with the experts' observer.
+        self.linear_scheme = linear_scheme or linear_scheme_named(None)
+        self.linear_flags = {**self.flags, **self.linear_scheme.layout_flags()}
+        self.linear_type = metadata.quant_type(self.linear_flags["weight_bits"])
         # Per projection: the flags plus what the format's encoders let the quantize kernel compute.
         self.proj_flags = {
             p: {**self.flags, "encodings": fusable(s, model.float_shape(p)[0])} for p, s in self.specs.items()
@@ -124,7 +135,7 @@ class ExpertEncoder:
     def linear(
         self, module: str, w: torch.Tensor, src: str, fp8=None
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """A non-expert linear [N, K] as W8A8 in the format's declared tensors (weight, scale, offset...);
+        """A non-expert linear [N, K] in the linear scheme, in the format's declared tensors (weight, scale, offset...);
         fp8: w is an FP8 weight with these block scales."""
         n, k = w.shape
         specs = {
@@ -139,8 +150,20 @@ class ExpertEncoder:
         for suffix, t in encode_role(specs, qw, None, f"{self.fmt.where} {module}").items():
             check_finite(src, f"{module}.{suffix}", t)
             out[f"{module}.{suffix}"] = t
-            types[f"{module}.{suffix}"] = metadata.LINEAR_W8A8
+            types[f"{module}.{suffix}"] = self.linear_type
         return out, types
+
+
+def linear_scheme_named(name: str | None) -> Scheme:
+    """The declared scheme `name` (conf/scheme; None: the schema's quantize.linear_scheme)."""
+    from quantfw.config.declared import declarations
+    from quantfw.config.schema import QuantizeConfig
+
+    name = name or QuantizeConfig.linear_scheme
+    schemes = declarations("scheme")
+    if name not in schemes:
+        raise ConfigError(f"quantize.linear_scheme={name}: not a declared scheme (conf/scheme: {', '.join(schemes)})")
+    return Scheme.from_config(schemes[name])
 
 
 def weight_calibration_metadata(flags: Mapping, records: list[dict], data: dict | None) -> dict:

@@ -76,17 +76,24 @@ class Observer:
     needs_data: bool
     doc: str
     takes_fp8: bool = False  # fn(..., fp8=BlockScales) dequantizes an FP8 weight itself
+    params: tuple[str, ...] = ()  # the parameters (PARAMS / OBSERVER_REFS keys) fn reads
 
 
 _OBSERVERS: dict[str, Observer] = {}
 
 
-def register_observer(name: str, needs_data: bool = False, fp8: bool = False):
+# What every data-driven observer reads besides its own parameters (see `resolve`).
+DATA_PARAMS = ("observer_min_tokens", "fallback_observer")
+
+
+def register_observer(name: str, needs_data: bool = False, fp8: bool = False, params: tuple[str, ...] = ()):
     def deco(fn):
         if name in _OBSERVERS:
             raise ValueError(f"observer '{name}' is already registered")
         doc = (fn.__doc__ or "").strip().splitlines()[0]
-        _OBSERVERS[name] = Observer(name, fn, needs_data, doc, fp8)
+        _OBSERVERS[name] = Observer(
+            name, fn, needs_data, doc, fp8, (*params, *(DATA_PARAMS if needs_data else ()))
+        )
         return fn
 
     return deco
@@ -111,6 +118,21 @@ def data_params(flags: Mapping[str, Any]) -> dict[str, Any]:
     """The selected observer and every observer parameter in effect (for provenance)."""
     names = [*PARAMS, *OBSERVER_REFS]
     return {"weight_observer": flags.get("weight_observer", "minmax"), **{n: param(flags, n) for n in names}}
+
+
+def used_params(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The selected observer and the parameters in effect that it (or an observer it names:
+    fallback, scale observer) reads; the others cannot change its output."""
+    out = {"weight_observer": flags.get("weight_observer", "minmax")}
+    todo = [out["weight_observer"]]
+    while todo:
+        obs = _OBSERVERS.get(todo.pop())
+        for name in obs.params if obs else ():
+            if name not in out:
+                out[name] = param(flags, name)
+                if name in OBSERVER_REFS:
+                    todo.append(out[name])
+    return dict(sorted(out.items()))
 
 
 def validate_flags(flags: Mapping[str, Any], where: str) -> None:
@@ -270,14 +292,14 @@ def mse_scales(b: Blocks, flags: Mapping[str, Any]) -> torch.Tensor:
     return _by_rows(b, lambda rows: _mse_rows(rows, ratios))
 
 
-@register_observer("mse")
+@register_observer("mse", params=("observer_grid", "observer_min_ratio"))
 def _mse(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None) -> QuantizedWeight:
     """Per-block grid search of a clip ratio minimising the weight MSE."""
     b = blocks(w, flags)
     return b.finish(mse_scales(b, flags))
 
 
-@register_observer("ssz")
+@register_observer("ssz", params=("ssz_iters",))
 def _ssz(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None) -> QuantizedWeight:
     """Iterative least-squares scale refinement from min-max, best per block kept."""
     b = blocks(w, flags)
@@ -320,7 +342,7 @@ def _output_factor(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(h).T
 
 
-@register_observer("learned_clip", needs_data=True)
+@register_observer("learned_clip", needs_data=True, params=("observer_grid", "observer_min_ratio"))
 def _learned_clip(
     w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None
 ) -> QuantizedWeight:
@@ -367,7 +389,9 @@ def _element_scales(qw: QuantizedWeight, k: int) -> torch.Tensor:
     return s
 
 
-@register_observer("gptq", needs_data=True)
+@register_observer(
+    "gptq", needs_data=True, params=("gptq_damp", "gptq_block", "gptq_act_order", "gptq_scale_observer")
+)
 def _gptq(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None) -> QuantizedWeight:
     """GPTQ error-compensating rounding with H = X^T X and precomputed (static) scales."""
     _check_data("gptq", w, x)

@@ -16,14 +16,17 @@ from quantfw.errors import ConfigError
 from quantfw.layout import expr
 from quantfw.layout.spec import ROLES, Dims, ParamSpec, instantiate
 
-FLAGS = (
-    "weight_bits",
-    "group_size",
-    "activation_use_clip",
-    "fused_swiglu_quant",
+# Layout and compute flags: they decide what is stored and how it runs.
+LAYOUT_FLAGS = ("weight_bits", "group_size", "activation_use_clip", "fused_swiglu_quant")
+# Load options: what loading does with a checkpoint, never what is written.
+LOAD_OPTIONS = ("missing_alpha",)
+FILL_OPTION = (
+    "missing_alpha"  # error | ones: a checkpoint lacking an optional parameter fails / loads its init
+)
+# Quantizer options: the observer and its parameters pick scales and rounding, never the layout
+# (quantfw.quantize.observers declares which parameters each observer reads).
+OBSERVER_OPTIONS = (
     "weight_observer",
-    "missing_alpha",
-    # Observer choice and parameters: they pick scales and rounding, never the layout.
     "observer_grid",
     "observer_min_ratio",
     "ssz_iters",
@@ -34,6 +37,8 @@ FLAGS = (
     "gptq_act_order",
     "gptq_scale_observer",
 )
+FLAGS = (*LAYOUT_FLAGS, *LOAD_OPTIONS, *OBSERVER_OPTIONS)
+MAX_WEIGHT_BITS = 8  # int8 is the widest integer the stored weights and kernels take
 # Ops a compute plan may call; each backend provides all of them (names of quantfw.ops / torch_npu).
 PLAN_OPS = (
     "dynamic_quant",
@@ -52,6 +57,41 @@ class PlanStep:
     op: str
     args: Mapping[str, str]  # op argument -> value name in the plan environment
     out: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OptionalParam:
+    """A runtime parameter declared `optional: true`: only variants whose flag `when` names use it,
+    and a checkpoint may lack it (the load option then fills `init`)."""
+
+    name: str
+    roles: tuple[str, ...]
+    flag: str
+    init: str
+
+    @property
+    def init_value(self) -> int:
+        return {"zeros": 0, "ones": 1}[self.init]
+
+
+def optional_params(runtime: Mapping[str, Any], where: str = "scheme runtime") -> dict[str, OptionalParam]:
+    """The optional parameters a runtime layout declares, by name."""
+    out = {}
+    for name, entry in runtime.items():
+        if not isinstance(entry, Mapping) or not entry.get("optional"):
+            continue
+        flag = entry.get("when")
+        if not isinstance(flag, str) or not flag.isidentifier():
+            raise ConfigError(
+                f"{where}.{name}: optional needs when: FLAG (the flag that enables it), found {flag!r}"
+            )
+        init = entry.get("init", "ones")
+        if init not in ("zeros", "ones"):
+            raise ConfigError(
+                f"{where}.{name}: optional needs init: ones or zeros (what a missing one loads as), found {init!r}"
+            )
+        out[name] = OptionalParam(name, tuple(entry.get("roles", ROLES)), flag, init)
+    return out
 
 
 @dataclass(frozen=True)
@@ -82,19 +122,21 @@ class Scheme:
 
     def validate(self) -> None:
         f = self.flags
-        if f.get("weight_bits") not in (4, 8):
-            raise ConfigError(f"{self.where}: weight_bits={f.get('weight_bits')} (allowed: 4, 8)")
+        bits = f.get("weight_bits")
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= MAX_WEIGHT_BITS:
+            raise ConfigError(f"{self.where}: weight_bits={bits} (allowed: 2 to {MAX_WEIGHT_BITS})")
         if f.get("group_size", 0) < 0:
             raise ConfigError(f"{self.where}: group_size={f['group_size']} must be >= 0 (0 = per-channel)")
-        if f.get("group_size") and f.get("weight_bits") == 8:
-            raise ConfigError(f"{self.where}: group_size applies to int4 weights only (weight_bits=8)")
-        if f.get("missing_alpha", "error") not in ("error", "ones"):
-            raise ConfigError(f"{self.where}: missing_alpha='{f['missing_alpha']}' (allowed: error, ones)")
+        if f.get("group_size") and f.get("weight_bits") == MAX_WEIGHT_BITS:
+            raise ConfigError(f"{self.where}: group_size applies to sub-8-bit weights only (weight_bits=8)")
+        if f.get(FILL_OPTION, "error") not in ("error", "ones"):
+            raise ConfigError(f"{self.where}: {FILL_OPTION}='{f[FILL_OPTION]}' (allowed: error, ones)")
         from quantfw.quantize.observers import validate_flags
 
         validate_flags(f, self.where)
         if not self.runtime:
             raise ConfigError(f"{self.where}: 'runtime' declares no parameters")
+        optional_params(self.runtime, f"{self.where} runtime")
         self.plan()  # names every undefined value or unknown op
 
     def env(self, dims: Dims, role: str) -> dict[str, Any]:
@@ -167,6 +209,44 @@ class Scheme:
             raise ConfigError(f"{self.where}: the compute plan must end in a step with out: out")
         return steps
 
+    def layout_flags(self) -> dict[str, Any]:
+        return {k: v for k, v in self.flags.items() if k in LAYOUT_FLAGS}
+
+    def optional_in_use(self) -> dict[str, OptionalParam]:
+        """The optional runtime parameters this variant's flags enable."""
+        return {n: p for n, p in optional_params(self.runtime).items() if self.flags.get(p.flag)}
+
+    @property
+    def clips(self) -> bool:
+        """Whether the scheme carries learned per-expert activation parameters (the clip), read
+        from its optional parameter declarations: the one place that decides it."""
+        return bool(self.optional_in_use())
+
+    def fills_missing(self) -> bool:
+        """Load option: a checkpoint lacking an optional parameter loads it at its `init`."""
+        return self.flags.get(FILL_OPTION) == "ones"
+
+    def value_ranges(self) -> dict[str, tuple[float, float, str]]:
+        """name -> (low exclusive, high inclusive, why) of runtime parameters declaring `values`."""
+        out = {}
+        for name, entry in self.runtime.items():
+            v = entry.get("values") if isinstance(entry, Mapping) else None
+            if v:
+                out[name] = (float(v["above"]), float(v["at_most"]), str(v.get("why", "")))
+        return out
+
+    def output_flags(self) -> dict[str, Any]:
+        """The flags that change written bytes: layout flags, the observer and the parameters it
+        reads (load options and other observers' parameters do not)."""
+        from quantfw.quantize.observers import used_params
+
+        return {**self.layout_flags(), **used_params(self.flags)}
+
     def signature(self) -> dict[str, Any]:
-        """What makes two schemes the same scheme: flags, runtime layout and compute plan."""
-        return {"flags": dict(self.flags), "runtime": self.runtime, "plan": [s.__dict__ for s in self.plan()]}
+        """What makes two schemes the same scheme for their output: the flags that change the
+        written bytes, the runtime layout and the compute plan."""
+        return {
+            "flags": self.output_flags(),
+            "runtime": self.runtime,
+            "plan": [s.__dict__ for s in self.plan()],
+        }
