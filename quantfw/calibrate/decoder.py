@@ -73,9 +73,9 @@ class DecoderStack:
     def __init__(
         self, folder: str | Path, reader: CheckpointReader, experts_factory: Callable[[int], nn.Module]
     ):
-        from quantfw.integrations.hf import _transformers, swap_moe_experts
+        from quantfw.integrations.hf import require_transformers, swap_moe_experts
 
-        tf = _transformers()
+        tf = require_transformers()
         self.reader = reader
         self.folder = Path(folder)
         raw = reader.config()

@@ -73,7 +73,8 @@ class FormatConfig:
 @dataclass
 class BackendConfig:
     name: str = MISSING  # torch | npu | npu_sim
-    mode: str = "exact"  # exact | fast (torch backend)
+    mode: str = "exact"  # one of `modes` (torch: exact | fast)
+    modes: dict[str, Any] = field(default_factory=dict)  # mode -> its post-load steps (empty: `mode` only)
     post_load: list[Any] = field(default_factory=list)
     allow_unclipped_fallback: bool = False
     # npu / npu_sim: clip op path auto|native|composed; whether the simulated torch_npu has the

@@ -316,7 +316,7 @@ def from_checkpoint(
 
 
 def load_layer(op: Opened, layer: int):
-    from quantfw.api import build_layer
+    from quantfw.build import build_layer
 
     moe = build_layer(op.cfg)
     return moe.load(layer_tensors(op, layer), source=f"{op.reader.folder} layer {layer}")

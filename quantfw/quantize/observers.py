@@ -38,7 +38,8 @@ import torch
 
 from quantfw.errors import ConfigError, LayoutError
 from quantfw.quantize import primitives as P
-from quantfw.quantize.weights import QuantizedWeight
+from quantfw.quantize.qweight import QuantizedWeight
+from quantfw.registry import Registry
 
 
 # Observer parameters (scheme flags), their defaults and the check each value must pass.
@@ -78,28 +79,24 @@ class Observer:
     takes_fp8: bool = False  # fn(..., fp8=BlockScales) dequantizes an FP8 weight itself
 
 
-_OBSERVERS: dict[str, Observer] = {}
+OBSERVERS: Registry[Observer] = Registry("observer")  # plugins: entry-point group quantfw.observers
 
 
 def register_observer(name: str, needs_data: bool = False, fp8: bool = False):
     def deco(fn):
-        if name in _OBSERVERS:
-            raise ValueError(f"observer '{name}' is already registered")
         doc = (fn.__doc__ or "").strip().splitlines()[0]
-        _OBSERVERS[name] = Observer(name, fn, needs_data, doc, fp8)
+        OBSERVERS.add(name, Observer(name, fn, needs_data, doc, fp8))
         return fn
 
     return deco
 
 
 def available() -> list[str]:
-    return sorted(_OBSERVERS)
+    return OBSERVERS.names()
 
 
 def get_observer(name: str, where: str = "scheme.weight_observer") -> Observer:
-    if name not in _OBSERVERS:
-        raise ConfigError(f"{where}: unknown observer '{name}' (available: {', '.join(available())})")
-    return _OBSERVERS[name]
+    return OBSERVERS.get(name, where)
 
 
 def needs_data(flags: Mapping[str, Any]) -> bool:
@@ -117,13 +114,13 @@ def validate_flags(flags: Mapping[str, Any], where: str) -> None:
     """All observer problems of a scheme's flags in one error, each naming its key."""
     problems = []
     name = flags.get("weight_observer", "minmax")
-    if name not in _OBSERVERS:
+    if name not in OBSERVERS:
         problems.append(f"weight_observer='{name}' is unknown (available: {', '.join(available())})")
     for key, (_, ok, allowed) in PARAMS.items():
         value = param(flags, key)
         if not ok(value):
             problems.append(f"{key}={value!r} (allowed: {allowed})")
-    data_free = [n for n, o in sorted(_OBSERVERS.items()) if not o.needs_data]
+    data_free = [n for n, o in OBSERVERS.items() if not o.needs_data]
     for key in OBSERVER_REFS:
         value = param(flags, key)
         if value not in data_free:
