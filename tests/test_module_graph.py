@@ -133,7 +133,9 @@ def test_no_private_name_is_imported_across_packages():
         for base, names, line in _imports(m, path):
             if ".".join(base.split(".")[:2]) == here:
                 continue
-            private = [p for p in base.split(".") if p.startswith("_")] + [n for n in names if n.startswith("_")]
+            private = [p for p in base.split(".") if p.startswith("_")] + [
+                n for n in names if n.startswith("_")
+            ]
             if private:
                 bad.append(f"{path.relative_to(ROOT)}:{line} imports {private} from {base}")
     assert bad == []
