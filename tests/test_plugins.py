@@ -166,9 +166,7 @@ def _ops(log: list[str]) -> set[str]:
     return {line.split()[1] for line in log if line.startswith("op ")}
 
 
-def test_plugin_observer_backend_scheme_and_format_in_every_command(setup, tmp_path):
-    tmp, _, _, float_ckpt = setup
-
+def test_plan_shows_the_plugin_backend_and_the_user_scheme_and_format(setup, tmp_path):
     r, log = _run(setup, "plan", f"out={tmp_path / 'plan.json'}")
     assert r.returncode == 0, r.stderr
     assert "scheme=w4a8_g64_logged format=slim_no_offsets backend=counting" in r.stdout
@@ -181,6 +179,8 @@ def test_plugin_observer_backend_scheme_and_format_in_every_command(setup, tmp_p
     assert "w13_weight_offset" not in r.stdout and "w13_weight_scale_second" in r.stdout
     assert "backend counting exact" in log
 
+
+def test_demo_runs_the_plugin_observer_and_backend_and_the_user_rows(setup):
     r, log = _run(setup, "demo", "tokens=16", "progress=false")
     assert r.returncode == 0, r.stderr
     assert "recipe: w4a8_g64_logged g64 [slim_no_offsets]" in r.stdout and "backend=counting" in r.stdout
@@ -188,6 +188,8 @@ def test_plugin_observer_backend_scheme_and_format_in_every_command(setup, tmp_p
     assert any(line.startswith("observer") for line in log)
     assert {"dynamic_quant", "grouped_matmul_a8w4", "swiglu"} <= _ops(log)
 
+
+def test_bench_times_the_recipe_and_user_rows_on_the_plugin_backend(setup, tmp_path):
     out = tmp_path / "bench.json"
     r, log = _run(
         setup,
@@ -211,6 +213,9 @@ def test_plugin_observer_backend_scheme_and_format_in_every_command(setup, tmp_p
     ]
     assert "grouped_matmul_a8w4" in _ops(log) and any(line.startswith("observer") for line in log)
 
+
+def test_quantize_and_check_with_the_plugin_observer_and_user_format(setup, tmp_path):
+    float_ckpt = setup[3]
     qdir = tmp_path / "quantized"
     r, log = _run(setup, "quantize", f"input={float_ckpt}", f"output={qdir}", "progress=false")
     assert r.returncode == 0, r.stderr
@@ -220,7 +225,9 @@ def test_plugin_observer_backend_scheme_and_format_in_every_command(setup, tmp_p
     assert any(".experts.0." in k and k.endswith("weight_scale_second") for k in names)
     assert not any(".experts." in k and "weight_offset" in k for k in names)
 
-    r, _ = _run(setup, "check", f"checkpoint={qdir}")
+    # Detection names the shipped scheme and format whose metadata style matches; the user's
+    # overrides come after it.
+    r, _ = _run(setup, "check", f"checkpoint={qdir}", "scheme=w4a8_g64_logged", "format=slim_no_offsets")
     assert r.returncode == 0, r.stderr + r.stdout
     assert "scheme w4a8_g64_logged" in r.stdout and "format slim_no_offsets" in r.stdout
     assert "OK: every routed-expert tensor matches the declared layout" in r.stdout
@@ -233,10 +240,15 @@ def _safetensors_keys(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("command", ["plan", "demo"])
-def test_without_the_plugin_the_names_are_refused_in_one_line(setup, command):
+def test_without_the_plugin_the_observer_is_refused_in_one_line(setup, command):
     r, _ = _run(setup, command, "tokens=16", plugin=False)
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and (
-        "unknown observer 'logged_minmax'" in err[0] or "unknown backend 'counting'" in err[0]
-    )
+    assert len(err) == 1 and "weight_observer='logged_minmax' is unknown" in err[0], err
+
+
+def test_without_the_plugin_the_backend_is_refused_in_one_line(setup):
+    r, _ = _run(setup, "plan", "scheme.weight_observer=minmax", plugin=False)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "unknown backend 'counting'" in err[0], err

@@ -34,12 +34,9 @@ def label(scheme: Scheme, fmt: Format, note: str = "") -> str:
 
 def _user_dirs() -> list[str]:
     """The running command's config folders (--config-dir, hydra.searchpath), if inside one."""
-    from hydra.core.hydra_config import HydraConfig
+    from quantfw.config.variants import running_config_dirs
 
-    if not HydraConfig.initialized():
-        return []
-    sources = HydraConfig.get().runtime.config_sources
-    return sorted({s.path for s in sources if s.schema == "file" and s.provider != "hydra"})
+    return running_config_dirs()
 
 
 def rows_file() -> Path:

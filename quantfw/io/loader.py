@@ -67,10 +67,12 @@ def open_checkpoint(
     backend: str | None = None,
     proj_names=None,
     collect: bool = False,
+    config_dirs: Sequence[str | Path] = (),
 ) -> Opened:
     """The checkpoint with its detected recipe. Dims from config.json are typed, bounded and
     checked against the tensor headers before anything is sized from them. `collect=True` keeps
-    index/shard inconsistencies in `reader.problems` for `check` instead of raising."""
+    index/shard inconsistencies in `reader.problems` for `check` instead of raising. `config_dirs`:
+    the user recipe folders (--config-dir) the recipe and its groups may come from."""
     from quantfw.config.compose import compose
 
     if not (0 <= ep_rank < ep_size and 0 <= tp_rank < tp_size):
@@ -101,7 +103,7 @@ def open_checkpoint(
         f"checkpoint={reader.folder}",
     ]
     chosen = [*detected, *dims, *([f"backend={backend}"] if backend else []), *recipe_overrides]
-    cfg = compose(recipe, chosen)
+    cfg = compose(recipe, chosen, config_dirs=config_dirs)
     return Opened(
         reader, model, prefixes, cfg, Scheme.from_config(cfg.scheme), Format.from_config(cfg.format)
     )
