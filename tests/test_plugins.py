@@ -10,10 +10,10 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from hostile import write_folder
 
 from quantfw.integrations.hf import save_tiny_checkpoint
 
@@ -128,19 +128,11 @@ USER = {
 }
 
 
-def _write(root: Path, files: dict[str, str]) -> Path:
-    for rel, text in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text).lstrip())
-    return root
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plugins")
-    plugin = _write(tmp / "site", PLUGIN)
-    user = _write(tmp / "user", USER)
+    plugin = write_folder(tmp / "site", PLUGIN)
+    user = write_folder(tmp / "user", USER)
     float_ckpt = save_tiny_checkpoint("mixtral", tmp / "float")
     return tmp, plugin, user, float_ckpt
 
