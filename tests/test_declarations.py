@@ -185,3 +185,26 @@ def test_every_named_kind_is_one_registry_type_with_its_entry_point_group():
         OBSERVERS.add("minmax", OBSERVERS.get("minmax"))
     with pytest.raises(ConfigError, match=r"backend.name: unknown backend 'nope' \(available: .*npu_sim"):
         get_backend({"name": "nope"})
+
+
+def test_bench_variants_come_from_conf_and_fit_the_group_size():
+    from types import SimpleNamespace
+
+    from quantfw.eval.bench import scheme_variants, selected_variants
+    from quantfw.layout.spec import Dims
+
+    reference = scheme_variants(Dims(E=64, H=2048, I=1408), 256, recipe_label="mine (recipe)")
+    assert reference["w4a8_group"] == (
+        "w4a8 g128",
+        ["scheme=w4a8", "scheme.group_size=128", "format=msmodelslim"],
+    )
+    assert scheme_variants(Dims(E=8, H=512, I=256))["w4a8_group"][0] == "w4a8 g256"
+    assert reference["recipe"] == ("mine (recipe)", [])
+    # default: every declared variant, the recipe's own only when named
+    assert selected_variants(SimpleNamespace(schemes=[]), reference) == [
+        "w8a8",
+        "w4a8_group",
+        "w4a8_pc",
+        "w4a8_clip",
+    ]
+    assert selected_variants(SimpleNamespace(schemes=["recipe"]), reference) == ["recipe"]

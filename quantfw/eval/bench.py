@@ -51,6 +51,11 @@ def scheme_variants(
     return out
 
 
+def selected_variants(bench, variants: Mapping[str, object]) -> list[str]:
+    """bench.schemes, or every declared variant (the recipe's own only when asked for)."""
+    return list(bench.schemes) or [k for k in variants if k != "recipe"]
+
+
 def default_backend() -> dict:
     """conf/backend/torch.yaml, for callers that name no backend."""
     return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "backend" / "torch.yaml"))
@@ -181,7 +186,7 @@ def bench_layer(
             )
             log(_line(records[-1]))
     variants = scheme_variants(dims, bench.group_size, recipe_label)
-    for key in bench.schemes or variants:
+    for key in selected_variants(bench, variants):
         label, overrides = variants[key]
         v = compose_variant(overrides)
         scheme, fmt = Scheme.from_config(v.scheme), Format.from_config(v.format)
@@ -269,7 +274,7 @@ def bench_load(
     records = []
     variants = scheme_variants(dims, bench.group_size, recipe_label)
     with tempfile.TemporaryDirectory(prefix="quantfw-bench-") as tmp:
-        for key in bench.schemes or variants:
+        for key in selected_variants(bench, variants):
             label, overrides = variants[key]
             v = compose_variant(overrides)
             scheme, fmt = Scheme.from_config(v.scheme), Format.from_config(v.format)
