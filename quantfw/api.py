@@ -5,51 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
-from quantfw.backends import Backend, get_backend
+from quantfw.build import build_layer, components, layer_dims, local_experts, placement
 from quantfw.config.compose import compose
-from quantfw.errors import ConfigError
-from quantfw.formats.format import Format
 from quantfw.io.loader import from_checkpoint as _load_one
-from quantfw.layout.spec import Dims
 from quantfw.moe.layer import MoELayer
-from quantfw.parallel.placement import Placement
-from quantfw.schemes.scheme import Scheme
 
-
-def components(cfg: DictConfig) -> tuple[Scheme, Format, Backend]:
-    return Scheme.from_config(cfg.scheme), Format.from_config(cfg.format), get_backend(cfg.backend)
-
-
-def placement(cfg: DictConfig) -> Placement:
-    """The recipe's expert placement over the ep_size expert-parallel ranks (`placement` key)."""
-    declared = cfg.get("placement")
-    if isinstance(declared, DictConfig | ListConfig):
-        declared = OmegaConf.to_container(declared, resolve=True)
-    return Placement.from_config(declared, cfg.model.num_experts, cfg.ep_size)
-
-
-def local_experts(cfg: DictConfig) -> tuple[int, ...]:
-    """Global ids of the routed experts this expert-parallel rank holds, in local order."""
-    experts = placement(cfg).local(cfg.ep_rank)
-    if not experts:
-        raise ConfigError(
-            f"placement: ep_rank={cfg.ep_rank} holds no experts (every rank needs at least one)"
-        )
-    return experts
-
-
-def layer_dims(cfg: DictConfig) -> Dims:
-    """This rank's dims: its placed experts, the intermediate size split over tp_size."""
-    m = cfg.model
-    return Dims(E=len(local_experts(cfg)), H=m.hidden_size, I=m.moe_intermediate_size, tp=cfg.tp_size)
-
-
-def build_layer(cfg: DictConfig) -> MoELayer:
-    """An unloaded layer for the recipe's model, scheme, format and backend at this rank."""
-    scheme, fmt, backend = components(cfg)
-    return MoELayer(scheme, fmt, backend, layer_dims(cfg), experts=local_experts(cfg))
+__all__ = [
+    "build_from_recipe",
+    "build_layer",
+    "components",
+    "from_checkpoint",
+    "layer_dims",
+    "local_experts",
+    "placement",
+]
 
 
 def from_checkpoint(

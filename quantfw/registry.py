@@ -58,6 +58,9 @@ class Registry(Generic[T]):
         self.load_plugins()
         return name in self._items
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
     def names(self) -> list[str]:
         self.load_plugins()
         return sorted(self._items)

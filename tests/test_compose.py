@@ -114,8 +114,8 @@ def _user_dir(tmp_path, scheme_yaml):
             defaults: [w4a8, _self_]
             name: broken
             compute:
-              - {op: dynamic_quant, args: {x: x}, out: [xq, xs]}
-              - {op: grouped_matmul_a8w4, args: {x: xq, weight: w13_wieght}, out: out}
+              - {op: dynamic_quant, params: {x: x}, out: [xq, xs]}
+              - {op: grouped_matmul_a8w4, params: {x: xq, weight: w13_wieght}, out: out}
             """,
             r"compute\[1\] \(grouped_matmul_a8w4\): argument weight=w13_wieght is not defined",
         ),

@@ -124,6 +124,20 @@ def test_unknown_transform_and_key():
 # come from the layout, so the reordered pipeline gives the same runtime tensors.
 
 
+def _w4_group_steps(load):
+    """msModelSlim's load steps that apply to per-group W4A8, as one flat list (the `choose`
+    weight_bits case 4, the `if: group_size` then-branch)."""
+    out = []
+    for s in load:
+        if "choose" in s:
+            out += _w4_group_steps(s["cases"][4])
+        elif "if" in s:
+            out += _w4_group_steps(s["then"])
+        else:
+            out.append(s)
+    return out
+
+
 def _w4a8_msmodelslim(load_steps):
     import yaml
 
@@ -133,7 +147,7 @@ def _w4a8_msmodelslim(load_steps):
     base = yaml.safe_load((CONF_DIR / "scheme" / "w4a8.yaml").read_text())
     scheme = Scheme.from_config(base)
     if load_steps is not None:
-        fmt_cfg["load"] = load_steps(fmt_cfg["load"])
+        fmt_cfg["load"] = load_steps(_w4_group_steps(fmt_cfg["load"]))
     return scheme, Format.from_config(fmt_cfg)
 
 

@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
-from quantfw.backends import Backend, register_backend
+from quantfw.backends.base import Backend, register_backend
+from quantfw.backends.npu_sim import NpuSim
 from quantfw.errors import BackendUnavailable, ConfigError
 from quantfw.layout.spec import parse_dtype
-from quantfw.ops.activation import _pad_rows, _quant_rows
-from quantfw.schemes.scheme import PLAN_OPS
+from quantfw.ops.activation import pad_rows, quant_rows
+from quantfw.schemes.plan_ops import PLAN_OPS
 from quantfw.transforms import register
 
 INSTALL_HINT = (
@@ -150,8 +151,8 @@ class NpuOps:
         experts = torch.arange(group_alpha.shape[0], device=group_alpha.device)
         t = group_alpha[torch.repeat_interleave(experts, group_index)] * y[:valid].abs().amax(dim=-1)
         clamped = torch.clamp(y[:valid], -t.unsqueeze(-1), t.unsqueeze(-1))
-        q, s = _quant_rows(clamped, t)
-        return _pad_rows(q, s, x.shape[0])
+        q, s = quant_rows(clamped, t)
+        return pad_rows(q, s, x.shape[0])
 
     # -- routing hooks (Backend.route / Backend.combine) -------------------------------------
     def route(self, hidden_states, topk_ids, expert_offset: int, E: int):
@@ -197,7 +198,7 @@ def build_npu_backend(name: str, npu: Any, cfg: Mapping[str, Any]) -> Backend:
         swiglu_clip=str(cfg.get("swiglu_clip", "auto")),
         allow_unclipped=bool(cfg.get("allow_unclipped_fallback", False)),
     )
-    ops = {op: getattr(impl, op) for op in PLAN_OPS}
+    ops = {op: getattr(impl, op) for op in PLAN_OPS if hasattr(impl, op)}  # a plugin op: refused by name
     backend = Backend(name=name, ops=ops, notes=notes, route=impl.route, combine=impl.combine)
     backend.npu = npu  # the injected namespace (tests inspect NpuSim.calls)
     return backend
@@ -206,6 +207,12 @@ def build_npu_backend(name: str, npu: Any, cfg: Mapping[str, Any]) -> Backend:
 @register_backend("npu")
 def make_npu_backend(cfg):
     return build_npu_backend("npu", load_torch_npu(), cfg)
+
+
+@register_backend("npu_sim")
+def make_npu_sim_backend(cfg):
+    sim = NpuSim(has_swiglu_clip_quant=bool(cfg.get("sim_has_swiglu_clip_quant", False)))
+    return build_npu_backend("npu_sim", sim, cfg)
 
 
 # -- NPU post-load transforms (listed in conf/backend/npu*.yaml) -----------------------------------
@@ -222,8 +229,6 @@ def _namespace_for(t: torch.Tensor) -> Any:
         import torch_npu
 
         return torch_npu
-    from quantfw.backends.npu_sim import NpuSim
-
     return NpuSim
 
 

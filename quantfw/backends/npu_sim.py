@@ -17,9 +17,8 @@ from typing import Any
 import torch
 
 from quantfw import ops
-from quantfw.backends import register_backend
 from quantfw.errors import LayoutError
-from quantfw.ops._checks import check_tensor
+from quantfw.ops import check_tensor
 
 ACL_FORMAT_ND = 2
 ACL_FORMAT_FRACTAL_NZ = 29
@@ -392,11 +391,3 @@ class NpuSim:
     @staticmethod
     def get_npu_format(t: torch.Tensor) -> int:
         return _FORMATS.get(t.untyped_storage().data_ptr(), ACL_FORMAT_ND)
-
-
-@register_backend("npu_sim")
-def make_npu_sim_backend(cfg):
-    from quantfw.backends.npu import build_npu_backend
-
-    sim = NpuSim(has_swiglu_clip_quant=bool(cfg.get("sim_has_swiglu_clip_quant", False)))
-    return build_npu_backend("npu_sim", sim, cfg)

@@ -1,30 +1,21 @@
 """The torch backend: `mode: exact` runs quantfw.ops (exact integer semantics of the Ascend
-kernels, the reference); `mode: fast` runs torch's packed CPU kernels on a layout prepared once at
-post-load (quantfw.backends.torch_fast, quantfw.transforms.cpu_fast)."""
+kernels, the reference); `mode: fast` runs torch's packed CPU kernels on a layout that the
+fast mode's post-load steps (conf/backend/torch.yaml, `modes.fast`) prepare once."""
 
 from __future__ import annotations
 
-from quantfw import ops
-from quantfw.backends import Backend, register_backend
-from quantfw.errors import ConfigError
-from quantfw.schemes.scheme import PLAN_OPS
-from quantfw.transforms import Pipeline, parse_steps
-
-MODES = ("exact", "fast")
+from quantfw.backends.base import Backend, register_backend
+from quantfw.schemes.plan_ops import PLAN_OPS
 
 
 @register_backend("torch")
 def make_torch_backend(cfg) -> Backend:
-    mode = cfg.get("mode", "exact")
-    if mode not in MODES:
-        raise ConfigError(f"backend.mode '{mode}' is not available (available: {', '.join(MODES)})")
-    if mode == "exact":
-        return Backend(name="torch", ops={name: getattr(ops, name) for name in PLAN_OPS})
-    from quantfw.backends.torch_fast import FAST_OPS, FAST_POST_LOAD
+    if cfg.get("mode", "exact") == "exact":
+        return Backend(name="torch", ops={name: PLAN_OPS.get(name) for name in PLAN_OPS})
+    from quantfw.backends.torch_fast import FAST_OPS
 
     return Backend(
         name="torch",
-        ops={name: FAST_OPS[name] for name in PLAN_OPS},
-        post_load=Pipeline(parse_steps(FAST_POST_LOAD, "backend 'torch' (mode fast) post_load")),
+        ops={name: FAST_OPS.get(name) or PLAN_OPS.get(name) for name in PLAN_OPS},
         notes={"mode": "fast"},
     )

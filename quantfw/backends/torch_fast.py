@@ -8,16 +8,15 @@ one preallocated output. Kernels (torch 2.13, measured on the bench machine, see
   and bf16 scales (the approximation: bf16 scales and a bf16 kernel output), plus the fp32
   residual bias and the per-token scale in fp32.
 Activation ops (dynamic quant, SwiGLU, fused quant) are already vectorised tensor code and are
-shared with the exact backend: one implementation of their rounding rules.
+shared with the exact backend (quantfw.schemes.plan_ops): one implementation of their rounding rules.
 """
 
 from __future__ import annotations
 
 import torch
 
-from quantfw import ops
-from quantfw.ops._checks import check_tensor, fail
-from quantfw.ops._checks import row_groups as _spans  # one host sync per op call
+from quantfw.ops import check_tensor, fail
+from quantfw.ops import row_groups as _spans  # one host sync per op call
 from quantfw.transforms.cpu_fast import int4pack_group_size
 
 
@@ -94,19 +93,6 @@ def grouped_matmul_a8w4(
     return out
 
 
-FAST_OPS = {
-    "dynamic_quant": ops.dynamic_quant,
-    "swiglu": ops.swiglu,
-    "dequant_swiglu_quant": ops.dequant_swiglu_quant,
-    "swiglu_clip_quant": ops.swiglu_clip_quant,
-    "grouped_matmul_a8w8": grouped_matmul_a8w8,
-    "grouped_matmul_a8w4": grouped_matmul_a8w4,
-}
-
-# The post-load steps that produce the layout FAST_OPS read (declared, shape-checked, run once).
-FAST_POST_LOAD = [
-    {"op": "a8w4_residual", "params": ["bias", "weight", "scale"], "out": "bias", "when": "weight_bits == 4"},
-    {"op": "int4pack", "params": "weight", "when": "weight_bits == 4"},
-    {"op": "int4pack_scales", "params": "scale", "when": "weight_bits == 4"},
-    {"op": "transpose", "params": "weight", "dims": [1, 2], "when": "weight_bits == 8"},
-]
+# The matmuls read the layout that conf/backend/torch.yaml's `modes.fast` post-load steps prepare;
+# the other plan ops are the reference ones.
+FAST_OPS = {"grouped_matmul_a8w8": grouped_matmul_a8w8, "grouped_matmul_a8w4": grouped_matmul_a8w4}

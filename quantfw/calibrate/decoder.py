@@ -79,10 +79,10 @@ class DecoderStack:
     ):
         """mtp: also build the MTP layers (DeepSeek `num_nextn_predict_layers`) as decoder layers
         after the main ones (`mtp_layers`; their inputs come from `mtp_input`)."""
-        from quantfw.integrations.hf import _transformers, swap_moe_experts
+        from quantfw.integrations.hf import require_transformers, swap_moe_experts
         from quantfw.quantize.routing import mtp_layers
 
-        tf = _transformers()
+        tf = require_transformers()
         self.reader = reader
         self.folder = Path(folder)
         raw = reader.config()

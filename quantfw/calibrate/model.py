@@ -57,9 +57,9 @@ class CalibrationResult:
 
 def load_float_model(folder: str | Path):
     """The float causal LM of a HF checkpoint folder, fp32, eval mode, never touching the network."""
-    from quantfw.integrations.hf import _transformers
+    from quantfw.integrations.hf import require_transformers
 
-    tf = _transformers()
+    tf = require_transformers()
     try:
         # use_safetensors: a pytorch_model.bin beside the shards is never unpickled
         model = tf.AutoModelForCausalLM.from_pretrained(
@@ -76,9 +76,9 @@ def _tokenizer(folder: str | Path):
     folder = Path(folder)
     if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         return None
-    from quantfw.integrations.hf import _transformers
+    from quantfw.integrations.hf import require_transformers
 
-    return _transformers().AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return require_transformers().AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 def calibration_tokens(

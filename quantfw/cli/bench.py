@@ -1,7 +1,9 @@
-"""`quantfw bench [bench.tokens=[1,16]] [bench.modes=[fast]] out=FILE.json`.
+"""`quantfw bench [bench.tokens=[1,16]] [bench.modes=[fast]] [bench.schemes=[recipe]] out=FILE.json`.
 
 Times the reference layer (bench.reference) and the recipe's model layer (this rank's experts:
-use ep_size to shrink a large model). The JSON holds the machine, the measured bandwidth and one
+use ep_size to shrink a large model) on the recipe's backend, in each of bench.modes (default:
+every mode the backend declares), for the variants of conf/compare/rows.yaml `bench` and
+`recipe` (the running recipe's scheme and format). The JSON holds the machine, the measured bandwidth and one
 record per point; an existing file's records are kept and the new ones appended (so a --multirun
 sweep fills one file), unless overwrite=true.
 """
@@ -11,11 +13,12 @@ from __future__ import annotations
 import json
 import os
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from quantfw.api import layer_dims
+from quantfw.backends import declared_modes
 from quantfw.errors import ConfigError
-from quantfw.eval.bench import BenchLayer, markdown_table, run_bench
+from quantfw.eval.bench import BenchLayer, markdown_table, run_bench, scheme_variants
 from quantfw.layout.spec import Dims
 
 KEYS = ("kind", "layer", "scheme", "mode", "tokens", "median_ms", "min_ms", "max_ms", "bytes")
@@ -35,23 +38,31 @@ def _layers(cfg: DictConfig) -> list[BenchLayer]:
     return out
 
 
-def _check(cfg: DictConfig) -> None:
-    from quantfw.eval.bench import scheme_variants
+def _recipe_label(cfg: DictConfig) -> str:
+    return f"{cfg.scheme.name} [{cfg.format.name}] (recipe)"
 
-    known = scheme_variants(Dims(E=1, H=256, I=256)).keys()
+
+def _check(cfg: DictConfig, backend: dict) -> None:
+    known = scheme_variants(Dims(E=1, H=256, I=256), recipe_label="").keys()
     bad = [s for s in cfg.bench.schemes if s not in known]
     if bad:
         raise ConfigError(f"bench.schemes: unknown {bad} (allowed: {', '.join(known)})")
-    bad = [m for m in cfg.bench.modes if m not in ("exact", "fast")]
+    modes = declared_modes(backend)
+    bad = [m for m in cfg.bench.modes if m not in modes]
     if bad:
-        raise ConfigError(f"bench.modes: unknown {bad} (allowed: exact, fast)")
+        raise ConfigError(
+            f"bench.modes: unknown {bad} for backend '{backend['name']}' (allowed: {', '.join(modes)})"
+        )
 
 
 def run(cfg: DictConfig) -> dict:
-    _check(cfg)
+    backend = OmegaConf.to_container(cfg.backend, resolve=True)
+    _check(cfg, backend)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _run_parallel(cfg)
-    result = run_bench(_layers(cfg), cfg.bench, progress=cfg.progress)
+    result = run_bench(
+        _layers(cfg), cfg.bench, progress=cfg.progress, backend=backend, recipe_label=_recipe_label(cfg)
+    )
     print(markdown_table(result))
     return _write(cfg, result)
 

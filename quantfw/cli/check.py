@@ -8,6 +8,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from quantfw.cli.user_overrides import recipe_and_overrides
+from quantfw.config.variants import running_config_dirs
 from quantfw.errors import CheckpointError, ConfigError
 from quantfw.io.loader import check, open_checkpoint
 
@@ -16,7 +17,7 @@ def run(cfg: DictConfig) -> list[str]:
     if not cfg.checkpoint:
         raise ConfigError("check needs checkpoint=DIR")
     recipe, overrides = recipe_and_overrides()
-    op = open_checkpoint(cfg.checkpoint, recipe, overrides, collect=True)
+    op = open_checkpoint(cfg.checkpoint, recipe, overrides, collect=True, config_dirs=running_config_dirs())
     problems = check(op)
     layers = list(op.prefixes)
     head = (

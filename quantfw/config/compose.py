@@ -17,27 +17,18 @@ from omegaconf.errors import OmegaConfBaseException
 from quantfw.config.bounds import check_values
 from quantfw.config.hydra_guard import check_hydra
 from quantfw.config.interpolation import check_no_resolvers
+from quantfw.config.paths import CONF_DIR, RECIPES_DIR, ROOT, searchpath_override
 from quantfw.config.schema import QuantfwConfig, register_configs
 from quantfw.config.sources import check_group_overrides, check_name, group_names, scan_user_dirs, user_dir
 from quantfw.config.sweep import split_overrides, sweep_jobs
 from quantfw.errors import ConfigError
 
+__all__ = ["CONF_DIR", "RECIPES_DIR", "ROOT", "compose", "searchpath_override", "validate"]
+
 # The system temp folder, for Hydra's sweep records (conf/quantfw.yaml hydra.sweep.dir).
 OmegaConf.register_new_resolver("quantfw_tmp", tempfile.gettempdir, replace=True)
 
-ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = ROOT / "conf"
-RECIPES_DIR = ROOT / "recipes"
 GROUPS = ("scheme", "format", "model", "backend")
-
-
-def searchpath_override(extra: Sequence[str] = ()) -> str:
-    """The `hydra.searchpath` override that makes conf/, the shipped recipes (so user recipes can
-    build on them) and user folders visible."""
-    paths = [f"file://{CONF_DIR}", f"file://{RECIPES_DIR}"] + [
-        p if "://" in p else f"file://{Path(p).resolve()}" for p in extra
-    ]
-    return "hydra.searchpath=[" + ",".join(paths) + "]"
 
 
 def available(group: str, extra_dirs: Sequence[str | Path] = ()) -> list[str]:
@@ -174,7 +165,7 @@ def validate(cfg: DictConfig, config_dirs: Sequence[str | Path] | None = None) -
     scheme = Scheme.from_config(cfg.scheme)
     fmt = Format.from_config(cfg.format)
     fmt.check_compatible(scheme)
-    from quantfw.api import layer_dims
+    from quantfw.build import layer_dims
 
     scheme.check_dims(layer_dims(cfg))
     from quantfw.config import layer_choice

@@ -101,7 +101,7 @@ def trusted_hydra() -> dict[Key, Any]:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from quantfw.config.compose import CONF_DIR, searchpath_override
+    from quantfw.config.paths import CONF_DIR, searchpath_override
     from quantfw.config.schema import register_configs
 
     register_configs()
@@ -153,7 +153,9 @@ def check_hydra(hydra_cfg: DictConfig, task_overrides: Sequence[str], hydra_over
         elif key in expected:
             ok = value == expected[key]
         elif _under(key, "hydra.runtime.choices") and not _under(key, "hydra.runtime.choices.hydra/"):
-            ok = value is None or value is _ABSENT or isinstance(value, str)  # group choices: names (or removed)
+            ok = (
+                value is None or value is _ABSENT or isinstance(value, str)
+            )  # group choices: names (or removed)
         else:
             ok = value == trusted.get(key, _ABSENT)
         if not ok:

@@ -73,7 +73,8 @@ class FormatConfig:
 @dataclass
 class BackendConfig:
     name: str = MISSING  # torch | npu | npu_sim
-    mode: str = "exact"  # exact | fast (torch backend)
+    mode: str = "exact"  # one of `modes` (torch: exact | fast)
+    modes: dict[str, Any] = field(default_factory=dict)  # mode -> its post-load steps (empty: `mode` only)
     post_load: list[Any] = field(default_factory=list)
     allow_unclipped_fallback: bool = False
     # npu / npu_sim: clip op path auto|native|composed; whether the simulated torch_npu has the
@@ -135,8 +136,9 @@ class BenchConfig:
     """`quantfw bench`: what to time (see docs/performance.md)."""
 
     tokens: list[int] = field(default_factory=lambda: [1, 16, 128, 1024])
-    modes: list[str] = field(default_factory=lambda: ["exact", "fast"])  # torch backend modes
-    schemes: list[str] = field(default_factory=lambda: ["w8a8", "w4a8_group", "w4a8_pc", "w4a8_clip"])
+    modes: list[str] = field(default_factory=list)  # backend modes; empty: all the backend declares
+    # keys of conf/compare/rows.yaml `bench`, or `recipe`; empty: every declared variant
+    schemes: list[str] = field(default_factory=list)
     layers: list[str] = field(default_factory=lambda: ["reference", "model"])  # model = the recipe's
     group_size: int = 256  # w4a8_group: the largest of this, 128, 64 dividing both K
     repeats: int = 7  # timed runs per point (after one warm-up), fewer if max_seconds runs out

@@ -7,6 +7,16 @@ from collections.abc import Sequence
 from omegaconf import DictConfig
 
 
+def running_config_dirs() -> list[str]:
+    """The running command's config folders (--config-dir, hydra.searchpath), if inside one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    sources = HydraConfig.get().runtime.config_sources
+    return sorted({s.path for s in sources if s.schema == "file" and s.provider != "hydra"})
+
+
 def compose_variant(extra: Sequence[str]) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra.core.global_hydra import GlobalHydra

@@ -12,13 +12,16 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from omegaconf import OmegaConf
 
-from quantfw.backends import get_backend
+from quantfw.backends import declared_modes, get_backend
+from quantfw.config.paths import CONF_DIR
 from quantfw.config.variants import compose_variant
+from quantfw.eval.comparison import declared_rows
 from quantfw.formats.format import Format
 from quantfw.layout.spec import Dims
 from quantfw.moe.layer import MoELayer
@@ -29,17 +32,37 @@ from quantfw.schemes.scheme import Scheme
 KERNEL_GROUP_SIZES = (256, 128, 64)
 
 
-def scheme_variants(dims: Dims, group_size: int = 256) -> dict[str, tuple[str, list[str]]]:
-    """Bench name -> (label, overrides). The per-group W4A8 uses the largest of group_size, 128, 64
-    dividing both K (the reference layer's w2 K = 1408 is not a multiple of 256)."""
+def scheme_variants(
+    dims: Dims, group_size: int = 256, recipe_label: str | None = None
+) -> dict[str, tuple[str, list[str]]]:
+    """Bench key -> (label, overrides), from conf/compare/rows.yaml's `bench` section (plus
+    `recipe`: the running recipe unchanged, when recipe_label is given)."""
     ks = (dims.H, dims.I // dims.tp)
     gs = next((g for g in (group_size, *KERNEL_GROUP_SIZES) if all(k % g == 0 for k in ks)), 0)
-    return {
-        "w8a8": ("w8a8", ["scheme=w8a8", "format=msmodelslim"]),
-        "w4a8_group": (f"w4a8 g{gs}", ["scheme=w4a8", f"scheme.group_size={gs}", "format=msmodelslim"]),
-        "w4a8_pc": ("w4a8 per-channel", ["scheme=w4a8", "scheme.group_size=0", "format=msmodelslim"]),
-        "w4a8_clip": ("w4a8_clip", ["scheme=w4a8_clip", "format=compressed_tensors"]),
-    }
+    out = {}
+    for key, row in (declared_rows("bench") or {}).items():
+        flags = dict(row.get("flags") or {})
+        if row.get("fit_group_size"):
+            flags["group_size"] = gs
+        overrides = [f"scheme={row['scheme']}", *(f"scheme.{k}={v}" for k, v in flags.items())]
+        out[key] = (str(row.get("label", key)).format(**flags), [*overrides, f"format={row['format']}"])
+    if recipe_label is not None:
+        out["recipe"] = (recipe_label, [])
+    return out
+
+
+def selected_variants(bench, variants: Mapping[str, object]) -> list[str]:
+    """bench.schemes, or every declared variant (the recipe's own only when asked for)."""
+    return list(bench.schemes) or [k for k in variants if k != "recipe"]
+
+
+def default_backend() -> dict:
+    """conf/backend/torch.yaml, for callers that name no backend."""
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "backend" / "torch.yaml"))
+
+
+def with_mode(backend: Mapping | None, mode: str) -> dict:
+    return {**(backend or default_backend()), "mode": mode}
 
 
 def time_ms(fn: Callable[[], object], repeats: int, max_seconds: float) -> list[float]:
@@ -132,8 +155,15 @@ def runtime_bytes_per_expert(layer: MoELayer) -> int:
 
 
 def bench_layer(
-    layer_spec: BenchLayer, bench, bandwidth: float, log: Callable[[str], None] = print
+    layer_spec: BenchLayer,
+    bench,
+    bandwidth: float,
+    log: Callable[[str], None] = print,
+    backend: Mapping | None = None,
+    recipe_label: str | None = None,
 ) -> list[dict]:
+    """backend: the recipe's backend node (default conf/backend/torch.yaml), timed in each of
+    bench.modes; recipe_label: also time the running recipe as variant `recipe`."""
     dims, k = layer_spec.dims, layer_spec.top_k
     w13, w2 = float_experts(dims)
     records: list[dict] = []
@@ -155,15 +185,15 @@ def bench_layer(
                 _record(layer_spec, f"{fname}_eager", "float", T, ts, None, None, nbytes, bandwidth)
             )
             log(_line(records[-1]))
-    variants = scheme_variants(dims, bench.group_size)
-    for key in bench.schemes:
+    variants = scheme_variants(dims, bench.group_size, recipe_label)
+    for key in selected_variants(bench, variants):
         label, overrides = variants[key]
         v = compose_variant(overrides)
         scheme, fmt = Scheme.from_config(v.scheme), Format.from_config(v.format)
         alpha = torch.ones(dims.E) if scheme.clips else None
         tensors = quantize_experts(scheme, fmt, w13, w2, alpha=alpha)
-        for mode in bench.modes:
-            layer = MoELayer(scheme, fmt, get_backend({"name": "torch", "mode": mode}), dims)
+        for mode in bench_modes(bench, backend):
+            layer = MoELayer(scheme, fmt, get_backend(with_mode(backend, mode)), dims)
             layer.load(tensors, source=f"bench {label}")
             per_expert = runtime_bytes_per_expert(layer)
             for T, (x, w, ids, active) in inputs.items():
@@ -223,7 +253,18 @@ def _line(r: dict) -> str:
     )
 
 
-def bench_load(layer_spec: BenchLayer, bench, log: Callable[[str], None] = print) -> list[dict]:
+def bench_modes(bench, backend: Mapping | None) -> list[str]:
+    """bench.modes, or every mode the backend declares."""
+    return list(bench.modes) or list(declared_modes(backend or default_backend()))
+
+
+def bench_load(
+    layer_spec: BenchLayer,
+    bench,
+    log: Callable[[str], None] = print,
+    backend: Mapping | None = None,
+    recipe_label: str | None = None,
+) -> list[dict]:
     """load_file + a copy of every tensor (the raw read) vs load_file + MoELayer.load (format steps
     + backend post-load), on a file written by quantize_experts (in the page cache for both)."""
     from safetensors.torch import load_file, save_file
@@ -231,9 +272,9 @@ def bench_load(layer_spec: BenchLayer, bench, log: Callable[[str], None] = print
     dims = layer_spec.dims
     w13, w2 = float_experts(dims)
     records = []
-    variants = scheme_variants(dims, bench.group_size)
+    variants = scheme_variants(dims, bench.group_size, recipe_label)
     with tempfile.TemporaryDirectory(prefix="quantfw-bench-") as tmp:
-        for key in bench.schemes:
+        for key in selected_variants(bench, variants):
             label, overrides = variants[key]
             v = compose_variant(overrides)
             scheme, fmt = Scheme.from_config(v.scheme), Format.from_config(v.format)
@@ -249,10 +290,10 @@ def bench_load(layer_spec: BenchLayer, bench, log: Callable[[str], None] = print
                 bench.repeats,
                 bench.max_seconds,
             )
-            for mode in bench.modes:
-                backend = get_backend({"name": "torch", "mode": mode})
+            for mode in bench_modes(bench, backend):
+                built = get_backend(with_mode(backend, mode))
 
-                def full(p=path, b=backend, s=scheme, f=fmt):
+                def full(p=path, b=built, s=scheme, f=fmt):
                     MoELayer(s, f, b, dims).load(load_file(p), source=p)
 
                 ts = time_ms(full, bench.repeats, bench.max_seconds)
@@ -278,7 +319,12 @@ def bench_load(layer_spec: BenchLayer, bench, log: Callable[[str], None] = print
 
 
 def run_bench(
-    layers: Sequence[BenchLayer], bench, log: Callable[[str], None] = print, progress: bool = True
+    layers: Sequence[BenchLayer],
+    bench,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    backend: Mapping | None = None,
+    recipe_label: str | None = None,
 ) -> dict:
     if bench.threads:
         torch.set_num_threads(bench.threads)
@@ -286,10 +332,11 @@ def run_bench(
     log(f"memory bandwidth (copy of {bench.copy_mb} MiB): {bandwidth:.1f} GB/s")
     records = []
     for spec in bar(layers, progress=progress, desc="bench", unit="layer"):
-        records += bench_layer(spec, bench, bandwidth, log)
+        records += bench_layer(spec, bench, bandwidth, log, backend, recipe_label)
         if bench.load:
-            records += bench_load(spec, bench, log)
-    return {"machine": machine(), "bandwidth_gbs": bandwidth, "records": records}
+            records += bench_load(spec, bench, log, backend, recipe_label)
+    name = (backend or default_backend())["name"]
+    return {"machine": machine(), "bandwidth_gbs": bandwidth, "backend": name, "records": records}
 
 
 def markdown_table(result: dict) -> str:

@@ -4,6 +4,7 @@ declaration and fitted to the model's dims: adapted (said in the label) or skipp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -33,12 +34,22 @@ def label(scheme: Scheme, fmt: Format, note: str = "") -> str:
 
 def _user_dirs() -> list[str]:
     """The running command's config folders (--config-dir, hydra.searchpath), if inside one."""
-    from hydra.core.hydra_config import HydraConfig
+    from quantfw.config.variants import running_config_dirs
 
-    if not HydraConfig.initialized():
-        return []
-    sources = HydraConfig.get().runtime.config_sources
-    return sorted({s.path for s in sources if s.schema == "file" and s.provider != "hydra"})
+    return running_config_dirs()
+
+
+def rows_file() -> Path:
+    """conf/compare/rows.yaml, or the running command's user folder's own compare/rows.yaml."""
+    for d in _user_dirs():
+        own = Path(d) / "compare" / "rows.yaml"
+        if own.is_file() and own.resolve() != ROWS_FILE.resolve():
+            return own
+    return ROWS_FILE
+
+
+def declared_rows(section: str):
+    return OmegaConf.to_container(OmegaConf.load(rows_file())).get(section) or []
 
 
 def _compose(scheme: str, fmt: str, flags: dict):
@@ -70,7 +81,7 @@ def _build(scheme: str, fmt: str, flags: dict, dims: Dims) -> tuple[Scheme, Form
 def comparison_rows(section: str, dims: Dims) -> tuple[list[Row], list[str]]:
     """The rows of `section` that apply to `dims`, and one note per adapted or skipped row."""
     rows, notes = [], []
-    for entry in OmegaConf.to_container(OmegaConf.load(ROWS_FILE))[section]:
+    for entry in declared_rows(section):
         flags, note = dict(entry.get("flags", {})), entry.get("note", "")
         tries = [(flags, "")] + [
             ({**flags, k: v}, f"{k}={v}") for k, vs in entry.get("adapt", {}).items() for v in vs

@@ -13,25 +13,15 @@ from quantfw.errors import CheckpointError, LayoutError
 from quantfw.layout.spec import ParamSpec
 from quantfw.quantize import primitives as P
 from quantfw.quantize.weights import QuantizedWeight
+from quantfw.registry import Registry
 
 Encoder = Callable[[ParamSpec, QuantizedWeight, "torch.Tensor | None"], torch.Tensor]
-_ENCODERS: dict[str, Encoder] = {}
-
-
-def encoder(name: str):
-    def deco(fn: Encoder) -> Encoder:
-        if name in _ENCODERS:
-            raise ValueError(f"encoder '{name}' is already registered")
-        _ENCODERS[name] = fn
-        return fn
-
-    return deco
+ENCODERS: Registry[Encoder] = Registry("encoder")  # plugins: entry-point group quantfw.encoders
+encoder = ENCODERS.register
 
 
 def get(name: str, where: str) -> Encoder:
-    if name not in _ENCODERS:
-        raise LayoutError(f"{where}: unknown encode '{name}' (available: {', '.join(sorted(_ENCODERS))})")
-    return _ENCODERS[name]
+    return ENCODERS.get(name, where)
 
 
 @encoder("q")

@@ -82,6 +82,9 @@ def _transformers():
     return transformers
 
 
+require_transformers = _transformers  # the public name for other packages
+
+
 # --------------------------------------------------------------------------- tiny models
 
 

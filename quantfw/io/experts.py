@@ -22,7 +22,7 @@ from quantfw.errors import CheckpointError
 from quantfw.formats.format import Format
 from quantfw.io.fields import Fields
 from quantfw.layout import expr
-from quantfw.layout.spec import DTYPES, Dims, ParamSpec, _per_role
+from quantfw.layout.spec import DTYPES, Dims, ParamSpec, per_role
 from quantfw.schemes.scheme import Scheme
 
 PROJS = ("gate", "up", "down")
@@ -206,7 +206,7 @@ def key_of(prefix: str, expert: int, model: MoEModel, proj: str, suffix: str) ->
 
 def _storage(fmt: Format, scheme: Scheme, dims: Dims, suffix: str, role: str) -> str:
     """The declared dtype name (torch has no uint64 storage for us: 'uint64' specs are int64)."""
-    raw = _per_role(fmt.tensors[suffix]["dtype"], role)
+    raw = per_role(fmt.tensors[suffix]["dtype"], role)
     if isinstance(raw, str) and raw not in DTYPES:
         raw = expr.evaluate(raw, scheme.env(dims, role), f"{fmt.where} tensors.{suffix}.dtype")
     return str(raw)

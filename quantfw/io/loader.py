@@ -49,6 +49,7 @@ class Opened:
     # differs from the first MoE layer's (that layer's own composition is `at(layer)`).
     layer_overrides: dict[int, list[str]] = field(default_factory=dict)
     recipe: str = "default"
+    config_dirs: tuple = ()  # the user recipe folders the recipe came from (--config-dir)
     _at: dict[int, Opened] = field(default_factory=dict, repr=False)
 
     def at(self, layer: int) -> Opened:
@@ -59,7 +60,7 @@ class Opened:
         if layer not in self._at:
             from quantfw.config.compose import compose
 
-            cfg = compose(self.recipe, self.layer_overrides[layer])
+            cfg = compose(self.recipe, self.layer_overrides[layer], config_dirs=self.config_dirs)
             self._at[layer] = replace(
                 self,
                 cfg=cfg,
@@ -96,12 +97,14 @@ def open_checkpoint(
     proj_names=None,
     collect: bool = False,
     layer_plan: Callable[[dict], list[str]] | None = None,
+    config_dirs: Sequence[str | Path] = (),
 ) -> Opened:
     """The checkpoint with its detected recipe. Dims from config.json are typed, bounded and
     checked against the tensor headers before anything is sized from them. `collect=True` keeps
     index/shard inconsistencies in `reader.problems` for `check` instead of raising.
     Each MoE layer's scheme is detected on its own (per-layer choices, config/layer_choice.py);
-    `layer_plan(flags)` adds overrides per layer from its detected scheme flags (an engine's plan)."""
+    `layer_plan(flags)` adds overrides per layer from its detected scheme flags (an engine's plan).
+    `config_dirs`: the user recipe folders (--config-dir) the recipe and its groups may come from."""
     from quantfw.config.compose import compose
 
     if not (0 <= ep_rank < ep_size and 0 <= tp_rank < tp_size):
@@ -143,10 +146,10 @@ def open_checkpoint(
     def overrides(found: list[str]) -> list[str]:
         if layer_plan is None:
             return [*found, *extra]
-        return [*found, *extra, *layer_plan(dict(compose(recipe, [*found, *extra]).scheme))]
+        return [*found, *extra, *layer_plan(dict(compose(recipe, [*found, *extra], config_dirs=config_dirs).scheme))]
 
     first = next(iter(detected.values()))
-    cfg = compose(recipe, overrides(first))
+    cfg = compose(recipe, overrides(first), config_dirs=config_dirs)
     per_layer = {layer: overrides(found) for layer, found in detected.items() if found != first}
     return Opened(
         reader,
@@ -157,6 +160,7 @@ def open_checkpoint(
         Format.from_config(cfg.format),
         per_layer,
         recipe,
+        tuple(config_dirs),
     )
 
 
@@ -281,7 +285,7 @@ def _slice(t: torch.Tensor, kind: str, rank: int, tp: int, key: str, entry: str,
 
 def _rank_experts(cfg: DictConfig) -> tuple[int, ...]:
     """The experts this rank reads: the recipe's placement (contiguous blocks by default)."""
-    from quantfw.api import local_experts
+    from quantfw.build import local_experts
 
     return local_experts(cfg)
 
@@ -381,7 +385,7 @@ def from_checkpoint(
 
 
 def load_layer(op: Opened, layer: int):
-    from quantfw.api import build_layer
+    from quantfw.build import build_layer
 
     op = op.at(layer)
     moe = build_layer(op.cfg)

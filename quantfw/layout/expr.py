@@ -1,8 +1,9 @@
 """Safe evaluation of the small expressions that declarations use for shapes and conditions.
 
 Recipes are data from strangers, so this is a whitelist interpreter over Python's AST: names,
-int/float/bool literals, lists, arithmetic, comparisons, `and`/`or`/`not` and `a if c else b`.
-No attribute access, calls, subscripts or comprehensions: nothing in a YAML file can run code.
+int/float/bool literals, lists, arithmetic, comparisons, `and`/`or`/`not` (short-circuit and
+returning an operand, as in Python) and `a if c else b`. No attribute access, calls, subscripts
+or comprehensions: nothing in a YAML file can run code.
 """
 
 from __future__ import annotations
@@ -68,8 +69,14 @@ class _Eval:
             if type(node.op) in _BINOPS:
                 return _BINOPS[type(node.op)](a, b)
         if isinstance(node, ast.BoolOp):
-            vals = [self(v) for v in node.values]
-            return all(vals) if isinstance(node.op, ast.And) else any(vals)
+            # As in Python: stop at the first operand that decides and return it, so
+            # `group_size and K/group_size` never divides by a zero group size.
+            stop_if = not isinstance(node.op, ast.And)
+            for v in node.values:
+                value = self(v)
+                if bool(value) is stop_if:
+                    return value
+            return value
         if isinstance(node, ast.Compare):
             left = self(node.left)
             for op, right_node in zip(node.ops, node.comparators):

@@ -105,6 +105,9 @@ def _per_role(value: Any, role: str) -> Any:
     return value
 
 
+per_role = _per_role  # the public name for other packages
+
+
 def instantiate(
     entries: Mapping[str, Mapping[str, Any]],
     dims: Dims,

@@ -179,7 +179,7 @@ def open_parallel(
 
 def load_parallel(op, group, layer: int = -1) -> ParallelMoE:
     """Each rank reads only its experts (its TP slices) of MoE layer `layer` (-1: the first)."""
-    from quantfw.api import placement
+    from quantfw.build import placement
     from quantfw.io.loader import load_layer
 
     cfg = op.cfg

@@ -125,3 +125,7 @@ def swiglu_clip_quant(
     y_c = torch.clamp(y, -t.unsqueeze(-1), t.unsqueeze(-1))
     q, s = _quant_rows(y_c, t)
     return _pad_rows(q, s, rows)
+
+
+# Public names for the NPU backend's composed paths (same functions).
+quant_rows, pad_rows = _quant_rows, _pad_rows

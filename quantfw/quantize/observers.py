@@ -38,7 +38,8 @@ import torch
 
 from quantfw.errors import ConfigError, LayoutError
 from quantfw.quantize import primitives as P
-from quantfw.quantize.weights import QuantizedWeight
+from quantfw.quantize.qweight import QuantizedWeight
+from quantfw.registry import Registry
 
 
 # Observer parameters (scheme flags), their defaults and the check each value must pass.
@@ -79,7 +80,7 @@ class Observer:
     params: tuple[str, ...] = ()  # the parameters (PARAMS / OBSERVER_REFS keys) fn reads
 
 
-_OBSERVERS: dict[str, Observer] = {}
+OBSERVERS: Registry[Observer] = Registry("observer")  # plugins: entry-point group quantfw.observers
 
 
 # What every data-driven observer reads besides its own parameters (see `resolve`).
@@ -88,11 +89,9 @@ DATA_PARAMS = ("observer_min_tokens", "fallback_observer")
 
 def register_observer(name: str, needs_data: bool = False, fp8: bool = False, params: tuple[str, ...] = ()):
     def deco(fn):
-        if name in _OBSERVERS:
-            raise ValueError(f"observer '{name}' is already registered")
         doc = (fn.__doc__ or "").strip().splitlines()[0]
-        _OBSERVERS[name] = Observer(
-            name, fn, needs_data, doc, fp8, (*params, *(DATA_PARAMS if needs_data else ()))
+        OBSERVERS.add(
+            name, Observer(name, fn, needs_data, doc, fp8, (*params, *(DATA_PARAMS if needs_data else ())))
         )
         return fn
 
@@ -100,13 +99,11 @@ def register_observer(name: str, needs_data: bool = False, fp8: bool = False, pa
 
 
 def available() -> list[str]:
-    return sorted(_OBSERVERS)
+    return OBSERVERS.names()
 
 
 def get_observer(name: str, where: str = "scheme.weight_observer") -> Observer:
-    if name not in _OBSERVERS:
-        raise ConfigError(f"{where}: unknown observer '{name}' (available: {', '.join(available())})")
-    return _OBSERVERS[name]
+    return OBSERVERS.get(name, where)
 
 
 def needs_data(flags: Mapping[str, Any]) -> bool:
@@ -126,12 +123,13 @@ def used_params(flags: Mapping[str, Any]) -> dict[str, Any]:
     out = {"weight_observer": flags.get("weight_observer", "minmax")}
     todo = [out["weight_observer"]]
     while todo:
-        obs = _OBSERVERS.get(todo.pop())
-        for name in obs.params if obs else ():
-            if name not in out:
-                out[name] = param(flags, name)
-                if name in OBSERVER_REFS:
-                    todo.append(out[name])
+        name = todo.pop()
+        obs = OBSERVERS.get(name) if name in OBSERVERS else None
+        for key in obs.params if obs else ():
+            if key not in out:
+                out[key] = param(flags, key)
+                if key in OBSERVER_REFS:
+                    todo.append(out[key])
     return dict(sorted(out.items()))
 
 
@@ -139,13 +137,13 @@ def validate_flags(flags: Mapping[str, Any], where: str) -> None:
     """All observer problems of a scheme's flags in one error, each naming its key."""
     problems = []
     name = flags.get("weight_observer", "minmax")
-    if name not in _OBSERVERS:
+    if name not in OBSERVERS:
         problems.append(f"weight_observer='{name}' is unknown (available: {', '.join(available())})")
     for key, (_, ok, allowed) in PARAMS.items():
         value = param(flags, key)
         if not ok(value):
             problems.append(f"{key}={value!r} (allowed: {allowed})")
-    data_free = [n for n, o in sorted(_OBSERVERS.items()) if not o.needs_data]
+    data_free = [n for n, o in OBSERVERS.items() if not o.needs_data]
     for key in OBSERVER_REFS:
         value = param(flags, key)
         if value not in data_free:

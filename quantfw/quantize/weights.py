@@ -4,28 +4,15 @@ scales and rounding come from the observer the flags select (quantfw/quantize/ob
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from quantfw.errors import ConfigError
-from quantfw.quantize import primitives as P
+from quantfw.quantize import observers
+from quantfw.quantize.qweight import QuantizedWeight
 
-
-@dataclass
-class QuantizedWeight:
-    """Integer weights q [..., N, K], per-channel s1 [..., N], optional per-group s2 [..., N, K/G]."""
-
-    q: torch.Tensor
-    s1: torch.Tensor
-    s2: torch.Tensor | None = None
-    info: dict[str, Any] | None = None  # what a data-driven observer chose (e.g. clip ratios)
-    # Encoder results a fused kernel computed with q (quantize/fused.py ENCODINGS), by op name.
-    encoded: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def dequantize(self) -> torch.Tensor:
-        return P.dequantize(self.q, self.s1, self.s2)
+__all__ = ["QuantizedWeight", "quantize_weight"]
 
 
 def quantize_weight(
@@ -36,8 +23,6 @@ def quantize_weight(
     calibration inputs x [M, K]; without enough inputs the declared fallback observer runs.
     fp8 (quantfw.io.fp8.BlockScales): w is an FP8 weight with these block scales; an observer
     registered with `fp8=True` dequantizes it itself, any other gets the fp32 dequantization."""
-    from quantfw.quantize import observers
-
     observer, why = observers.resolve(flags, x)
     data = x if observer.needs_data else None
     if fp8 is not None and observer.takes_fp8:

@@ -13,8 +13,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from quantfw.errors import ConfigError
-from quantfw.layout import expr
+from quantfw.layout import branches, expr
 from quantfw.layout.spec import ROLES, Dims, ParamSpec, instantiate
+from quantfw.schemes.plan_ops import PLAN_OPS
+
+__all__ = ["PLAN_OPS", "PlanStep", "Scheme"]
 
 # Layout and compute flags: they decide what is stored and how it runs.
 LAYOUT_FLAGS = ("weight_bits", "group_size", "activation_use_clip", "fused_swiglu_quant")
@@ -39,17 +42,12 @@ OBSERVER_OPTIONS = (
 )
 FLAGS = (*LAYOUT_FLAGS, *LOAD_OPTIONS, *OBSERVER_OPTIONS)
 MAX_WEIGHT_BITS = 8  # int8 is the widest integer the stored weights and kernels take
-# Ops a compute plan may call; each backend provides all of them (names of quantfw.ops / torch_npu).
-PLAN_OPS = (
-    "dynamic_quant",
-    "swiglu",
-    "dequant_swiglu_quant",
-    "swiglu_clip_quant",
-    "grouped_matmul_a8w8",
-    "grouped_matmul_a8w4",
-)
 PLAN_INPUTS = ("x", "counts")  # tokens sorted by expert, and per-expert token counts
-PLAN_STEP_KEYS = {"op", "args", "out", "when"}
+PLAN_STEP_KEYS = {"op", "params", "out", "when"}
+# Keys of the other step vocabulary, refused with the word to use instead.
+REFUSED_PLAN_KEYS = {
+    "args": "compute steps name their inputs under 'params' (op argument: value name), as transform steps do"
+}
 
 
 @dataclass(frozen=True)
@@ -180,20 +178,23 @@ class Scheme:
         """The compute steps that apply under the current flags, checked for undefined names."""
         defined = set(PLAN_INPUTS) | self.runtime_names()
         steps = []
-        for i, raw in enumerate(self.compute):
-            at = f"{self.where} compute[{i}]"
+        for raw, guards, at in branches.flatten(self.compute, f"{self.where} compute", indexed=True):
             if not isinstance(raw, Mapping) or "op" not in raw:
                 raise ConfigError(f"{at}: expected a mapping with 'op', found {raw!r}")
+            refused = [k for k in REFUSED_PLAN_KEYS if k in raw]
+            if refused:
+                raise ConfigError(
+                    f"{at} ({raw['op']}): key '{refused[0]}' is not used here: {REFUSED_PLAN_KEYS[refused[0]]}"
+                )
             unknown = set(raw) - PLAN_STEP_KEYS
             if unknown:
                 raise ConfigError(
                     f"{at}: unknown key(s) {sorted(unknown)} (allowed: {sorted(PLAN_STEP_KEYS)})"
                 )
-            if raw["op"] not in PLAN_OPS:
-                raise ConfigError(f"{at}: unknown op '{raw['op']}' (available: {', '.join(PLAN_OPS)})")
-            if not expr.holds(raw.get("when"), self.flags, f"{at}.when"):
+            PLAN_OPS.get(raw["op"], at)
+            if not branches.holds(guards, raw.get("when"), self.flags, at):
                 continue
-            args = dict(raw.get("args") or {})
+            args = dict(raw.get("params") or {})
             for arg, value in args.items():
                 if value is not None and value not in defined:  # null = the op's "not given" (None)
                     raise ConfigError(

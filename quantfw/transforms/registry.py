@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from quantfw.errors import ConfigError, LayoutError
-from quantfw.layout import expr
+from quantfw.layout import branches
 from quantfw.layout.spec import ROLES, parse_dtype
+from quantfw.registry import Registry
 
 Decl = tuple[tuple[int, ...], torch.dtype]  # declared (shape, dtype)
 
@@ -32,8 +33,12 @@ class TransformOp:
     consumes: bool = True  # False: the inputs stay in the state next to the output
 
 
-_OPS: dict[str, TransformOp] = {}
+TRANSFORMS: Registry[TransformOp] = Registry("transform")  # plugins: entry-point group quantfw.transforms
 STEP_KEYS = {"op", "params", "roles", "out", "when"}
+# Keys of the other step vocabulary, refused with the word to use instead.
+REFUSED_KEYS = {
+    "args": "transform steps name their tensors under 'params' and op arguments as keys (dims: [1, 2])"
+}
 
 
 def register(
@@ -50,10 +55,11 @@ def register(
     consumes=False keeps the inputs (a step that reads several params to derive one)."""
 
     def deco(fn):
-        if name in _OPS:
-            raise ValueError(f"transform '{name}' is already registered")
-        _OPS[name] = TransformOp(
-            name, fn, rule, many_inputs, frozenset(args), doc or (fn.__doc__ or "").strip(), consumes
+        TRANSFORMS.add(
+            name,
+            TransformOp(
+                name, fn, rule, many_inputs, frozenset(args), doc or (fn.__doc__ or "").strip(), consumes
+            ),
         )
         return fn
 
@@ -61,7 +67,7 @@ def register(
 
 
 def available() -> dict[str, TransformOp]:
-    return dict(_OPS)
+    return dict(TRANSFORMS.items())
 
 
 def _fmt(decl: Decl) -> str:
@@ -77,19 +83,23 @@ class Step:
     when: Any
     args: Mapping[str, Any]
     label: str  # "format 'msmodelslim' load step 3 (fuse_scales_fp16)" for messages
+    guards: tuple[branches.Guard, ...] = ()  # the if/choose branches the step sits in
+
+    def applies(self, env: Mapping[str, Any]) -> bool:
+        return branches.holds(self.guards, self.when, env, self.label)
 
 
 def parse_steps(raw: Sequence[Mapping[str, Any]], where: str) -> list[Step]:
     steps = []
-    for i, item in enumerate(raw or []):
-        label = f"{where} step {i + 1}"
+    for item, guards, label in branches.flatten(raw, where):
         if not isinstance(item, Mapping) or "op" not in item:
             raise ConfigError(f"{label}: expected a mapping with 'op', found {item!r}")
         name = item["op"]
-        if name not in _OPS:
-            raise ConfigError(f"{label}: unknown transform '{name}' (available: {', '.join(sorted(_OPS))})")
-        op = _OPS[name]
+        op = TRANSFORMS.get(name, label)
         label = f"{label} ({name})"
+        refused = [k for k in REFUSED_KEYS if k in item and k not in op.args]
+        if refused:
+            raise ConfigError(f"{label}: key '{refused[0]}' is not used here: {REFUSED_KEYS[refused[0]]}")
         unknown = set(item) - STEP_KEYS - op.args
         if unknown:
             raise ConfigError(
@@ -103,7 +113,7 @@ def parse_steps(raw: Sequence[Mapping[str, Any]], where: str) -> list[Step]:
         if not set(roles) <= set(ROLES):
             raise ConfigError(f"{label}.roles: {list(roles)} (allowed: {list(ROLES)})")
         args = {k: item[k] for k in op.args if k in item}
-        steps.append(Step(op, tuple(params), roles, item.get("out"), item.get("when"), args, label))
+        steps.append(Step(op, tuple(params), roles, item.get("out"), item.get("when"), args, label, guards))
     return steps
 
 
@@ -120,7 +130,7 @@ class Pipeline:
         """(role, input names, output name, env) of each call a step makes on the current state."""
         for role in step.roles:
             env = env_of(role)
-            if not expr.holds(step.when, env, f"{step.label}.when"):
+            if not step.applies(env):
                 continue
             inputs = [f"{role}_{p}" for p in step.params]
             present = [n in names for n in inputs]
@@ -152,7 +162,7 @@ class Pipeline:
         return state
 
     def _check_step_has_inputs(self, step, state, env_of):
-        active = [r for r in step.roles if expr.holds(step.when, env_of(r), f"{step.label}.when")]
+        active = [r for r in step.roles if step.applies(env_of(r))]
         if active and not any(f"{r}_{p}" in state for r in active for p in step.params):
             raise LayoutError(
                 f"{step.label}: no param {list(step.params)} exists at this point of the pipeline"
