@@ -27,11 +27,13 @@ from omegaconf import OmegaConf
 
 from quantfw.calibrate.decoder import DecoderStack, check_model_type
 from quantfw.calibrate.experts import LayerCapture, expert_alpha_rows, search_expert_rows
+from quantfw.calibrate.experts import _rebuild as w2_recipe
 from quantfw.calibrate.streaming import ExpertSource, SpilledInputs, StreamingExperts, run_blocks
 from quantfw.calibrate.workdir import WorkDir
 from quantfw.errors import ConfigError
 from quantfw.io.experts import MoEModel, expert_prefixes
 from quantfw.io.reader import CheckpointReader
+from quantfw.parallel.calibration import ExpertShare, LayerParts
 from quantfw.schemes.scheme import Scheme
 
 __all__ = ["AFTER_LAYER", "LayerResult", "calibrate_layers"]
@@ -142,10 +144,13 @@ def calibrate_layers(
     windows: torch.Tensor,
     work_dir: str | Path | None = None,
     progress: bool = True,
+    share: ExpertShare | None = None,
 ):
     """Run the calibration `windows` [n, seq_len] through the model of `folder` one decoder layer at
     a time (module doc). Returns ({moe layer: LayerResult}, {moe layer: SpilledInputs}, owner of a
-    temporary work dir or None)."""
+    temporary work dir or None). Under torch.distributed `share` splits each layer's routed experts
+    over the ranks (quantfw.parallel.calibration); every rank returns the same results."""
+    share = share or ExpertShare()
     reader = CheckpointReader(folder)
     config = reader.config()
     check_model_type(config, str(reader.folder / "config.json"))
@@ -161,8 +166,10 @@ def calibrate_layers(
     budget = float(calib.get("memory_budget_mb", 2048)) * 2**20
     if block < 1:
         raise ConfigError(f"calibration.expert_block={block} (must be >= 1)")
-    path, owner = _work_dir(work_dir)
-    work = WorkDir(path, _fingerprint(reader, scheme, calib, windows))
+    lead, dist = share.lead, share.dist
+    path, owner = _work_dir(work_dir) if lead else (None, None)
+    path = Path(dist.broadcast(str(path), "the work dir path"))
+    fingerprint = dist.broadcast(_fingerprint(reader, scheme, calib, windows) if lead else None)
     model = MoEModel.from_config(config, str(reader.folder / "config.json"))
     prefixes = expert_prefixes(reader.keys(), model)
     stack = DecoderStack(folder, reader, StreamingExperts)
@@ -170,26 +177,33 @@ def calibrate_layers(
     n = len(stack)
 
     batches = list(windows.split(int(calib.batch_size)))
-    embeds = [stack.embed(w) for w in batches]
-    layer_args = [stack.layer_inputs(x) for x in embeds]
-    in_memory = sum(x.numel() * 4 for x in embeds) <= budget
-    done = work.resume_point()
-    if done:
-        files = [work.path / r["file"] for r in work.state["layers"][str(done - 1)]["hidden"]]
-        hidden = _Hidden([], files, in_memory=False)
-        hidden = _Hidden([hidden[b] for b in range(len(files))] if in_memory else [], files, in_memory)
-    elif in_memory:
-        hidden = _Hidden(embeds, [], in_memory)
-    else:
-        saved = [work.save(f"embeds-{b:04d}.safetensors", {"hidden": x}) for b, x in enumerate(embeds)]
-        hidden = _Hidden([], [work.path / r["file"] for r in saved], in_memory)
-    del embeds
-    bar = _Progress(n, done, progress)
+    work = hidden = layer_args = None
+    done = 0
+    if lead:  # the lead alone holds the hidden states and writes the work dir
+        work = WorkDir(path, fingerprint)
+        embeds = [stack.embed(w) for w in batches]
+        layer_args = [stack.layer_inputs(x) for x in embeds]
+        in_memory = sum(x.numel() * 4 for x in embeds) <= budget
+        done = work.resume_point()
+        if done:
+            files = [work.path / r["file"] for r in work.state["layers"][str(done - 1)]["hidden"]]
+            hidden = _Hidden([], files, in_memory=False)
+            hidden = _Hidden([hidden[b] for b in range(len(files))] if in_memory else [], files, in_memory)
+        elif in_memory:
+            hidden = _Hidden(embeds, [], in_memory)
+        else:
+            saved = [work.save(f"embeds-{b:04d}.safetensors", {"hidden": x}) for b, x in enumerate(embeds)]
+            hidden = _Hidden([], [work.path / r["file"] for r in saved], in_memory)
+        del embeds
+    done = dist.broadcast(done, "the resume point")
+    bar = _Progress(n, done, progress and lead)
     try:
         for i in range(done, n):
             t0 = time.perf_counter()
-            layer = stack.materialize(i)
             moe = stack.moe_block(i)
+            layer = dist.run(
+                f"layer {i} (decoder forward)", lambda i=i: stack.materialize(i), only_rank0=True
+            )
 
             def run(b, layer=layer, i=i, hidden=hidden):
                 args, kwargs = layer_args[b][i]
@@ -200,29 +214,59 @@ def calibrate_layers(
             if moe is not None:
                 experts = moe.experts
                 experts.reset()
-                for b in range(len(batches)):
-                    run(b)  # records the MoE inputs and routing; the outputs come in the second pass
+
+                def record(experts=experts, run=run):
+                    for b in range(len(batches)):
+                        run(b)  # records the MoE inputs and routing; the outputs come in the second pass
+
+                dist.run(f"layer {i} (decoder forward)", record, only_rank0=True)
+                experts.calls = share.calls(experts.calls if lead else None)
                 source = ExpertSource(reader, model, i, prefixes.get(i))
-                spill = _calibrate_moe(
-                    i, experts, info[i].num_experts, source, scheme, calib, clips, all_experts, block
+                spill = dist.run(
+                    f"layer {i} (routed experts)",
+                    lambda i=i, experts=experts, source=source: _calibrate_moe(
+                        i,
+                        experts,
+                        info[i].num_experts,
+                        source,
+                        scheme,
+                        calib,
+                        clips,
+                        all_experts,
+                        block,
+                        share,
+                    ),
                 )
-            outputs = [run(b) for b in range(len(batches))]
-            if moe is not None:
+                spill = dist.run(f"layer {i} (alpha search)", lambda s=spill: s(), only_rank0=True)
+
+            def finish(i=i, moe=moe, run=run, spill=spill, hidden=hidden):
+                outputs = [run(b) for b in range(len(batches))]
+                if moe is not None:
+                    moe.experts.reset()
+                stack.free(i)
+                recs = [
+                    work.save(f"hidden-{i:04d}-{b:04d}.safetensors", {"hidden": h})
+                    for b, h in enumerate(outputs)
+                ]
+                spill_rec = work.save(f"layer-{i:04d}.safetensors", *spill) if spill is not None else None
+                previous = work.state["layers"].get(str(i - 1), {}).get("hidden", [])
+                work.finish_layer(i, {"spill": spill_rec, "hidden": recs}, drop=[r["file"] for r in previous])
+                return _Hidden(
+                    outputs if hidden.in_memory else [],
+                    [work.path / r["file"] for r in recs],
+                    hidden.in_memory,
+                )
+
+            hidden = dist.run(f"layer {i} (layer output)", finish, only_rank0=True)
+            if moe is not None and not lead:
                 moe.experts.reset()
-            stack.free(i)
-            recs = [
-                work.save(f"hidden-{i:04d}-{b:04d}.safetensors", {"hidden": h}) for b, h in enumerate(outputs)
-            ]
-            spill_rec = work.save(f"layer-{i:04d}.safetensors", *spill) if spill is not None else None
-            previous = work.state["layers"].get(str(i - 1), {}).get("hidden", [])
-            work.finish_layer(i, {"spill": spill_rec, "hidden": recs}, drop=[r["file"] for r in previous])
-            hidden = _Hidden(outputs if in_memory else [], [work.path / r["file"] for r in recs], in_memory)
-            del outputs
             bar.layer(i, info[i].num_experts if moe is not None else 0, time.perf_counter() - t0)
             if AFTER_LAYER is not None:
                 AFTER_LAYER(i)
     finally:
         bar.close()
+    if not lead:  # the lead's records, read once it has written them all (shared storage)
+        work = WorkDir(path, fingerprint)
     results: dict[int, LayerResult] = {}
     inputs = {}
     for i in range(n):
@@ -239,9 +283,10 @@ def calibrate_layers(
     return results, inputs, owner
 
 
-def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, block):
-    """Routed outputs of layer i's recorded calls (left in `experts` for the replay pass), its
-    alphas and the spill: (tensors, metadata) for the work dir."""
+def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, block, share):
+    """This rank's routed experts of layer i's recorded calls. Returns what finishes the layer on
+    the lead (None elsewhere): a function leaving the outputs in `experts` for the replay pass and
+    returning the layer's alphas and spill, (tensors, metadata) for the work dir."""
     cap = LayerCapture(i, E, calib.max_rows)
     rows, report = [None] * E, [None] * E
 
@@ -252,17 +297,26 @@ def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, blo
         for e in ids:
             cap.drop_rows(e)
 
-    outs = run_blocks(experts.calls, source, E, block, cap, all_experts, on_block)
-    experts.replay(outs)
+    hooks = share.hooks(i, E, block)
+    outs = run_blocks(experts.calls, source, E, block, cap, all_experts, on_block, **hooks)
+    whole = share.combine(experts.calls, outs, cap, rows, report, lambda e: w2_recipe(scheme, source.down, e))
+    if whole is None:
+        return None
+    return lambda: _finish_moe(experts, whole, clips)
+
+
+def _finish_moe(experts, whole: LayerParts, clips: bool):
+    experts.replay(whole.outs)
     tensors = {
         "moe_input": torch.cat([x for x, _, _ in experts.calls]),
         "topk_ids": torch.cat([ids for _, _, ids in experts.calls]),
         "batch_rows": torch.tensor([0] + [x.shape[0] for x, _, _ in experts.calls]).cumsum(0),
-        "kept_tokens": torch.cat([cap.kept_tokens(e) for e in range(E)]),
-        "kept_offsets": torch.tensor([0] + [cap.kept(e) for e in range(E)]).cumsum(0),
-        "counts": cap.counts.clone(),
+        "kept_tokens": torch.cat(whole.kept),
+        "kept_offsets": torch.tensor([0] + [k.shape[0] for k in whole.kept]).cumsum(0),
+        "counts": whole.counts.clone(),
     }
+    report = whole.report
     if clips:
-        alphas, report = search_expert_rows(rows, report)
+        alphas, report = search_expert_rows(whole.rows, report)
         tensors["alphas"] = alphas
     return tensors, {"report": json.dumps(report if clips else [])}

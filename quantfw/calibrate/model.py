@@ -133,6 +133,7 @@ def calibrate_checkpoint(
     fmt=None,
     backend=None,
     work_dir: str | Path | None = None,
+    share=None,
 ) -> CalibrationResult:
     """Capture every MoE layer's expert inputs from the float model in `folder`; alphas are learned
     only when the scheme clips. The captures are returned as `inputs` for the data-driven weight
@@ -144,7 +145,9 @@ def calibrate_checkpoint(
     None; an existing one resumes); `layerwise=false` loads the whole float model instead, which
     the model-level guard needs: with `guard_tokens` > 0 and the checkpoint format and backend
     given, learned alphas then pass the guard (quantfw.calibrate.guard) on that many extra tokens.
-    The layerwise path skips the guard, says so on stderr and records it."""
+    The layerwise path skips the guard, says so on stderr and records it. `share`
+    (quantfw.parallel.calibration.ExpertShare) splits the routed experts over torch.distributed
+    ranks on the layerwise path."""
     if calib.policy not in POLICIES:
         raise ConfigError(f"calibration.policy={calib.policy} (allowed: {', '.join(POLICIES)})")
     clips = bool(scheme.flags.get("activation_use_clip"))
@@ -168,7 +171,7 @@ def calibrate_checkpoint(
         guard = {"skipped": GUARD_SKIPPED}
         print(f"quantfw calibrate: model-level guard skipped: {GUARD_SKIPPED}", file=sys.stderr, flush=True)
     results, inputs, owner = calibrate_layers(
-        folder, scheme, calib, windows, work_dir, bool(calib.get("progress", True))
+        folder, scheme, calib, windows, work_dir, bool(calib.get("progress", True)), share
     )
     alphas = {i: r.alphas for i, r in results.items() if r.alphas is not None}
     report = [row for r in results.values() for row in r.report]

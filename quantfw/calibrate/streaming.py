@@ -15,7 +15,7 @@ gate/up weights, read again for that one expert.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -119,16 +119,22 @@ def run_blocks(
     capture: LayerCapture | None,
     all_experts: bool = False,
     on_block: Callable[[range, torch.Tensor, torch.Tensor], None] | None = None,
+    blocks: Sequence[range] | None = None,
+    add: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> list[torch.Tensor]:
     """Routed expert outputs fp32 [T_b, H] of every recorded call; the capture gets each expert's
     rows (token numbers run over the calls in order, as the whole-model hook numbers them) and
-    `on_block(experts, w13, w2)` runs once a block's captures are complete."""
+    `on_block(experts, w13, w2)` runs once a block's captures are complete. Expert parallel
+    (quantfw.parallel.calibration): `blocks` are this process's expert ranges (default: all, by
+    `block`) and `add(expert, call, rows, y)` takes each expert's weighted output rows instead of
+    the returned sums."""
     outs = [torch.zeros_like(x) for x, _, _ in calls]
     starts = [0]
     for x, _, _ in calls:
         starts.append(starts[-1] + x.shape[0])
-    for first in range(0, num_experts, block):
-        experts = range(first, min(num_experts, first + block))
+    if blocks is None:
+        blocks = [range(f, min(num_experts, f + block)) for f in range(0, num_experts, block)]
+    for experts in blocks:
         w13, w2 = source.block(experts.start, experts.stop)
         inter = w13.shape[1] // 2
         for j, e in enumerate(experts):
@@ -146,7 +152,11 @@ def run_blocks(
                         capture.add(e, h, x[routed], tokens=number[routed], weights=w[routed])
                 if h is not None:
                     y = (F.silu(h[:, :inter]) * h[:, inter:]) @ w2[j].t()
-                    outs[b].index_add_(0, routed.nonzero().squeeze(1), y * w[routed, None])
+                    rows = routed.nonzero().squeeze(1)
+                    if add is None:
+                        outs[b].index_add_(0, rows, y * w[routed, None])
+                    else:
+                        add(e, b, rows, y * w[routed, None])
         if on_block is not None:
             on_block(experts, w13, w2)
         del w13, w2
