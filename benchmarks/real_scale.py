@@ -219,20 +219,32 @@ def drop_caches() -> bool:
         return False
 
 
-def run_case(src: Path, dst: Path, recipe: str, overrides: list[str]) -> dict:
-    """One `quantfw quantize` in a fresh child; wall time, peak RSS, and its stderr stage lines."""
+def run_case(src: Path, dst: Path, recipe: str, overrides: list[str], nproc: int | None = None) -> dict:
+    """One `quantfw quantize` in a fresh child; wall time, peak RSS, and its stderr stage lines.
+    nproc: that many torchrun processes of one thread each (1: one thread on one core), each rank
+    timed on its own (peak_rss_mb is then the largest rank's)."""
     cmd = [sys.executable, "-m", "quantfw", "quantize", f"recipe={recipe}", f"input={src}", f"output={dst}"]
     cmd += ["overwrite=true", *overrides]
-    timed = ["/usr/bin/time", "-v", *cmd] if Path("/usr/bin/time").exists() else cmd
-    t0 = time.perf_counter()
-    p = subprocess.run(timed, cwd=ROOT, capture_output=True, text=True)
+    timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
+    timed, env = [*timer, *cmd], None
+    if nproc is not None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if nproc == 1:
+            timed = ["taskset", "-c", "0", *timed]
+        else:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+            timed = [*launcher, "--master-port", "29731", "--no-python", *timer, *cmd]
+    load, t0 = os.getloadavg(), time.perf_counter()
+    p = subprocess.run(timed, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+    rss = [int(k) / 1024 for k in re.findall(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)]
     return {
-        "command": " ".join(cmd[1:]),
+        "command": " ".join(timed),
         "exit": p.returncode,
         "seconds": round(wall, 2),
-        "peak_rss_mb": round(int(rss.group(1)) / 1024, 1) if rss else None,
+        "peak_rss_mb": round(max(rss), 1) if rss else None,
+        "peak_rss_mb_per_rank": [round(r, 1) for r in rss],
+        "load_avg_1min": [round(load[0], 1), round(os.getloadavg()[0], 1)],  # before, after
         "stderr_tail": [ln for ln in p.stderr.splitlines() if ln.startswith("quantfw")][-12:],
     }
 
@@ -246,6 +258,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=256, help="routed experts per MoE layer (fewer: a quick smoke run)")
     ap.add_argument("--cold", action="store_true", help="also run each case after dropping the page cache")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "real_scale.json")
+    ap.add_argument("--nproc", type=int, help="torchrun processes of one thread each (1: one core)")
     args = ap.parse_args()
     E = args.experts
     rows = []
@@ -259,8 +272,9 @@ def main() -> None:
                 if cold and not drop_caches():
                     print("cannot drop the page cache here (needs root and /proc/sys/vm): cold runs skipped")
                     continue
-                r = run_case(src, args.data / f"out-{name}-{n}", recipe, extra)
+                r = run_case(src, args.data / f"out-{name}-{n}", recipe, extra, args.nproc)
                 r.update(case=name, moe_layers=n, cache="cold" if cold else "warm", input_gb=stats["bytes"] / 1e9)
+                r["nproc"] = args.nproc
                 r["gparams_per_s"] = round(sum(stats["params"].values()) / 1e9 / r["seconds"], 3)
                 rows.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "stderr_tail"}), flush=True)

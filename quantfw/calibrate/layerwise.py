@@ -222,7 +222,7 @@ def calibrate_layers(
                 dist.run(f"layer {i} (decoder forward)", record, only_rank0=True)
                 experts.calls = share.calls(experts.calls if lead else None)
                 source = ExpertSource(reader, model, i, prefixes.get(i))
-                spill = dist.run(
+                part = dist.run(
                     f"layer {i} (routed experts)",
                     lambda i=i, experts=experts, source=source: _calibrate_moe(
                         i,
@@ -237,7 +237,16 @@ def calibrate_layers(
                         share,
                     ),
                 )
-                spill = dist.run(f"layer {i} (alpha search)", lambda s=spill: s(), only_rank0=True)
+                parts = share.gather(part)
+                spill = dist.run(
+                    f"layer {i} (alpha search)",
+                    lambda experts=experts, source=source, parts=parts: _finish_moe(
+                        experts,
+                        share.merge(parts, experts.calls, lambda e: w2_recipe(scheme, source.down, e)),
+                        clips,
+                    ),
+                    only_rank0=True,
+                )
 
             def finish(i=i, moe=moe, run=run, spill=spill, hidden=hidden):
                 outputs = [run(b) for b in range(len(batches))]
@@ -284,9 +293,8 @@ def calibrate_layers(
 
 
 def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, block, share):
-    """This rank's routed experts of layer i's recorded calls. Returns what finishes the layer on
-    the lead (None elsewhere): a function leaving the outputs in `experts` for the replay pass and
-    returning the layer's alphas and spill, (tensors, metadata) for the work dir."""
+    """This rank's routed experts of layer i's recorded calls: its `ExpertShare.part` (outputs,
+    captures, alpha-search rows)."""
     cap = LayerCapture(i, E, calib.max_rows)
     rows, report = [None] * E, [None] * E
 
@@ -299,13 +307,12 @@ def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, blo
 
     hooks = share.hooks(i, E, block)
     outs = run_blocks(experts.calls, source, E, block, cap, all_experts, on_block, **hooks)
-    whole = share.combine(experts.calls, outs, cap, rows, report, lambda e: w2_recipe(scheme, source.down, e))
-    if whole is None:
-        return None
-    return lambda: _finish_moe(experts, whole, clips)
+    return share.part(outs, cap, rows, report)
 
 
 def _finish_moe(experts, whole: LayerParts, clips: bool):
+    """The whole layer's outputs left in `experts` for the replay pass; its alphas and spill,
+    (tensors, metadata) for the work dir."""
     experts.replay(whole.outs)
     tensors = {
         "moe_input": torch.cat([x for x, _, _ in experts.calls]),

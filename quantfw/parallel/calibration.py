@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -25,8 +26,17 @@ from quantfw.parallel.placement import Placement
 __all__ = ["ExpertShare", "LayerParts"]
 
 # Test hook, inert unless set: QUANTFW_DIST_KILL=RANK:LAYER SIGKILLs that rank as it starts that
-# layer's experts (how tests make a rank die mid-run).
+# layer's experts (a rank dying mid-run); RANK:LAYER:stall makes it sleep there instead.
 _KILL = os.environ.get("QUANTFW_DIST_KILL", "")
+
+
+def _test_hook(rank: int, layer: int) -> None:
+    parts = _KILL.split(":")
+    if parts[:2] != [str(rank), str(layer)]:
+        return
+    if parts[2:] == ["stall"]:
+        time.sleep(3600)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -83,8 +93,8 @@ class ExpertShare:
         the hook that keeps each expert's output rows apart for the ordered sum."""
         if self.world == 1 and self.declared is None:
             return {}
-        if _KILL and _KILL == f"{self.dist.rank}:{layer}":
-            os.kill(os.getpid(), signal.SIGKILL)
+        if _KILL:
+            _test_hook(self.dist.rank, layer)
         self._contrib = {}
         return {"blocks": self.blocks(num_experts, block), "add": self._add}
 
@@ -95,14 +105,11 @@ class ExpertShare:
         """The lead's recorded (hidden, topk_weights, topk_ids) of a layer, on every rank."""
         return self.dist.broadcast(calls, "the MoE inputs broadcast")
 
-    def combine(
-        self, calls: list, outs: list[torch.Tensor], cap, rows: list, report: list, w2_recipe
-    ) -> LayerParts | None:
-        """The layer's whole expert results on the lead (None on the other ranks). `outs` are
-        run_blocks' sums (used as they are when one process computed every expert), `cap` the
-        LayerCapture, `rows`/`report` the alpha-search rows this rank filled and `w2_recipe(e)`
-        what rebuilds expert e's dequantized w2 on the lead (the rows' own recipes are closures,
-        which do not travel)."""
+    def part(self, outs: list[torch.Tensor], cap, rows: list, report: list):
+        """This rank's results of a layer: `outs` are run_blocks' sums, `cap` the LayerCapture,
+        `rows`/`report` the alpha-search rows it filled. A lone process computing every expert
+        already has the whole LayerParts; otherwise a picklable dict of its own experts (the
+        rows' rebuild-w2 recipes are closures, which do not travel: the lead makes its own)."""
         E = cap.num_experts
         if not self._contrib and self.world == 1 and self.declared is None:
             return LayerParts(outs, rows, report, [cap.kept_tokens(e) for e in range(E)], cap.counts)
@@ -115,26 +122,35 @@ class ExpertShare:
             "counts": {e: int(cap.counts[e]) for e in mine},
         }
         self._contrib = {}
-        parts = self.dist.gather(part, "the expert results gather")
-        if parts is None:
-            return None
-        merged = {k: {} for k in part}
+        return part
+
+    def gather(self, part) -> list | None:
+        """Every rank's part on the lead (a collective: outside any step that may fail alone)."""
+        if isinstance(part, LayerParts):
+            return [part]
+        return self.dist.gather(part, "the expert results gather")
+
+    def merge(self, parts: list, calls: list, w2_recipe) -> LayerParts:
+        """The layer's whole expert results from every rank's part, on the lead; `w2_recipe(e)`
+        rebuilds expert e's dequantized w2 for the alpha search."""
+        if isinstance(parts[0], LayerParts):
+            return parts[0]
+        merged = {k: {} for k in parts[0]}
         for p in parts:
             for k in merged:
                 merged[k].update(p[k])
+        E = len(merged["counts"])
         sums = [torch.zeros_like(x) for x, _, _ in calls]
         for e in range(E):  # expert order: the additions a single process makes
             for b in range(len(calls)):
                 got = merged["contrib"].get((e, b))
                 if got is not None:
                     sums[b].index_add_(0, *got)
+        rows = [merged["rows"][e] for e in range(E)]
         return LayerParts(
             sums,
-            [
-                None if r is None else replace(r, w2_deq=w2_recipe(e))
-                for e, r in sorted(merged["rows"].items())
-            ],
+            [None if r is None else replace(r, w2_deq=w2_recipe(e)) for e, r in enumerate(rows)],
             [merged["report"][e] for e in range(E)],
             [merged["kept"][e] for e in range(E)],
-            torch.tensor([merged["counts"][e] for e in range(E)], dtype=cap.counts.dtype),
+            torch.tensor([merged["counts"][e] for e in range(E)], dtype=torch.int64),
         )
