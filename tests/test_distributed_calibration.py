@@ -67,6 +67,18 @@ def error_lines(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if ln.startswith("quantfw quantize: error:")]
 
 
+def test_observer_inputs_under_torchrun_byte_identical(model, tmp_path):
+    """GPTQ reads each expert's captured inputs back from the shared work dir on every rank."""
+    gptq = ["scheme=w4a8", "scheme.group_size=0", "format=msmodelslim", "scheme.weight_observer=gptq"]
+    args = ["calibration.max_rows=64"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = cli("quantize", f"input={model}", f"output={one}", *gptq, *CALIB, *args, "progress=false", env=ENV)
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = torchrun(2, "quantize", f"input={model}", f"output={two}", *gptq, *CALIB, *args, "progress=false")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert files_bytes(two) == files_bytes(one)
+
+
 def test_blocks_follow_the_placement_primaries_only():
     share = ExpertShare(Dist(rank=1, world=2), [[0, 1, 5, 6], [2, 3, 4, 5, 6, 7]])
     # 5 and 6 are redundant copies on rank 1: their primary (rank 0) computes them

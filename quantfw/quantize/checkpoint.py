@@ -413,7 +413,7 @@ class Converter:
                     self.store.discard()
             raise error or CheckpointError("quantize failed on another rank (see its error)")
         done = dist.union(done)
-        # Rank 0 alone finalizes; the others learn its outcome (they used to wait forever).
+        # Rank 0 alone finalizes; every rank learns the outcome, so a failure there ends them all.
         dist.run("finalize", lambda: self._finalize_logged(done), only_rank0=True)
         return self.out
 
