@@ -39,6 +39,11 @@ CASES = {
     "minmax_w4a8_clip": ("deepseek_v3_w4a8_clip", []),
     "minmax_w8a8": ("deepseek_v3_w8a8", []),
     "calib512_w4a8_clip": ("deepseek_v3_w4a8_clip", ["calibration.source=model", "calibration.tokens=512"]),
+    # With --experts 16: the 16 routed rows per expert a 256-expert layer gets from 512 tokens
+    "calib32_w4a8_clip": (
+        "deepseek_v3_w4a8_clip",
+        ["calibration.source=model", "calibration.tokens=32", "calibration.seq_len=32"],
+    ),
     "calib2048_w4a8_clip": ("deepseek_v3_w4a8_clip", ["calibration.source=model", "calibration.tokens=2048"]),
 }
 
