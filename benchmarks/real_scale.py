@@ -40,6 +40,11 @@ CASES = {
     "minmax_w4a8_clip": ("deepseek_v3_w4a8_clip", []),
     "minmax_w8a8": ("deepseek_v3_w8a8", []),
     "calib512_w4a8_clip": ("deepseek_v3_w4a8_clip", ["calibration.source=model", "calibration.tokens=512"]),
+    # With --experts 16: the 16 routed rows per expert a 256-expert layer gets from 512 tokens
+    "calib32_w4a8_clip": (
+        "deepseek_v3_w4a8_clip",
+        ["calibration.source=model", "calibration.tokens=32", "calibration.seq_len=32"],
+    ),
     "calib2048_w4a8_clip": ("deepseek_v3_w4a8_clip", ["calibration.source=model", "calibration.tokens=2048"]),
 }
 
@@ -220,20 +225,32 @@ def drop_caches() -> bool:
         return False
 
 
-def run_case(src: Path, dst: Path, recipe: str, overrides: list[str]) -> dict:
-    """One `quantfw quantize` in a fresh child; wall time, peak RSS, and its stderr stage lines."""
+def run_case(src: Path, dst: Path, recipe: str, overrides: list[str], nproc: int | None = None) -> dict:
+    """One `quantfw quantize` in a fresh child; wall time, peak RSS, and its stderr stage lines.
+    nproc: that many torchrun processes of one thread each (1: one thread on one core), each rank
+    timed on its own (peak_rss_mb is then the largest rank's)."""
     cmd = [sys.executable, "-m", "quantfw", "quantize", f"recipe={recipe}", f"input={src}", f"output={dst}"]
     cmd += ["overwrite=true", *overrides]
-    timed = ["/usr/bin/time", "-v", *cmd] if Path("/usr/bin/time").exists() else cmd
-    t0 = time.perf_counter()
-    p = subprocess.run(timed, cwd=ROOT, capture_output=True, text=True)
+    timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
+    timed, env = [*timer, *cmd], None
+    if nproc is not None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if nproc == 1:
+            timed = ["taskset", "-c", "0", *timed]
+        else:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+            timed = [*launcher, "--master-port", "29731", "--no-python", *timer, *cmd]
+    load, t0 = os.getloadavg(), time.perf_counter()
+    p = subprocess.run(timed, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+    rss = [int(k) / 1024 for k in re.findall(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)]
     return {
-        "command": " ".join(cmd[1:]),
+        "command": " ".join(timed),
         "exit": p.returncode,
         "seconds": round(wall, 2),
-        "peak_rss_mb": round(int(rss.group(1)) / 1024, 1) if rss else None,
+        "peak_rss_mb": round(max(rss), 1) if rss else None,
+        "peak_rss_mb_per_rank": [round(r, 1) for r in rss],
+        "load_avg_1min": [round(load[0], 1), round(os.getloadavg()[0], 1)],  # before, after
         "stderr_tail": [ln for ln in p.stderr.splitlines() if ln.startswith("quantfw")][-12:],
     }
 
@@ -249,6 +266,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "real_scale.json")
     ap.add_argument("--keep-outputs", action="store_true", help="keep each case's checkpoint (default: deleted after its run)")
     ap.add_argument("--set", nargs="*", default=[], help="extra quantize overrides for every case (key=value)")
+    ap.add_argument("--nproc", type=int, help="torchrun processes of one thread each (1: one core)")
     args = ap.parse_args()
     E = args.experts
     rows = []
@@ -263,12 +281,13 @@ def main() -> None:
                     print("cannot drop the page cache here (needs root and /proc/sys/vm): cold runs skipped")
                     continue
                 dst = args.data / f"out-{name}-{n}"
-                r = run_case(src, dst, recipe, [*extra, *args.set])
+                r = run_case(src, dst, recipe, [*extra, *args.set], args.nproc)
                 r["load_after"] = os.getloadavg()[0]  # the shared machine's load: times depend on it
                 r["output_gb"] = round(sum(p.stat().st_size for p in dst.rglob("*") if p.is_file()) / 1e9, 2)
                 if not args.keep_outputs:
                     shutil.rmtree(dst, ignore_errors=True)  # several GB each: one at a time on disk
                 r.update(case=name, moe_layers=n, cache="cold" if cold else "warm", input_gb=stats["bytes"] / 1e9)
+                r["nproc"] = args.nproc
                 r["gparams_per_s"] = round(sum(stats["params"].values()) / 1e9 / r["seconds"], 3)
                 rows.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "stderr_tail"}), flush=True)

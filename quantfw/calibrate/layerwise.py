@@ -26,8 +26,9 @@ import torch
 from omegaconf import OmegaConf
 
 from quantfw.calibrate.decoder import DecoderStack, check_model_type
-from quantfw.calibrate.equalize import equalize_block
+from quantfw.calibrate.equalize import declared, equalize_block
 from quantfw.calibrate.experts import LayerCapture, expert_alpha_rows, search_expert_rows
+from quantfw.calibrate.experts import _rebuild as w2_recipe
 from quantfw.calibrate.propagate import check_propagate, quantized_outputs
 from quantfw.calibrate.stages import STAGES, Stages
 from quantfw.calibrate.streaming import ExpertSource, SpilledInputs, StreamingExperts, run_blocks
@@ -35,6 +36,7 @@ from quantfw.calibrate.workdir import WorkDir
 from quantfw.errors import ConfigError
 from quantfw.io.experts import MoEModel, expert_prefixes
 from quantfw.io.reader import CheckpointReader
+from quantfw.parallel.calibration import ExpertShare, LayerParts
 from quantfw.schemes.scheme import Scheme
 
 __all__ = ["AFTER_LAYER", "LayerResult", "calibrate_layers"]
@@ -152,12 +154,18 @@ def calibrate_layers(
     fmt=None,
     backend=None,
     mtp: bool = False,
+    share: ExpertShare | None = None,
 ):
     """Run the calibration `windows` [n, seq_len] through the model of `folder` one decoder layer at
     a time (module doc). Returns ({moe layer: LayerResult}, {moe layer: SpilledInputs}, owner of a
     temporary work dir or None). `fmt` and `backend` run the quantized experts that
     calibration.propagate=quantized passes on (quantfw.calibrate.propagate); `mtp` calibrates the
-    MTP layer after the main ones (the recipe's quantize.mtp=quantize)."""
+    MTP layer after the main ones (the recipe's quantize.mtp=quantize). Under torch.distributed
+    `share` splits each layer's routed experts over the ranks (quantfw.parallel.calibration);
+    every rank returns the same results."""
+    share = share or ExpertShare()
+    if share.world > 1 and declared(calib):
+        raise ConfigError("calibration.equalize runs in one process (not under torchrun yet)")
     reader = CheckpointReader(folder)
     config = reader.config()
     check_model_type(config, str(reader.folder / "config.json"))
@@ -169,8 +177,10 @@ def calibrate_layers(
     budget = float(calib.get("memory_budget_mb", 2048)) * 2**20
     if block < 1:
         raise ConfigError(f"calibration.expert_block={block} (must be >= 1)")
-    path, owner = _work_dir(work_dir)
-    work = WorkDir(path, _fingerprint(reader, scheme, calib, windows))
+    lead, dist = share.lead, share.dist
+    path, owner = _work_dir(work_dir) if lead else (None, None)
+    path = Path(dist.broadcast(str(path), "the work dir path"))
+    fingerprint = dist.broadcast(_fingerprint(reader, scheme, calib, windows) if lead else None)
     model = MoEModel.from_config(config, str(reader.folder / "config.json"))
     prefixes = expert_prefixes(reader.keys(), model)
     stack = DecoderStack(folder, reader, StreamingExperts, mtp=mtp)
@@ -178,78 +188,121 @@ def calibrate_layers(
     n = len(stack)
 
     batches = list(windows.split(int(calib.batch_size)))
-    embeds = [stack.embed(w) for w in batches]
-    layer_args = [stack.layer_inputs(x) for x in embeds]
-    in_memory = sum(x.numel() * 4 for x in embeds) <= budget
-    done = work.resume_point()
-    if done:
-        files = [work.path / r["file"] for r in work.state["layers"][str(done - 1)]["hidden"]]
-        hidden = _Hidden([], files, in_memory=False)
-        hidden = _Hidden([hidden[b] for b in range(len(files))] if in_memory else [], files, in_memory)
-    elif in_memory:
-        hidden = _Hidden(embeds, [], in_memory)
-    else:
-        saved = [work.save(f"embeds-{b:04d}.safetensors", {"hidden": x}) for b, x in enumerate(embeds)]
-        hidden = _Hidden([], [work.path / r["file"] for r in saved], in_memory)
-    del embeds
-    bar = _Progress(n, done, progress)
+    work = hidden = layer_args = None
+    done = 0
+    if lead:  # the lead alone holds the hidden states and writes the work dir
+        work = WorkDir(path, fingerprint)
+        embeds = [stack.embed(w) for w in batches]
+        layer_args = [stack.layer_inputs(x) for x in embeds]
+        in_memory = sum(x.numel() * 4 for x in embeds) <= budget
+        done = work.resume_point()
+        if done:
+            files = [work.path / r["file"] for r in work.state["layers"][str(done - 1)]["hidden"]]
+            hidden = _Hidden([], files, in_memory=False)
+            hidden = _Hidden([hidden[b] for b in range(len(files))] if in_memory else [], files, in_memory)
+        elif in_memory:
+            hidden = _Hidden(embeds, [], in_memory)
+        else:
+            saved = [work.save(f"embeds-{b:04d}.safetensors", {"hidden": x}) for b, x in enumerate(embeds)]
+            hidden = _Hidden([], [work.path / r["file"] for r in saved], in_memory)
+        del embeds
+    done = dist.broadcast(done, "the resume point")
+    bar = _Progress(n, done, progress and lead)
     try:
         for i in range(done, n):
             t0 = time.perf_counter()
             STAGES.reset()
-            if i in stack.mtp_layers:
+            if lead and i in stack.mtp_layers:
                 hidden = _mtp_inputs(stack, i, batches, hidden, layer_args)
-            with STAGES("layer read+dequant"):
-                layer = stack.materialize(i)
             moe = stack.moe_block(i)
+
+            def materialize(i=i):
+                with STAGES("layer read+dequant"):
+                    return stack.materialize(i)
+
+            layer = dist.run(f"layer {i} (decoder forward)", materialize, only_rank0=True)
 
             def run(b, layer=layer, i=i, hidden=hidden):
                 args, kwargs = layer_args[b][i]
                 with torch.no_grad(), STAGES("layer forward"):
                     return _output(layer(hidden[b], *args, **kwargs))
 
-            spill = spill_rec = None
+            spill_rec = None
             if moe is not None:
                 experts = moe.experts
                 experts.reset()
-                for b in range(len(batches)):
-                    run(b)  # records the MoE inputs and routing; the outputs come in the second pass
+
+                def record(experts=experts, run=run):
+                    for b in range(len(batches)):
+                        run(b)  # records the MoE inputs and routing; the outputs come in the second pass
+
+                dist.run(f"layer {i} (decoder forward)", record, only_rank0=True)
+                experts.calls = share.calls(experts.calls if lead else None)
                 source = ExpertSource(reader, model, i, prefixes.get(i))
-                spill = _calibrate_moe(
-                    i, experts, info[i].num_experts, source, scheme, calib, clips, all_experts, block
+                scales: list = []
+                part = dist.run(
+                    f"layer {i} (routed experts)",
+                    lambda i=i, experts=experts, source=source, scales=scales: _calibrate_moe(
+                        i,
+                        experts,
+                        info[i].num_experts,
+                        source,
+                        scheme,
+                        calib,
+                        clips,
+                        all_experts,
+                        block,
+                        share,
+                        scales,
+                    ),
                 )
-                with STAGES("write"):
-                    spill_rec = work.save(f"layer-{i:04d}.safetensors", *spill)
-                if propagate == "quantized":
-                    spilled = SpilledInputs(work.path / spill_rec["file"], source, all_experts)
-                    alphas = spill[0].get("alphas")
-                    experts.replay(
-                        quantized_outputs(
-                            experts.calls,
-                            source,
-                            info[i].num_experts,
-                            block,
-                            scheme,
-                            fmt,
-                            backend,
-                            alphas,
-                            spilled,
+                parts = share.gather(part)
+
+                def finish_moe(i=i, experts=experts, source=source, parts=parts, scales=scales):
+                    whole = share.merge(parts, experts.calls, lambda e: w2_recipe(scheme, source.down, e))
+                    spill = _finish_moe(experts, whole, clips, scales)
+                    with STAGES("write"):
+                        rec = work.save(f"layer-{i:04d}.safetensors", *spill)
+                    if propagate == "quantized":
+                        spilled = SpilledInputs(work.path / rec["file"], source, all_experts)
+                        experts.replay(
+                            quantized_outputs(
+                                experts.calls,
+                                source,
+                                info[i].num_experts,
+                                block,
+                                scheme,
+                                fmt,
+                                backend,
+                                spill[0].get("alphas"),
+                                spilled,
+                            )
                         )
-                    )
-                del spill
-            outputs = [run(b) for b in range(len(batches))]
-            if moe is not None:
+                    return rec
+
+                spill_rec = dist.run(f"layer {i} (alpha search)", finish_moe, only_rank0=True)
+
+            def finish(i=i, moe=moe, run=run, spill_rec=spill_rec, hidden=hidden):
+                outputs = [run(b) for b in range(len(batches))]
+                if moe is not None:
+                    moe.experts.reset()
+                stack.free(i)
+                with STAGES("write"):
+                    recs = [
+                        work.save(f"hidden-{i:04d}-{b:04d}.safetensors", {"hidden": h})
+                        for b, h in enumerate(outputs)
+                    ]
+                previous = work.state["layers"].get(str(i - 1), {}).get("hidden", [])
+                work.finish_layer(i, {"spill": spill_rec, "hidden": recs}, drop=[r["file"] for r in previous])
+                return _Hidden(
+                    outputs if hidden.in_memory else [],
+                    [work.path / r["file"] for r in recs],
+                    hidden.in_memory,
+                )
+
+            hidden = dist.run(f"layer {i} (layer output)", finish, only_rank0=True)
+            if moe is not None and not lead:
                 moe.experts.reset()
-            stack.free(i)
-            with STAGES("write"):
-                recs = [
-                    work.save(f"hidden-{i:04d}-{b:04d}.safetensors", {"hidden": h})
-                    for b, h in enumerate(outputs)
-                ]
-            previous = work.state["layers"].get(str(i - 1), {}).get("hidden", [])
-            work.finish_layer(i, {"spill": spill_rec, "hidden": recs}, drop=[r["file"] for r in previous])
-            hidden = _Hidden(outputs if in_memory else [], [work.path / r["file"] for r in recs], in_memory)
-            del outputs
             bar.layer(
                 i, info[i].num_experts if moe is not None else 0, time.perf_counter() - t0, STAGES.reset()
             )
@@ -257,6 +310,8 @@ def calibrate_layers(
                 AFTER_LAYER(i)
     finally:
         bar.close()
+    if not lead:  # the lead's records, read once it has written them all (shared storage)
+        work = WorkDir(path, fingerprint)
     results: dict[int, LayerResult] = {}
     inputs = {}
     for i in range(n):
@@ -284,9 +339,9 @@ def _mtp_inputs(stack: DecoderStack, i: int, batches, hidden: _Hidden, layer_arg
     return _Hidden([stack.mtp_input(i, w, hidden[b]) for b, w in enumerate(batches)], [], True)
 
 
-def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, block):
-    """Routed outputs of layer i's recorded calls (left in `experts` for the replay pass), its
-    alphas and the spill: (tensors, metadata) for the work dir."""
+def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, block, share, scales_out=None):
+    """This rank's routed experts of layer i's recorded calls: its `ExpertShare.part` (outputs,
+    captures, alpha-search rows); `scales_out` receives the equalization scales per expert."""
     cap = LayerCapture(i, E, calib.max_rows)
     rows, report, scales = [None] * E, [None] * E, [None] * E
 
@@ -297,27 +352,35 @@ def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, blo
             scales[ids.start : ids.stop] = list(s)
         if clips:
             with STAGES("alpha rows"):
-                r, p = expert_alpha_rows(
-                    scheme, w13, w2, cap, ids, calib.min_tokens, calib.policy, down
-                )
+                r, p = expert_alpha_rows(scheme, w13, w2, cap, ids, calib.min_tokens, calib.policy, down)
             rows[ids.start : ids.stop], report[ids.start : ids.stop] = r, p
         for e in ids:
             cap.drop_rows(e)
 
-    outs = run_blocks(experts.calls, source, E, block, cap, all_experts, on_block)
-    experts.replay(outs)
+    hooks = share.hooks(i, E, block)
+    outs = run_blocks(experts.calls, source, E, block, cap, all_experts, on_block, **hooks)
+    if scales_out is not None:
+        scales_out[:] = scales
+    return share.part(outs, cap, rows, report)
+
+
+def _finish_moe(experts, whole: LayerParts, clips: bool, scales=None):
+    """The whole layer's outputs left in `experts` for the replay pass; its alphas and spill,
+    (tensors, metadata) for the work dir."""
+    experts.replay(whole.outs)
     tensors = {
         "moe_input": torch.cat([x for x, _, _ in experts.calls]),
         "topk_ids": torch.cat([ids for _, _, ids in experts.calls]),
         "batch_rows": torch.tensor([0] + [x.shape[0] for x, _, _ in experts.calls]).cumsum(0),
-        "kept_tokens": torch.cat([cap.kept_tokens(e) for e in range(E)]),
-        "kept_offsets": torch.tensor([0] + [cap.kept(e) for e in range(E)]).cumsum(0),
-        "counts": cap.counts.clone(),
+        "kept_tokens": torch.cat(whole.kept),
+        "kept_offsets": torch.tensor([0] + [k.shape[0] for k in whole.kept]).cumsum(0),
+        "counts": whole.counts.clone(),
     }
-    if scales[0] is not None:
+    if scales and scales[0] is not None:
         tensors["equalize_scales"] = torch.stack(scales)
+    report = whole.report
     if clips:
         with STAGES("alpha search"):
-            alphas, report = search_expert_rows(rows, report)
+            alphas, report = search_expert_rows(whole.rows, report)
         tensors["alphas"] = alphas
     return tensors, {"report": json.dumps(report if clips else [])}

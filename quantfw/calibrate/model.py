@@ -138,6 +138,7 @@ def calibrate_checkpoint(
     backend=None,
     work_dir: str | Path | None = None,
     mtp: str = "drop",
+    share=None,
 ) -> CalibrationResult:
     """Capture every MoE layer's expert inputs from the float model in `folder`; alphas are learned
     only when the scheme clips. The captures are returned as `inputs` for the data-driven weight
@@ -150,7 +151,9 @@ def calibrate_checkpoint(
     the model-level guard needs: with `guard_tokens` > 0 and the checkpoint format and backend
     given, learned alphas then pass the guard (quantfw.calibrate.guard) on that many extra tokens.
     The layerwise path skips the guard, says so on stderr and records it. `mtp` is the recipe's
-    quantize.mtp: with `quantize` the layerwise path also learns the MTP layer's alphas."""
+    quantize.mtp: with `quantize` the layerwise path also learns the MTP layer's alphas. `share`
+    (quantfw.parallel.calibration.ExpertShare) splits the routed experts over torch.distributed
+    ranks on the layerwise path."""
     if calib.policy not in POLICIES:
         raise ConfigError(f"calibration.policy={calib.policy} (allowed: {', '.join(POLICIES)})")
     clips = scheme.clips
@@ -188,6 +191,7 @@ def calibrate_checkpoint(
         fmt,
         backend,
         mtp == "quantize",
+        share=share,
     )
     alphas = {i: r.alphas for i, r in results.items() if r.alphas is not None}
     report = [row for r in results.values() for row in r.report]

@@ -15,7 +15,7 @@ gate/up weights, read again for that one expert.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -132,28 +132,35 @@ def run_blocks(
     capture: LayerCapture | None,
     all_experts: bool = False,
     on_block: Callable[[range, torch.Tensor, torch.Tensor], None] | None = None,
+    blocks: Sequence[range] | None = None,
+    add: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> list[torch.Tensor]:
     """Routed expert outputs fp32 [T_b, H] of every recorded call; the capture gets each expert's
     rows (token numbers run over the calls in order, as the whole-model hook numbers them) and
-    `on_block(experts, w13, w2)` runs once a block's captures are complete."""
+    `on_block(experts, w13, w2)` runs once a block's captures are complete. Expert parallel
+    (quantfw.parallel.calibration): `blocks` are this process's expert ranges (default: all, by
+    `block`) and `add(expert, call, rows, y)` takes each expert's weighted output rows instead of
+    the returned sums."""
     outs = [torch.zeros_like(x) for x, _, _ in calls]
     starts = [0]
     for x, _, _ in calls:
         starts.append(starts[-1] + x.shape[0])
-    for experts, w13, w2 in read_blocks(source, num_experts, block):
+    for experts, w13, w2 in read_blocks(source, num_experts, block, blocks):
         with STAGES("experts forward"):
-            _block_outputs(calls, starts, experts, w13, w2, outs, capture, all_experts)
+            _block_outputs(calls, starts, experts, w13, w2, outs, capture, all_experts, add)
         if on_block is not None:
             on_block(experts, w13, w2)
         del w13, w2
     return outs
 
 
-def read_blocks(source: ExpertSource, num_experts: int, block: int):
-    """Yield (experts, w13, w2) block by block. One reader thread works a block ahead (file reads
-    and the FP8 products release the GIL), so reading and dequantizing overlap the caller's
-    compute; at most two blocks are in memory."""
-    blocks = [range(f, min(num_experts, f + block)) for f in range(0, num_experts, block)]
+def read_blocks(source: ExpertSource, num_experts: int, block: int, blocks: Sequence[range] | None = None):
+    """Yield (experts, w13, w2) block by block (`blocks`: the expert ranges, default all by
+    `block`). One reader thread works a block ahead (file reads and the FP8 products release the
+    GIL), so reading and dequantizing overlap the caller's compute; at most two blocks are in memory."""
+    if blocks is None:
+        blocks = [range(f, min(num_experts, f + block)) for f in range(0, num_experts, block)]
+    blocks = list(blocks)
     with ThreadPoolExecutor(1, thread_name_prefix="quantfw-experts") as pool:
         ahead = pool.submit(source.block, blocks[0].start, blocks[0].stop) if blocks else None
         for n, experts in enumerate(blocks):
@@ -165,9 +172,9 @@ def read_blocks(source: ExpertSource, num_experts: int, block: int):
             del w13, w2
 
 
-def _block_outputs(calls, starts, experts: range, w13, w2, outs, capture, all_experts) -> None:
-    """Add the routed outputs of `experts` (weights w13 [B, 2I, H], w2 [B, H, I]) to `outs` and
-    their rows to the capture."""
+def _block_outputs(calls, starts, experts: range, w13, w2, outs, capture, all_experts, add=None) -> None:
+    """Add the routed outputs of `experts` (weights w13 [B, 2I, H], w2 [B, H, I]) to `outs` (or
+    hand each expert's weighted rows to `add(expert, call, rows, y)`) and their rows to the capture."""
     inter = w13.shape[1] // 2
     for j, e in enumerate(experts):
         for b, (x, weights, ids) in enumerate(calls):
@@ -184,7 +191,11 @@ def _block_outputs(calls, starts, experts: range, w13, w2, outs, capture, all_ex
                     capture.add(e, h, x[routed], tokens=number[routed], weights=w[routed])
             if h is not None:
                 y = (F.silu(h[:, :inter]) * h[:, inter:]) @ w2[j].t()
-                outs[b].index_add_(0, routed.nonzero().squeeze(1), y * w[routed, None])
+                rows = routed.nonzero().squeeze(1)
+                if add is None:
+                    outs[b].index_add_(0, rows, y * w[routed, None])
+                else:
+                    add(e, b, rows, y * w[routed, None])
 
 
 class _SpillCache:

@@ -13,7 +13,6 @@ unfinished layer); it is removed once the checkpoint is written.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from quantfw.api import components
 from quantfw.config.layer_choice import layer_schemes
 from quantfw.errors import ConfigError, QuantfwError
+from quantfw.parallel.calibration import ExpertShare
 from quantfw.parallel.dist import Dist
 from quantfw.quantize.checkpoint import quantize_checkpoint
 
@@ -34,13 +34,21 @@ def run(cfg: DictConfig) -> str:
     source = cfg.calibration.source
     if source not in ("none", "model"):
         raise ConfigError(f"calibration.source={source} (allowed: none, model)")
+    dist = Dist.from_env(cfg.get("dist_timeout_s"))
+    try:
+        return _run(cfg, scheme, fmt, backend, source, dist)
+    finally:
+        dist.close()
+
+
+def _run(cfg, scheme, fmt, backend, source, dist: Dist) -> str:
     alphas = calibration = weight_inputs = weight_data = None
     expert_scales = equalization = None
     from quantfw.calibrate.equalize import declared
     from quantfw.calibrate.model import calibrate_checkpoint, needs_calibration
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    work_dir = calibration_dir(cfg.output, int(os.environ.get("RANK", "0")) if world > 1 else None)
+    # One work dir for all ranks, written by rank 0 (beside the output: shared storage).
+    work_dir = calibration_dir(cfg.output)
     if source == "model" and (needs_calibration(scheme) or declared(cfg.calibration)):
         try:
             calib = OmegaConf.merge(cfg.calibration, {"progress": cfg.calibration.progress and cfg.progress})
@@ -53,20 +61,23 @@ def run(cfg: DictConfig) -> str:
                 backend=backend,
                 work_dir=work_dir,
                 mtp=cfg.quantize.mtp,
+                share=ExpertShare(dist, cfg.get("placement")),
             )
-        except QuantfwError:
-            shutil.rmtree(work_dir, ignore_errors=True)  # bad input: nothing worth resuming
+        except QuantfwError as e:
+            if dist.rank == 0 and not getattr(e, "resumable", False):
+                shutil.rmtree(work_dir, ignore_errors=True)  # bad input: nothing worth resuming
             raise
         weight_inputs, weight_data = result.inputs, result.data
         expert_scales, equalization = result.scales or None, result.equalization
         if result.alphas:
             alphas, calibration = result.alphas, result.metadata
             fallback = calibration["fallback_experts"]
-            print(
-                f"quantfw quantize: learned alphas for {len(alphas)} layer(s) from {calibration['data']}; "
-                f"{len(fallback)} expert(s) fell back to alpha = 1 (policy {calibration['policy']})",
-                file=sys.stderr,
-            )
+            if dist.rank == 0:
+                print(
+                    f"quantfw quantize: learned alphas for {len(alphas)} layer(s) from {calibration['data']}; "
+                    f"{len(fallback)} expert(s) fell back to alpha = 1 (policy {calibration['policy']})",
+                    file=sys.stderr,
+                )
             guard = calibration.get("guard")
             if guard is not None and "skipped" not in guard:
                 judged = len(guard["layers"])
@@ -75,10 +86,11 @@ def run(cfg: DictConfig) -> str:
                     f"{len(guard['kept_layers'])} of {judged} clipped layer(s); the others use alpha = 1",
                     file=sys.stderr,
                 )
-        print(
-            f"quantfw quantize: captured expert inputs of {len(result.inputs)} layer(s) from {result.data['data']}",
-            file=sys.stderr,
-        )
+        if dist.rank == 0:
+            print(
+                f"quantfw quantize: captured expert inputs of {len(result.inputs)} layer(s) from {result.data['data']}",
+                file=sys.stderr,
+            )
     elif source == "model":
         print(
             f"quantfw quantize: calibration.source=model ignored: scheme '{scheme.name}' neither clips "
@@ -88,39 +100,35 @@ def run(cfg: DictConfig) -> str:
     from quantfw.engines.commands import quantize_linears, report_output
 
     targets, ignore = quantize_linears(cfg)
-    dist = Dist.from_env()
-    try:
-        out = quantize_checkpoint(
-            cfg.input,
-            cfg.output,
-            scheme,
-            fmt,
-            overwrite=cfg.overwrite,
-            proj_names=dict(cfg.model.proj_names),
-            dist=dist,
-            targets=targets,
-            ignore=ignore,
-            mtp=cfg.quantize.mtp,
-            alphas=alphas,
-            calibration=calibration,
-            weight_inputs=weight_inputs,
-            weight_data=weight_data,
-            expert_scales=expert_scales,
-            equalization=equalization,
-            compute_dtype=cfg.quantize.compute_dtype,
-            linear_scheme=cfg.quantize.linear_scheme,
-            progress=cfg.progress,
-            layers=layer_schemes(cfg),
-        )
-    finally:
-        dist.close()
-    shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoint is written: nothing left to resume
-    if dist.rank == 0:
+    out = quantize_checkpoint(
+        cfg.input,
+        cfg.output,
+        scheme,
+        fmt,
+        overwrite=cfg.overwrite,
+        proj_names=dict(cfg.model.proj_names),
+        dist=dist,
+        targets=targets,
+        ignore=ignore,
+        mtp=cfg.quantize.mtp,
+        alphas=alphas,
+        calibration=calibration,
+        weight_inputs=weight_inputs,
+        weight_data=weight_data,
+        expert_scales=expert_scales,
+        equalization=equalization,
+        compute_dtype=cfg.quantize.compute_dtype,
+        linear_scheme=cfg.quantize.linear_scheme,
+        progress=cfg.progress,
+        layers=layer_schemes(cfg),
+    )
+    if dist.rank == 0:  # every rank is past the converter's last barrier: nobody reads it any more
+        shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoint is written: nothing left to resume
         report_output(cfg, out)
     return str(out)
 
 
-def calibration_dir(output: str, rank: int | None = None) -> Path:
-    """`<parent>/.<name>.calibration` (per rank under torchrun: each rank calibrates on its own)."""
+def calibration_dir(output: str) -> Path:
+    """`<parent>/.<name>.calibration`, shared by every torchrun rank (rank 0 writes it)."""
     out = Path(output).resolve()
-    return out.parent / f".{out.name}.calibration{'' if rank is None else f'-rank{rank}'}"
+    return out.parent / f".{out.name}.calibration"

@@ -187,6 +187,9 @@ class QuantfwConfig:
     # Routed experts per process (quantfw/parallel/placement.py): null = contiguous blocks, or one
     # list of expert ids per rank (an expert listed on several ranks is a redundant copy).
     placement: Any = None
+    # Seconds any torch.distributed collective may wait (quantfw/parallel/dist.py): more than the
+    # longest step one rank does alone (a layer's alpha search on rank 0 at real dims: minutes).
+    dist_timeout_s: float = 1800.0
     input: str | None = None
     output: str | None = None
     checkpoint: str | None = None

@@ -490,12 +490,14 @@ class Converter:
                     self.store.discard()
             raise error or CheckpointError("quantize failed on another rank (see its error)")
         done = dist.union(done)
-        if dist.rank == 0:
-            with self._os_errors():
-                self._finalize(done)
-            self._log(f"wrote {self.out}")
-        dist.barrier()
+        # Rank 0 alone finalizes; every rank learns the outcome, so a failure there ends them all.
+        dist.run("finalize", lambda: self._finalize_logged(done), only_rank0=True)
         return self.out
+
+    def _finalize_logged(self, done: list[bool]) -> None:
+        with self._os_errors():
+            self._finalize(done)
+        self._log(f"wrote {self.out}")
 
 
 _FINITE_CHECKED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

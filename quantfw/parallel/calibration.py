@@ -1,0 +1,156 @@
+"""Expert-parallel layer-by-layer calibration: which rank computes which routed experts, and how
+their results meet.
+
+Rank 0 (the lead) does every non-expert step: embeddings, each decoder layer's attention and
+router, the hidden states, the work dir and the alpha search (a coordinate descent over all of a
+layer's experts on the shared layer error, so it runs in one place). It sends each MoE layer's
+recorded inputs and routing to every rank. Each rank then computes the routed experts whose primary
+copy `Placement` gives it, reading only their tensors: their outputs on the calibration tokens,
+their captures and their alpha-search rows. The lead gathers those and adds the expert outputs in
+expert order, exactly the additions of a single process, so the layer output (and everything
+after it) does not depend on the number of processes or on the placement.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from quantfw.parallel.dist import Dist
+from quantfw.parallel.placement import Placement
+
+__all__ = ["ExpertShare", "LayerParts"]
+
+# Test hook, inert unless set: QUANTFW_DIST_KILL=RANK:LAYER SIGKILLs that rank as it starts that
+# layer's experts (a rank dying mid-run); RANK:LAYER:stall makes it sleep there instead.
+_KILL = os.environ.get("QUANTFW_DIST_KILL", "")
+
+
+def _test_hook(rank: int, layer: int) -> None:
+    parts = _KILL.split(":")
+    if parts[:2] != [str(rank), str(layer)]:
+        return
+    if parts[2:] == ["stall"]:
+        time.sleep(3600)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class LayerParts:
+    """One MoE layer's expert results, whole: outs [T_b, H] per call, alpha-search rows and
+    report rows per expert, kept token numbers per expert and routed counts [E]."""
+
+    outs: list[torch.Tensor]
+    rows: list
+    report: list
+    kept: list[torch.Tensor]
+    counts: torch.Tensor
+
+
+class ExpertShare:
+    """This process's share of every layer's routed experts (a lone process: all of them)."""
+
+    def __init__(self, dist: Dist | None = None, declared=None):
+        self.dist = dist or Dist()
+        self.declared = declared  # the recipe's `placement` (null: contiguous blocks)
+        self._placements: dict[int, Placement] = {}
+        self._contrib: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def world(self) -> int:
+        return self.dist.world
+
+    @property
+    def lead(self) -> bool:
+        return self.dist.rank == 0
+
+    def placement(self, num_experts: int) -> Placement:
+        if num_experts not in self._placements:
+            self._placements[num_experts] = Placement.from_config(self.declared, num_experts, self.world)
+        return self._placements[num_experts]
+
+    def owned(self, num_experts: int) -> tuple[int, ...]:
+        """The experts this rank computes: those whose primary copy it holds."""
+        return self.placement(num_experts).primaries(self.dist.rank)
+
+    def blocks(self, num_experts: int, block: int) -> list[range]:
+        """This rank's experts as contiguous ranges of at most `block` (one read each)."""
+        out: list[range] = []
+        for e in self.owned(num_experts):
+            last = out[-1] if out else None
+            if last is not None and last.stop == e and len(last) < block:
+                out[-1] = range(last.start, e + 1)
+            else:
+                out.append(range(e, e + 1))
+        return out
+
+    def hooks(self, layer: int, num_experts: int, block: int) -> dict:
+        """run_blocks' keyword arguments for this rank: its blocks and, when experts are split,
+        the hook that keeps each expert's output rows apart for the ordered sum."""
+        if self.world == 1 and self.declared is None:
+            return {}
+        if _KILL:
+            _test_hook(self.dist.rank, layer)
+        self._contrib = {}
+        return {"blocks": self.blocks(num_experts, block), "add": self._add}
+
+    def _add(self, e: int, b: int, rows: torch.Tensor, y: torch.Tensor) -> None:
+        self._contrib[e, b] = (rows, y)
+
+    def calls(self, calls: list | None) -> list:
+        """The lead's recorded (hidden, topk_weights, topk_ids) of a layer, on every rank."""
+        return self.dist.broadcast(calls, "the MoE inputs broadcast")
+
+    def part(self, outs: list[torch.Tensor], cap, rows: list, report: list):
+        """This rank's results of a layer: `outs` are run_blocks' sums, `cap` the LayerCapture,
+        `rows`/`report` the alpha-search rows it filled. A lone process computing every expert
+        already has the whole LayerParts; otherwise a picklable dict of its own experts (the
+        rows' rebuild-w2 recipes are closures, which do not travel: the lead makes its own)."""
+        E = cap.num_experts
+        if not self._contrib and self.world == 1 and self.declared is None:
+            return LayerParts(outs, rows, report, [cap.kept_tokens(e) for e in range(E)], cap.counts)
+        mine = self.owned(E)
+        part = {
+            "contrib": self._contrib,
+            "rows": {e: None if rows[e] is None else replace(rows[e], w2_deq=None) for e in mine},
+            "report": {e: report[e] for e in mine},
+            "kept": {e: cap.kept_tokens(e) for e in mine},
+            "counts": {e: int(cap.counts[e]) for e in mine},
+        }
+        self._contrib = {}
+        return part
+
+    def gather(self, part) -> list | None:
+        """Every rank's part on the lead (a collective: outside any step that may fail alone)."""
+        if isinstance(part, LayerParts):
+            return [part]
+        return self.dist.gather(part, "the expert results gather")
+
+    def merge(self, parts: list, calls: list, w2_recipe) -> LayerParts:
+        """The layer's whole expert results from every rank's part, on the lead; `w2_recipe(e)`
+        rebuilds expert e's dequantized w2 for the alpha search."""
+        if isinstance(parts[0], LayerParts):
+            return parts[0]
+        merged = {k: {} for k in parts[0]}
+        for p in parts:
+            for k in merged:
+                merged[k].update(p[k])
+        E = len(merged["counts"])
+        sums = [torch.zeros_like(x) for x, _, _ in calls]
+        for e in range(E):  # expert order: the additions a single process makes
+            for b in range(len(calls)):
+                got = merged["contrib"].get((e, b))
+                if got is not None:
+                    sums[b].index_add_(0, *got)
+        rows = [merged["rows"][e] for e in range(E)]
+        return LayerParts(
+            sums,
+            [None if r is None else replace(r, w2_deq=w2_recipe(e)) for e, r in enumerate(rows)],
+            [merged["report"][e] for e in range(E)],
+            [merged["kept"][e] for e in range(E)],
+            torch.tensor([merged["counts"][e] for e in range(E)], dtype=torch.int64),
+        )
