@@ -21,6 +21,10 @@ def components(cfg: DictConfig) -> tuple[Scheme, Format, Backend]:
 def placement(cfg: DictConfig) -> Placement:
     """The recipe's expert placement over the ep_size expert-parallel ranks (`placement` key)."""
     declared = cfg.get("placement")
+    if cfg.ep_size == 1:
+        # One process holds every expert: a placement declared for a torchrun world (the
+        # quantize that wrote this checkpoint, say) does not apply to a lone reader.
+        return Placement.contiguous(cfg.model.num_experts, 1)
     if isinstance(declared, DictConfig | ListConfig):
         declared = OmegaConf.to_container(declared, resolve=True)
     return Placement.from_config(declared, cfg.model.num_experts, cfg.ep_size)

@@ -74,6 +74,9 @@ def _worker(rank: int, world: int, store: str, jobs_file: str, out_dir: str, die
 
     import quantfw
 
+    # One intra-op thread here and in the single-process reference (_single): a BLAS that picks
+    # its thread count at run time (under load) may otherwise split reductions differently.
+    torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
     )
@@ -169,7 +172,12 @@ def run(request, ckpts, tmp_path_factory):
 
 def _single(path, name):
     x, w, ids = torch.load(name)
-    return load_one(path, layer=-1)(x, w, ids)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return load_one(path, layer=-1)(x, w, ids)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- the tests

@@ -91,6 +91,12 @@ class DecoderStack:
             # From the JSON the hardened reader already read: transformers opens no file here.
             fields = {k: v for k, v in raw.items() if k not in ("model_type", "quantization_config")}
             self.mtp_layers = mtp_layers(raw) if mtp else range(0)
+            # A config may declare MTP layers its shards do not hold (transformers' own
+            # save_pretrained writes none): nothing to calibrate then.
+            if self.mtp_layers and not any(
+                k.startswith(f"model.layers.{self.mtp_layers.start}.") for k in reader.keys()
+            ):
+                self.mtp_layers = range(0)
             if len(self.mtp_layers) > 1:
                 raise ConfigError(
                     f"{self.folder / 'config.json'}: num_nextn_predict_layers={len(self.mtp_layers)}; "
