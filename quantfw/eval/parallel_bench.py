@@ -19,7 +19,16 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from quantfw.backends import get_backend
 from quantfw.config.variants import compose_variant
 from quantfw.errors import ConfigError
-from quantfw.eval.bench import BenchLayer, machine, scheme_variants, time_ms, uniform_routing
+from quantfw.eval.bench import (
+    BenchLayer,
+    bench_modes,
+    machine,
+    scheme_variants,
+    selected_variants,
+    time_ms,
+    uniform_routing,
+    with_mode,
+)
 from quantfw.formats.format import Format
 from quantfw.layout.spec import Dims
 from quantfw.moe.layer import MoELayer
@@ -46,7 +55,9 @@ def _share(n: int, rank: int, world: int) -> slice:
     return slice(lo, lo + base + (1 if rank < extra else 0))
 
 
-def bench_parallel(spec: BenchLayer, bench, placement: Placement, group, log=print) -> list[dict]:
+def bench_parallel(
+    spec: BenchLayer, bench, placement: Placement, group, log=print, backend: dict | None = None
+) -> list[dict]:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     full, k = spec.dims, spec.top_k
     mine = placement.local(rank)
@@ -55,14 +66,15 @@ def bench_parallel(spec: BenchLayer, bench, placement: Placement, group, log=pri
     w13, w2 = torch.stack([w[0] for w in weights]), torch.stack([w[1] for w in weights])
     del weights
     records = []
-    for key in bench.schemes:
-        label, overrides = scheme_variants(full, bench.group_size)[key]
+    variants = scheme_variants(full, bench.group_size)
+    for key in selected_variants(bench, variants):
+        label, overrides = variants[key]
         v = compose_variant(overrides)
         scheme, fmt = Scheme.from_config(v.scheme), Format.from_config(v.format)
         alpha = torch.ones(local.E) if scheme.flags.get("activation_use_clip") else None
         tensors = quantize_experts(scheme, fmt, w13, w2, alpha=alpha, log=None)
-        for mode in bench.modes:
-            layer = MoELayer(scheme, fmt, get_backend({"name": "torch", "mode": mode}), local, experts=mine)
+        for mode in bench_modes(bench, backend):
+            layer = MoELayer(scheme, fmt, get_backend(with_mode(backend, mode)), local, experts=mine)
             moe = ParallelMoE(layer.load(tensors, source=f"bench {label}"), placement, rank, 1, group)
             for T in bench.tokens:
                 x = torch.randn(T, full.H, generator=torch.Generator().manual_seed(T)).to(torch.bfloat16)
@@ -116,5 +128,6 @@ def run_parallel_bench(cfg: DictConfig, layers: list[BenchLayer], group) -> dict
             declared = OmegaConf.to_container(declared, resolve=True)
         placement = Placement.from_config(declared, spec.dims.E, world)
         log = print if dist.get_rank(group) == 0 else (lambda _msg: None)
-        records += bench_parallel(spec, bench, placement, group, log)
+        backend = OmegaConf.to_container(cfg.backend, resolve=True)
+        records += bench_parallel(spec, bench, placement, group, log, backend)
     return {"machine": machine(), "bandwidth_gbs": None, "records": records}
