@@ -86,7 +86,11 @@ USER = {
     # A checkpoint format: msModelSlim's per-group int4 tensors without the all-zero offsets.
     "format/slim_no_offsets.yaml": """
         name: slim_no_offsets
-        metadata: msmodelslim
+        metadata:
+          style: msmodelslim
+          files: [quant_model_description.json, quant_model_description_w8a8_dynamic.json]
+          shard_base: quant_model_weight_w8a8_dynamic
+          weight_bits: [8, 4]
         doc: msModelSlim per-group W4A8 without the zero offsets
         requires:
           - {check: "weight_bits == 4 and group_size", message: "stores per-group int4 only"}

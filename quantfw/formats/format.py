@@ -44,7 +44,12 @@ class Format:
     def from_config(cls, cfg: DictConfig | Mapping[str, Any]) -> Format:
         data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
         decl = data["metadata"]
-        decl = dict(decl) if isinstance(decl, Mapping) else {"style": decl}
+        if not isinstance(decl, Mapping):
+            raise ConfigError(
+                f"format '{data.get('name')}': metadata must be a mapping naming its style and that "
+                f"style's keys (see conf/format/msmodelslim.yaml), found {decl!r}"
+            )
+        decl = dict(decl)
         fmt = cls(
             name=data["name"],
             metadata=decl.get("style", ""),
