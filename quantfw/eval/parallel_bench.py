@@ -71,7 +71,7 @@ def bench_parallel(
         label, overrides = variants[key]
         v = compose_variant(overrides)
         scheme, fmt = Scheme.from_config(v.scheme), Format.from_config(v.format)
-        alpha = torch.ones(local.E) if scheme.flags.get("activation_use_clip") else None
+        alpha = torch.ones(local.E) if scheme.clips else None
         tensors = quantize_experts(scheme, fmt, w13, w2, alpha=alpha, log=None)
         for mode in bench_modes(bench, backend):
             layer = MoELayer(scheme, fmt, get_backend(with_mode(backend, mode)), local, experts=mine)
