@@ -87,3 +87,34 @@ def test_bias_sums_fused_only_where_exact_in_any_order(small_threshold):
     assert not fused._fusable("pack_int4", _weight(), 8)
     _, _, enc = fused.quantize_per_channel_encoded(_weight(), 8, encodings=fused.ENCODINGS)
     assert list(enc) == ["a8w4_bias"]
+
+
+def test_worker_threads_compile_every_shape(small_threshold):
+    """torch keeps compile settings per thread: a converter worker thread compiling more shapes
+    than dynamo's default limit (8) still gets compiled kernels, never a silent eager fallback."""
+    import threading
+
+    import torch._dynamo.utils as dynamo_utils
+
+    shapes = [(16 * (i + 1), 32) for i in range(10)]
+    results, errors = [], []
+
+    def work():
+        try:
+            for n, k in shapes:
+                w = _weight(n, k, seed=n)
+                results.append((fused.quantize_per_channel_fused(w, 4), _eager(w, 4)))
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    def in_a_thread(target):
+        t = threading.Thread(target=target)
+        t.start()
+        t.join()
+
+    fused.quantize_per_channel_fused(_weight(8, 32), 4)  # compiled first elsewhere, as by an earlier shard
+    before = dynamo_utils.counters["frames"]["ok"]
+    in_a_thread(work)
+    assert not errors
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in results)
+    assert dynamo_utils.counters["frames"]["ok"] - before == len(shapes)  # one compiled frame per shape

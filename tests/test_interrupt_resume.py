@@ -284,7 +284,7 @@ def test_os_error_in_finalize_keeps_the_partial_state(src, fresh, tmp_path, monk
 def test_keyboard_interrupt_keeps_the_partial_state(src, fresh, tmp_path, monkeypatch):
     real = store.ShardStore.write_record
 
-    def interrupted(self, name, stamp, content):
+    def interrupted(self, name, stamp, content, digest=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(store.ShardStore, "write_record", interrupted)

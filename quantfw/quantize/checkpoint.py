@@ -8,10 +8,11 @@ metadata.
 
 Speed (docs/checkpoints.md, Throughput): torch runs single-threaded inside the converter and
 `workers` Python threads quantize different tensors of a shard in parallel (torch releases the GIL);
-intra-op threads on small row blocks collapse under CPU contention. The sha256 of each written
-shard is computed once, in a background thread while the next shard is quantized (hashlib
-releases the GIL); its record is written only after that, so a crash meanwhile just redoes the
-shard. finalize trusts the records of shards written or verified in this run (any rank).
+intra-op threads on small row blocks collapse under CPU contention. Each output shard's header
+is planned from the input's headers (shard_plan.py), so its bytes are written once, by a writer
+thread that hashes them on the way (hashlib and file writes release the GIL); the record is
+written after the shard, so a crash meanwhile just redoes it. finalize trusts the records of
+shards written or verified in this run (any rank).
 
 Nothing lost (`ShardStore`): the output may not overlap the input; rank 0 holds the output's lock;
 a kill anywhere, finalize included, resumes to the same bytes; Ctrl-C and OS errors keep the
@@ -47,6 +48,7 @@ from quantfw.quantize.alloc import keep_freed_memory
 from quantfw.quantize.encode import ExpertEncoder, layer_of, linear_scheme_named, weight_calibration_metadata
 from quantfw.quantize.experts import CalibrationInputs
 from quantfw.quantize.routing import Part, TensorRouter
+from quantfw.quantize.shard_plan import plan_shard
 from quantfw.quantize.store import ShardStore, os_error
 from quantfw.schemes.scheme import Scheme
 
@@ -327,7 +329,7 @@ class Converter:
         """Printed even without progress: what happened to an earlier run's lock or output."""
         print(f"quantfw quantize: {msg}", file=sys.stderr, flush=True)
 
-    def _do_shard(self, i: int) -> tuple[dict[str, str], list[dict]] | None:
+    def _do_shard(self, i: int) -> tuple[dict[str, str], list[dict], str | None] | None:
         """Convert and write shard i; its tensor types and weight-observer records for the record
         (None: verified, skipped)."""
         n = len(self.names)
@@ -336,13 +338,15 @@ class Converter:
             return None
         t0 = time.perf_counter()
         self._wc_records = []
-        writer = self.store.shard_writer(self.names[i])
+        shard = self.reader.shards[i]
+        planned = plan_shard(self.router, self.layer_encoders, self.encoder, shard)
+        writer = self.store.shard_writer(self.names[i], {"format": "pt"}, planned)
         try:
-            types = self.convert_shard(self.reader.shards[i], writer.add)
+            types = self.convert_shard(shard, writer.add)
+            writer.close()
         except BaseException:
             writer.abort()
             raise
-        writer.close({"format": "pt"})
         records = sorted(self._wc_records, key=lambda r: (r["layer"], r["expert"], r["proj"]))
         gb = self._input_stamp(i)["input_size"] / 1e9
         self._log(
@@ -351,11 +355,13 @@ class Converter:
         fell = sum(1 for r in records if r["fallback"])
         if records:
             self._log(f"[{i + 1}/{n}] weight observer: {len(records) - fell} data-driven, {fell} fallback")
-        return types, records
+        return types, records, writer.digest
 
-    def _write_record(self, i: int, types: dict[str, str], records: list[dict] | None = None) -> None:
+    def _write_record(
+        self, i: int, types: dict[str, str], records: list[dict] | None = None, digest: str | None = None
+    ) -> None:
         self.store.write_record(
-            self.names[i], self._input_stamp(i), {"tensors": types, "weight_calibration": records or []}
+            self.names[i], self._input_stamp(i), {"tensors": types, "weight_calibration": records or []}, digest
         )
 
     def _finalize(self, done: list[bool]) -> None:

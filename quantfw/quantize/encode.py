@@ -127,24 +127,39 @@ class ExpertEncoder:
         for suffix, t in encode_role(specs, qw, alpha, where).items():
             key = key_of(prefix, expert, self.model, proj, suffix)
             check_finite(src, key, t)
-            # Declared uint64 is stored as safetensors U64 (torch keeps it in int64, spec 1.5).
-            out[key] = t.view(torch.uint64) if specs[suffix].meta.get("storage") == "uint64" else t
+            out[key] = t.view(torch.uint64) if _stored_dtype(specs[suffix]) == torch.uint64 else t
             types[key] = self.qtype
         return out, types, record
 
-    def linear(
-        self, module: str, w: torch.Tensor, src: str, fp8=None
-    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """A non-expert linear [N, K] in the linear scheme, in the format's declared tensors (weight, scale, offset...);
-        fp8: w is an FP8 weight with these block scales."""
-        n, k = w.shape
-        specs = {
+    def planned_expert(self, prefix: str, expert: int, proj: str) -> list[tuple[str, torch.dtype, tuple]]:
+        """(key, stored dtype, shape) of what `expert` writes, in its order, from the declarations
+        alone (encode_role holds every tensor to its declared shape and dtype)."""
+        return [
+            (key_of(prefix, expert, self.model, proj, suffix), _stored_dtype(spec), spec.shape)
+            for suffix, spec in self.specs[proj].items()
+        ]
+
+    def planned_linear(self, module: str, n: int, k: int) -> list[tuple[str, torch.dtype, tuple]]:
+        """(key, stored dtype, shape) of what `linear` writes for an [n, k] weight, in its order."""
+        specs = self.linear_specs(n, k)
+        return [(f"{module}.{suffix}", spec.dtype, spec.shape) for suffix, spec in specs.items()]
+
+    def linear_specs(self, n: int, k: int) -> dict[str, ParamSpec]:
+        """The format's declared tensors of a non-expert linear [n, k] in the linear scheme."""
+        return {
             name.split("_", 1)[1]: spec
             for name, spec in instantiate(
                 self.fmt.tensors, Dims(E=1, H=n, I=k), {**self.linear_flags, "G": 0}, self.fmt.where
             ).items()
             if spec.role == "w2"
         }
+
+    def linear(
+        self, module: str, w: torch.Tensor, src: str, fp8=None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """A non-expert linear [N, K] in the linear scheme, in the format's declared tensors (weight, scale, offset...);
+        fp8: w is an FP8 weight with these block scales."""
+        specs = self.linear_specs(*w.shape)
         qw = _quantize(w, self.linear_flags, None, src, fp8)
         out, types = {}, {}
         for suffix, t in encode_role(specs, qw, None, f"{self.fmt.where} {module}").items():
@@ -152,6 +167,11 @@ class ExpertEncoder:
             out[f"{module}.{suffix}"] = t
             types[f"{module}.{suffix}"] = self.linear_type
         return out, types
+
+
+def _stored_dtype(spec: ParamSpec) -> torch.dtype:
+    """Declared uint64 is stored as safetensors U64 (torch keeps it in int64, spec 1.5)."""
+    return torch.uint64 if spec.meta.get("storage") == "uint64" else spec.dtype
 
 
 def linear_scheme_named(name: str | None) -> Scheme:

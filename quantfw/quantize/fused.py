@@ -48,14 +48,21 @@ def _kernel(w: torch.Tensor, scale_inv: torch.Tensor | None, qmax: int, bn: int,
     return out
 
 
-def _compiled_kernel(pack: bool, bias: bool):
-    if (pack, bias) not in _compiled:
-        import torch._dynamo.config as dynamo_config
-        import torch._inductor.config as inductor_config
+def _configure() -> None:
+    """torch.compile's settings for this kernel, in the calling thread: torch keeps them per
+    thread, and the converter's worker threads compile and run the kernel."""
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
 
-        inductor_config.emulate_precision_casts = True
-        # one compilation per weight shape and variant: a release has a dozen, more than the default 8
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    inductor_config.emulate_precision_casts = True
+    # one compilation per weight shape and variant: a release has a dozen, more than the default 8
+    # (past the limit dynamo would silently run the eager ops)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+
+
+def _compiled_kernel(pack: bool, bias: bool):
+    _configure()
+    if (pack, bias) not in _compiled:
         _compiled[pack, bias] = torch.compile(_kernel, dynamic=False)
     return _compiled[pack, bias]
 

@@ -46,6 +46,26 @@ class Part:
     fp8_scales: fp8.BlockScales | None = None
 
 
+@dataclass(frozen=True)
+class Route:
+    """What one input tensor becomes: kind scale (consumed with its FP8 weight), drop, expert,
+    fused (transformers-5 stacked experts), linear (quantized) or pass (written as it is, FP8 as
+    bf16). raw_fp8: the FP8 weight goes to the quantizer with its block scales."""
+
+    kind: str
+    was_fp8: bool = False
+    parsed: tuple | None = None
+    fused: tuple[str, str] | None = None
+    raw_fp8: bool = False
+
+
+def fused_parts(name: str, inter: int) -> list[tuple[str, slice | None]]:
+    """The projections of one expert in a fused tensor `name`, with their rows (None: all)."""
+    if name == "gate_up_proj":
+        return [("gate", slice(0, inter)), ("up", slice(inter, 2 * inter))]
+    return [("down", None)]
+
+
 def mtp_layers(config: dict) -> range:
     """Layer indices of the MTP modules (DeepSeek: [num_hidden_layers, + num_nextn_predict_layers))."""
     n, extra = config.get("num_hidden_layers"), config.get("num_nextn_predict_layers") or 0
@@ -112,59 +132,62 @@ class TensorRouter:
                 f"{src}: scale of '{weight}', which has dtype {dtype}, not float8_e4m3fn (a stale scale_inv)"
             )
 
+    def route(self, key: str, dtype: torch.dtype, dim: int) -> Route:
+        """What tensor `key` becomes, from its header alone (dtype, rank): the one place this is
+        decided, for the conversion (`jobs`) and for the shard's header written ahead of its data."""
+        if fp8.is_scale_key(key):
+            return Route("scale")
+        if self.dropped(key):
+            return Route("drop")
+        was_fp8 = dtype in fp8.FP8_DTYPES
+        parsed = parse_expert_key(key, self.model)
+        if parsed:
+            # an FP8 2-D expert projection goes to the quantizer undequantized, with its scales
+            return Route("expert", was_fp8, parsed, raw_fp8=was_fp8 and dim == 2)
+        fused = FUSED_RE.match(key)
+        if fused:
+            return Route("fused", was_fp8, fused=(fused["prefix"], fused["proj"]))
+        if self.is_target_linear(key, dtype, dim):
+            return Route("linear", was_fp8, raw_fp8=was_fp8)
+        return Route("pass", was_fp8)
+
     def jobs(self, shard: str) -> Iterator[tuple[str, torch.Tensor, list[Part]]]:
         """(key, tensor, parts to quantize, or [] to pass the tensor through) in key order."""
         E = self.model.num_experts
         for key, t in self.reader.iter_shard(shard):
             src = f"{self.reader.folder / shard}: tensor '{key}'"
-            if fp8.is_scale_key(key):
+            r = self.route(key, t.dtype, t.dim())
+            if r.kind == "scale":
                 self.check_scale_owner(key, src)
                 continue
-            if self.dropped(key):
+            if r.kind == "drop":
                 continue
-            was_fp8 = t.dtype in fp8.FP8_DTYPES
-            parsed = parse_expert_key(key, self.model)
-            if was_fp8 and parsed and t.dim() == 2:
-                # One expert projection: hand the FP8 weight and its scales to the quantizer.
-                scales = fp8.block_scales(self.reader, key, self.block)
-                prefix, _, expert, proj, suffix = parsed
-                self.check_expert_suffix(suffix, src)
-                self.check_shape(key, t, self.model.float_shape(proj), shard)
-                yield key, t, [Part(prefix, expert, proj, t, src, scales)]
-                continue
-            fused = FUSED_RE.match(key)
-            if was_fp8 and not parsed and not fused and self.is_target_linear(key, t):
-                # A linear to quantize: also dequantized inside the quantize kernel.
-                scales = fp8.block_scales(self.reader, key, self.block)
-                yield key, t, [Part(key[: -len(".weight")], None, "linear", t, src, scales)]
-                continue
-            if was_fp8:
+            scales = fp8.block_scales(self.reader, key, self.block) if r.raw_fp8 else None
+            if r.was_fp8 and not r.raw_fp8:
                 t = fp8.float_of(self.reader, key, t, self.block)
-            if parsed:
-                prefix, _, expert, proj, suffix = parsed
+            if r.kind == "expert":
+                prefix, _, expert, proj, suffix = r.parsed
                 self.check_expert_suffix(suffix, src)
-                self.check_float(key, t, self.model.float_shape(proj), shard)
-                yield key, t, [Part(prefix, expert, proj, t, src)]
-            elif fused:
-                prefix, name = fused["prefix"], fused["proj"]
+                if scales is None:
+                    self.check_float(key, t, self.model.float_shape(proj), shard)
+                else:
+                    self.check_shape(key, t, self.model.float_shape(proj), shard)
+                yield key, t, [Part(prefix, expert, proj, t, src, scales)]
+            elif r.kind == "fused":
+                prefix, name = r.fused
                 H, I = self.model.hidden_size, self.model.moe_intermediate_size
                 shape = (E, 2 * I, H) if name == "gate_up_proj" else (E, H, I)
                 self.check_float(key, t, shape, shard)
                 parts = []
                 for e in range(E):
                     where = f"{src} (expert {e})"
-                    if name == "gate_up_proj":
-                        parts += [
-                            Part(prefix, e, "gate", t[e, :I], where),
-                            Part(prefix, e, "up", t[e, I:], where),
-                        ]
-                    else:
-                        parts.append(Part(prefix, e, "down", t[e], where))
+                    for proj, rows in fused_parts(name, I):
+                        parts.append(Part(prefix, e, proj, t[e] if rows is None else t[e, rows], where))
                 yield key, t, parts
-            elif self.is_target_linear(key, t):
-                yield key, t, [Part(key[: -len(".weight")], None, "linear", t, src)]
+            elif r.kind == "linear":
+                yield key, t, [Part(key[: -len(".weight")], None, "linear", t, src, scales)]
             else:
-                yield key, (t.to(torch.bfloat16) if was_fp8 else t), []
+                yield key, (t.to(torch.bfloat16) if r.was_fp8 else t), []
 
     @staticmethod
     def check_expert_suffix(suffix: str, src: str) -> None:
@@ -173,12 +196,12 @@ class TensorRouter:
                 f"{src}: routed-expert tensor is not supported (only .weight; expert biases are not)"
             )
 
-    def is_target_linear(self, key: str, t: torch.Tensor) -> bool:
+    def is_target_linear(self, key: str, dtype: torch.dtype, dim: int) -> bool:
         if (
             not (self.targets or self.dense_layers)
             or not key.endswith(".weight")
-            or t.dim() != 2
-            or t.dtype not in (*FLOAT_DTYPES, *fp8.FP8_DTYPES)
+            or dim != 2
+            or dtype not in (*FLOAT_DTYPES, *fp8.FP8_DTYPES)
         ):
             return False
         module = key[: -len(".weight")]

@@ -22,7 +22,9 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -30,6 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -84,50 +87,134 @@ _ST_DTYPES = {
 }  # fmt: skip
 
 
+def _header(metadata: dict[str, str], entries: dict[str, dict]) -> bytes:
+    head = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header to 8 bytes
+    return len(head).to_bytes(8, "little") + head
+
+
+def _entries(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> dict[str, dict]:
+    entries, size = {}, 0
+    for key, dtype, shape in tensors:
+        n = math.prod(shape) * dtype.itemsize
+        entries[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [size, size + n]}
+        size += n
+    return entries
+
+
 class ShardWriter:
     """A safetensors shard written tensor by tensor, so memory holds the tensors in flight, not
-    the shard: data goes to `NAME.data.tmp` as it is produced; `close` writes the header and then
-    the data (a kernel-side copy) to the shard with `write_atomic`."""
+    the shard. A writer thread writes (and hashes) the data while the caller goes on.
 
-    def __init__(self, path: Path):
-        self.path = path
+    With a plan (quantize/shard_plan.py) the header is written first and every byte once, hashed
+    on the way: `digest` is the file's sha256. Without one, or when a tensor differs from the
+    plan, the header goes in last: in place if its length is unchanged, else before a kernel-side
+    copy of the data (`digest` None). The file only appears under its name when complete."""
+
+    QUEUE_BYTES = 256 << 20  # data handed to the writer thread and not yet written
+
+    def __init__(self, path: Path, metadata: dict[str, str], planned=None):
+        self.path, self.metadata = path, metadata
         self.data_path = path.with_name(path.name + ".data.tmp")
         self.data = _create(self.data_path)
         self.entries: dict[str, dict] = {}
         self.size = 0
+        self.planned = list(_entries(planned).items()) if planned is not None else None
+        self.head = _header(metadata, dict(self.planned)) if self.planned is not None else b""
+        self.hash = hashlib.sha256(self.head) if self.planned is not None else None
+        self.digest: str | None = None
+        self.data.write(self.head)
+        self._queue: queue.Queue = queue.Queue()
+        self._queued = 0
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            buf, n = item
+            try:
+                if self._error is None:
+                    self.data.write(buf)
+                    if self.hash is not None:
+                        self.hash.update(buf)
+            except BaseException as e:  # reported to the caller at its next add or close
+                self._error = e
+            with self._cond:
+                self._queued -= n
+                self._cond.notify_all()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, t in tensors.items():
+            self._raise_error()
             n = t.numel() * t.element_size()
-            self.entries[key] = {
-                "dtype": _ST_DTYPES[t.dtype],
-                "shape": list(t.shape),
-                "data_offsets": [self.size, self.size + n],
-            }
-            if n:
-                self.data.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+            offsets = [self.size, self.size + n]
+            entry = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": offsets}
+            if self.planned is not None:
+                k = len(self.entries)
+                if k >= len(self.planned) or self.planned[k] != (key, entry):
+                    self.hash = None  # the plan was wrong: the header is rewritten at close
+                    self.planned = None
+            self.entries[key] = entry
             self.size += n
+            if not n:
+                continue
+            with self._cond:
+                while self._queued and self._queued + n > self.QUEUE_BYTES:
+                    self._cond.wait()
+                self._queued += n
+            self._queue.put((memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()), n))
 
-    def close(self, metadata: dict[str, str]) -> None:
-        self.data.close()
-        head = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)  # the format pads the header to 8 bytes
+    def _finish_writes(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_error()
+
+    def close(self) -> None:
+        self._finish_writes()
+        planned = self.planned is not None and len(self.planned) == len(self.entries)
+        head = self.head if planned else _header(self.metadata, self.entries)
+        if planned:
+            self.data.close()
+            self.digest = self.hash.hexdigest()
+        elif len(head) == len(self.head):
+            os.pwrite(self.data.fileno(), head, 0)
+            self.data.close()
+        else:
+            self.data.close()
+            self._rewrite(head)
+            return
+        os.replace(self.data_path, self.path)
+        step()
+
+    def _rewrite(self, head: bytes) -> None:
+        """The shard with header `head` and the data written behind the planned header."""
 
         def join(f):
-            f.write(len(head).to_bytes(8, "little") + head)
+            f.write(head)
             f.flush()
             with open(self.data_path, "rb") as src:
-                left = self.size
+                left, pos = self.size, len(self.head)
                 while left:
-                    sent = os.copy_file_range(src.fileno(), f.fileno(), left)
+                    sent = os.copy_file_range(src.fileno(), f.fileno(), left, pos)
                     if sent == 0:
                         raise OSError(errno.EIO, "short copy", str(self.path))
-                    left -= sent
+                    left, pos = left - sent, pos + sent
 
         write_atomic(self.path, join)
         self.data_path.unlink()
 
     def abort(self) -> None:
+        with suppress(BaseException):
+            self._finish_writes()
         self.data.close()
         self.data_path.unlink(missing_ok=True)
 
@@ -315,10 +402,10 @@ class ShardStore:
 
     # ------------------------------------------------------------------ shards
 
-    def shard_writer(self, name: str) -> ShardWriter:
+    def shard_writer(self, name: str, metadata: dict[str, str], planned=None) -> ShardWriter:
         # Written by Python, so a short write (disk full) raises OSError; safetensors' save_file
         # can end on a truncated file without an error.
-        return ShardWriter(self.path(name))
+        return ShardWriter(self.path(name), metadata, planned)
 
     def finished(self, name: str, stamp: dict, rehash: bool = True) -> dict | None:
         """The record of shard `name` if it is complete and verified (size and sha256), else None.
@@ -340,13 +427,14 @@ class ShardStore:
         )
         return rec if ok else None
 
-    def write_record(self, name: str, stamp: dict, content: dict) -> None:
+    def write_record(self, name: str, stamp: dict, content: dict, digest: str | None = None) -> None:
+        """digest: the shard's sha256 if the writer computed it (else it is read back)."""
         out_path = self.path(name)
         rec = {
             **stamp,
             "fingerprint": self.fingerprint,
             "size": out_path.stat().st_size,
-            "sha256": sha256(out_path),
+            "sha256": digest or sha256(out_path),
             **content,
         }
         write_atomic(self.record_path(name), json.dumps(rec).encode())
