@@ -282,6 +282,7 @@ def search_layer_alphas(
         at_one = _rel(err_one.square().sum(), x.ref)
         err = at_one if alphas[e] == 1.0 else _error(x.h, alphas[e].item(), x.w2(), x.ref)
         results[e] = AlphaResult(alphas[e].item(), err, at_one, x.h.shape[0], z_of.get(e))
+    _LAST_W2[:] = [None, None]  # the last expert's rebuilt down-projection is not needed any more
     return LayerAlphas(alphas, results, _rel(resid.square().sum(), ref), _rel(one.square().sum(), ref))
 
 

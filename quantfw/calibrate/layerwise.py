@@ -281,6 +281,9 @@ def calibrate_layers(
                     return rec
 
                 spill_rec = dist.run(f"layer {i} (alpha search)", finish_moe, only_rank0=True)
+                # the captured rows and packed down-projections of this layer (~0.8 GB at DeepSeek
+                # dims) would otherwise live on through the next layer's calibration
+                del part, parts, finish_moe
 
             def finish(i=i, moe=moe, run=run, spill_rec=spill_rec, hidden=hidden):
                 outputs = [run(b) for b in range(len(batches))]
