@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from quantfw.config.compose import CONF_DIR
+from quantfw.config.paths import CONF_DIR
 from quantfw.config.schema import SchemeConfig
 from quantfw.engines import checks
 from quantfw.errors import ConfigError
