@@ -251,7 +251,8 @@ def test_quantize_and_check_with_the_plugin_observer_and_user_format(setup, tmp_
     assert "OK: every routed-expert tensor matches the declared layout" in r.stdout
 
     # Without the plugin, no declared format writes that file: one line listing the expected ones.
-    r, _ = _run(setup, "check", f"checkpoint={qdir}", "format=msmodelslim", plugin=False)
+    shipped = ["format=msmodelslim", "scheme.weight_observer=minmax", "backend=torch"]
+    r, _ = _run(setup, "check", f"checkpoint={qdir}", *shipped, plugin=False)
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "no quantization metadata" in err[0], err
