@@ -9,7 +9,8 @@ imported from a recipe folder or from a path written in YAML.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import importlib
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from typing import Generic, TypeVar
 
@@ -24,9 +25,12 @@ class Registry(Generic[T]):
     """Named entries of one kind; a name is registered once (a second registration is a bug in
     quantfw or a plugin clash, refused with both names)."""
 
-    def __init__(self, kind: str, plural: str | None = None):
+    def __init__(self, kind: str, plural: str | None = None, builtin: Sequence[str] = ()):
         self.kind = kind  # "observer": used in messages
         self.group = ENTRY_POINT_PREFIX + (plural or kind + "s")  # entry-point group
+        # quantfw's own modules that register entries, imported like plugins on first lookup
+        # (so the module defining the registry need not import the modules that fill it)
+        self.builtin = tuple(builtin)
         self._items: dict[str, T] = {}
         self._plugins_loaded = False
 
@@ -70,10 +74,13 @@ class Registry(Generic[T]):
         return iter(sorted(self._items.items()))
 
     def load_plugins(self) -> None:
-        """Import every installed module declared under this registry's entry-point group, once."""
+        """Import the built-in modules, then every installed module declared under this
+        registry's entry-point group, once."""
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
+        for name in self.builtin:
+            importlib.import_module(name)
         for ep in metadata.entry_points(group=self.group):
             try:
                 ep.load()

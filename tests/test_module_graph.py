@@ -10,8 +10,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "quantfw"
 
@@ -99,12 +97,6 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known (issue 15): merging per-layer choices and metadata styles brought back cycles "
-    "through config.compose (layer_choice, engines.profile, build, config.declared) and "
-    "io.metadata <-> io.styles; strict, so this fails once they are gone",
-)
 def test_no_import_cycles():
     assert _cycles(_graph()) == []
 

@@ -1,8 +1,9 @@
 """A third party extends quantfw without editing it: an installed plugin package (found through
-entry points) adds an observer and a backend; a user recipe folder (YAML only) adds a scheme
-variant, a checkpoint format, the backend's declaration and a recipe using all four. Each shows up
-in plan, demo, bench, quantize and check (subprocess CLI runs), and the same commands without the
-plugin on the path refuse the unknown names in one line."""
+entry points) adds an observer, a backend and a checkpoint format (a conf folder of the package,
+entry-point group quantfw.conf); a user recipe folder (YAML only) adds a scheme variant, the
+backend's declaration and a recipe using all four. Each shows up in plan, demo, bench, quantize
+and check (subprocess CLI runs; check detects the plugin's format from the metadata it declares),
+and the same commands without the plugin on the path refuse the unknown names in one line."""
 
 from __future__ import annotations
 
@@ -59,36 +60,14 @@ PLUGIN = {
             _log(f"backend {cfg['name']} {cfg['mode']}")
             return Backend(name="counting", ops={n: _logged(n, PLAN_OPS.get(n)) for n in PLAN_OPS})
     """,
-    "qfw_testplugin-0.1.dist-info/METADATA": """
-        Metadata-Version: 2.1
-        Name: qfw-testplugin
-        Version: 0.1
-    """,
-    "qfw_testplugin-0.1.dist-info/entry_points.txt": """
-        [quantfw.observers]
-        logged_minmax = qfw_testplugin.observer
-
-        [quantfw.backends]
-        counting = qfw_testplugin.backend
-    """,
-}
-
-USER = {
-    # A scheme variant: an override of the shipped w4a8, with the plugin's observer.
-    "scheme/w4a8_g64_logged.yaml": """
-        defaults:
-          - w4a8
-          - _self_
-        name: w4a8_g64_logged
-        group_size: 64
-        weight_observer: logged_minmax
-    """,
-    # A checkpoint format: msModelSlim's per-group int4 tensors without the all-zero offsets.
-    "format/slim_no_offsets.yaml": """
+    "qfw_testplugin/conf/__init__.py": "",
+    # A checkpoint format (from the package's conf folder): msModelSlim's per-group int4 tensors
+    # without the all-zero offsets, described in a file of its own so detection can tell it.
+    "qfw_testplugin/conf/format/slim_no_offsets.yaml": """
         name: slim_no_offsets
         metadata:
           style: msmodelslim
-          files: [quant_model_description.json, quant_model_description_w8a8_dynamic.json]
+          files: [quant_model_description_no_offsets.json]
           shard_base: quant_model_weight_w8a8_dynamic
           weight_bits: [8, 4]
         doc: msModelSlim per-group W4A8 without the zero offsets
@@ -106,6 +85,35 @@ USER = {
           - {op: encode_u64, params: scale}
           - {op: sum_last, params: scale_bias, out: bias}
     """,
+    "qfw_testplugin-0.1.dist-info/METADATA": """
+        Metadata-Version: 2.1
+        Name: qfw-testplugin
+        Version: 0.1
+    """,
+    "qfw_testplugin-0.1.dist-info/entry_points.txt": """
+        [quantfw.observers]
+        logged_minmax = qfw_testplugin.observer
+
+        [quantfw.backends]
+        counting = qfw_testplugin.backend
+
+        [quantfw.conf]
+        qfw_testplugin = qfw_testplugin.conf
+    """,
+}
+
+USER = {
+    # A scheme variant: an override of the shipped w4a8, with the plugin's observer.
+    "scheme/w4a8_g64_logged.yaml": """
+        defaults:
+          - w4a8
+          - _self_
+        name: w4a8_g64_logged
+        group_size: 64
+        weight_observer: logged_minmax
+    """,
+    # The plugin backend's declaration (a user file, so that without the plugin the name reaches
+    # the backend registry and is refused there).
     "backend/counting.yaml": """
         name: counting
         mode: exact
@@ -141,11 +149,13 @@ def setup(tmp_path_factory):
     return tmp, plugin, user, float_ckpt
 
 
-def _run(setup, *args: str, plugin: bool = True) -> tuple[subprocess.CompletedProcess, list[str]]:
+def _run(
+    setup, *args: str, plugin: bool = True, sites: tuple[Path, ...] = ()
+) -> tuple[subprocess.CompletedProcess, list[str]]:
     tmp, site, user, _ = setup
     log = tmp / "plugin.log"
     log.write_text("")
-    path = [str(ROOT), *([str(site)] if plugin else [])]
+    path = [str(ROOT), *([str(site)] if plugin else []), *map(str, sites)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "QFW_PLUGIN_LOG": str(log)}
     r = subprocess.run(
         [sys.executable, "-m", "quantfw.cli.main", *args, "--config-dir", str(user), "recipe=plugged"],
@@ -221,12 +231,32 @@ def test_quantize_and_check_with_the_plugin_observer_and_user_format(setup, tmp_
     assert any(".experts.0." in k and k.endswith("weight_scale_second") for k in names)
     assert not any(".experts." in k and "weight_offset" in k for k in names)
 
+    # The plugin format's own metadata file was written (and no shipped format's).
+    assert (qdir / "quant_model_description_no_offsets.json").is_file()
+    assert not (qdir / "quant_model_description.json").exists()
+
     # Detection names the shipped scheme and format whose metadata style matches; the user's
     # overrides come after it.
     r, _ = _run(setup, "check", f"checkpoint={qdir}", "scheme=w4a8_g64_logged", "format=slim_no_offsets")
     assert r.returncode == 0, r.stderr + r.stdout
     assert "scheme w4a8_g64_logged" in r.stdout and "format slim_no_offsets" in r.stdout
     assert "OK: every routed-expert tensor matches the declared layout" in r.stdout
+
+    # With no override, detection reads the plugin format's declaration: its metadata file names
+    # the format, and the scheme is the declared one whose flags match (w4a8 at group 64).
+    r, _ = _run(setup, "check", f"checkpoint={qdir}")
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "format slim_no_offsets" in r.stdout and "scheme w4a8 " in r.stdout
+    assert "'group_size': 64" in r.stdout
+    assert "OK: every routed-expert tensor matches the declared layout" in r.stdout
+
+    # Without the plugin, no declared format writes that file: one line listing the expected ones.
+    shipped = ["format=msmodelslim", "scheme.weight_observer=minmax", "backend=torch"]
+    r, _ = _run(setup, "check", f"checkpoint={qdir}", *shipped, plugin=False)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "no quantization metadata" in err[0], err
+    assert "quant_model_description_no_offsets.json" not in err[0]
 
 
 def _safetensors_keys(folder: Path) -> list[str]:
@@ -235,16 +265,42 @@ def _safetensors_keys(folder: Path) -> list[str]:
     return list(CheckpointReader(folder).keys())
 
 
+def test_without_the_plugin_its_format_is_unknown_in_one_line(setup):
+    r, _ = _run(setup, "plan", plugin=False)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "format/slim_no_offsets" in err[0], err
+    assert "available format: " in err[0] and "msmodelslim" in err[0]
+
+
+def test_a_plugin_option_that_quantfw_declares_is_refused_in_one_line(setup, tmp_path):
+    clash = write_folder(
+        tmp_path / "site",
+        {
+            "qfw_clash/__init__.py": "",
+            "qfw_clash/format/msmodelslim.yaml": "name: msmodelslim\n",
+            "qfw_clash-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: qfw-clash\nVersion: 0.1\n",
+            "qfw_clash-0.1.dist-info/entry_points.txt": "[quantfw.conf]\nclash = qfw_clash\n",
+        },
+    )
+    r, _ = _run(setup, "plan", sites=(clash,))
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "plugin 'clash'" in err[0], err
+    assert "format/msmodelslim" in err[0] and "already declared by quantfw" in err[0]
+
+
 @pytest.mark.parametrize("command", ["plan", "demo"])
 def test_without_the_plugin_the_observer_is_refused_in_one_line(setup, command):
-    r, _ = _run(setup, command, "tokens=16", plugin=False)
+    # a shipped format: the plugin's is refused first otherwise (test above)
+    r, _ = _run(setup, command, "tokens=16", "format=msmodelslim", plugin=False)
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "weight_observer='logged_minmax' is unknown" in err[0], err
 
 
 def test_without_the_plugin_the_backend_is_refused_in_one_line(setup):
-    r, _ = _run(setup, "plan", "scheme.weight_observer=minmax", plugin=False)
+    r, _ = _run(setup, "plan", "scheme.weight_observer=minmax", "format=msmodelslim", plugin=False)
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "unknown backend 'counting'" in err[0], err

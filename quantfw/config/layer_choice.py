@@ -16,7 +16,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from quantfw.config.hydra_session import compose_node
+from quantfw.config.options import available
+from quantfw.config.validation import check_config
 from quantfw.errors import ConfigError
+from quantfw.formats.format import Format
+from quantfw.schemes.scheme import Scheme
 
 RANGE_RE = re.compile(r"^(\d+)(?:-(\d+))?$")
 MAX_LAYER = 1 << 16
@@ -93,8 +98,6 @@ def resolve(names: Mapping[str, str], fmt_name: str, config_dirs: Sequence[str |
     a running command."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from quantfw.config.compose import available, compose
-
     dirs = list(config_dirs) if config_dirs is not None else _user_dirs()
     known = available("scheme", dirs)
     out = {}
@@ -105,7 +108,9 @@ def resolve(names: Mapping[str, str], fmt_name: str, config_dirs: Sequence[str |
             if name not in known:
                 raise ConfigError(f"layers.{key}: unknown scheme '{name}' (available: {', '.join(known)})")
             try:
-                cfg = compose("default", [f"scheme={name}", f"format={fmt_name}"], config_dirs=dirs)
+                # the base recipe's own checks only: its `layers` (if any) are not this choice's
+                cfg = compose_node("default", [f"scheme={name}", f"format={fmt_name}"], dirs)
+                check_config(cfg)
             except ConfigError as e:
                 raise ConfigError(f"layers.{key}: {e}") from None
             out[name] = cfg.scheme
@@ -115,11 +120,8 @@ def resolve(names: Mapping[str, str], fmt_name: str, config_dirs: Sequence[str |
     return out
 
 
-def layer_schemes(cfg: DictConfig, config_dirs: Sequence[str | Path] | None = None) -> dict[int, object]:
+def layer_schemes(cfg: DictConfig, config_dirs: Sequence[str | Path] | None = None) -> dict[int, Scheme]:
     """layer -> Scheme of every chosen layer (the recipe's format must hold each)."""
-    from quantfw.formats.format import Format
-    from quantfw.schemes.scheme import Scheme
-
     choices = parse_choices(cfg.get("layers"))
     if not choices:
         return {}

@@ -19,12 +19,12 @@ from typing import Any
 
 import yaml
 
-from quantfw.config.compose import CONF_DIR
+from quantfw.config import options
+from quantfw.config.paths import CONF_DIR
 from quantfw.config.schema import SchemeConfig
 from quantfw.engines import checks
 from quantfw.errors import ConfigError
 
-ENGINE_DIR = CONF_DIR / "engine"
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 LEVELS = ("refuse", "differs")
 TOP_KEYS = ("name", "doc", "quantize", "plan", "rules")
@@ -72,7 +72,8 @@ class EngineProfile:
 
 
 def available() -> list[str]:
-    return sorted(p.stem for p in ENGINE_DIR.glob("*.yaml"))
+    """Profile names in conf/engine/ and the installed plugins' conf folders."""
+    return options.available("engine")
 
 
 def _where(path: Path) -> str:
@@ -163,7 +164,7 @@ def load_profile(name: str) -> EngineProfile:
     names = available()
     if not isinstance(name, str) or not NAME_RE.match(name) or name not in names:
         raise ConfigError(f"engine={name!r} is unknown (available: {', '.join(names)})")
-    path = ENGINE_DIR / f"{name}.yaml"
+    path = options.option_file("engine", name)
     where = _where(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -186,5 +187,5 @@ def from_config(node: Any) -> EngineProfile | None:
 
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
     name = data.get("name") if isinstance(data, dict) else None
-    where = _where(ENGINE_DIR / f"{name}.yaml") if name in available() else f"engine {name}"
+    where = _where(options.option_file("engine", name)) if name in available() else f"engine {name}"
     return parse_profile(data, where)

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from quantfw.errors import ConfigError, LayoutError
+from quantfw.io.styles.base import style_of
 from quantfw.layout import expr
 from quantfw.layout.spec import Dims, ParamSpec, instantiate
 from quantfw.schemes.scheme import Scheme
@@ -24,7 +25,7 @@ SHARD_KINDS = {"rows", "cols", "replicate", "refuse"}
 @dataclass(frozen=True)
 class Format:
     name: str
-    metadata: str  # the metadata style's name (quantfw.io.metadata.STYLES)
+    metadata: str  # the metadata style's name (quantfw.io.styles.base.STYLES)
     tensors: Mapping[str, Mapping[str, Any]]
     load: tuple[Any, ...]
     requires: tuple[Any, ...] = ()
@@ -59,8 +60,6 @@ class Format:
             requires=tuple(data.get("requires") or ()),
             doc=data.get("doc", ""),
         )
-        from quantfw.io.metadata import style_of
-
         style_of(decl, fmt.where)  # an unknown style fails at compose time, naming the styles
         for name, entry in fmt.tensors.items():
             shard = entry.get("shard", "replicate") if isinstance(entry, Mapping) else None

@@ -1,6 +1,6 @@
 """Checkpoint metadata, driven by each format's `metadata:` declaration (conf/format/*.yaml).
 
-A format declares its metadata `style` (a name in `STYLES`, entry-point group
+A format declares its metadata `style` (a name in `STYLES`, io/styles/base.py, entry-point group
 `quantfw.metadata_styles`) and the style's parameters. The style writes the files and, on
 detection, reports FLAGS (bits, group size, whether optional parameters are in use, observer
 provenance) read from the file; the scheme is then the declared one whose flags match (no style
@@ -10,29 +10,50 @@ field alone (spec section 8).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from quantfw.config.declared import declarations
 from quantfw.errors import CheckpointError
 from quantfw.io.experts import ROLE_OF
-from quantfw.registry import Registry
+from quantfw.io.styles.base import (
+    FLOAT,
+    STYLES,
+    Detected,
+    MetadataStyle,
+    Probe,
+    dump,
+    expert_type,
+    quant_type,
+    style_of,
+    styles,
+)
 from quantfw.schemes.scheme import Scheme, optional_params
 
+# The style vocabulary lives in io/styles/base.py (the styles import it); named here too for the
+# writer, the loader and the quantizer, which only ever talk to this module.
+__all__ = [
+    "FLOAT",
+    "STYLES",
+    "VERSION",
+    "Detected",
+    "MetadataStyle",
+    "Probe",
+    "detect",
+    "dump",
+    "expert_type",
+    "produced_by_quantfw",
+    "provenance",
+    "quant_type",
+    "quantfw_block",
+    "scheme_overrides",
+    "style_of",
+    "styles",
+    "write",
+]
+
 VERSION = "0.1.0"
-FLOAT = "FLOAT"
-
-
-def quant_type(bits: int) -> str:
-    """The per-tensor type string of a tensor quantized to `bits` with int8 dynamic activations
-    (msModelSlim's vocabulary, also the type of every tensor in the resume records)."""
-    return f"W{bits}A8_DYNAMIC"
-
-
-def expert_type(scheme: Scheme) -> str:
-    return quant_type(scheme.flags["weight_bits"])
 
 
 def provenance(scheme: Scheme, format_name: str, alpha_method: str | None) -> dict[str, Any]:
@@ -46,87 +67,9 @@ def provenance(scheme: Scheme, format_name: str, alpha_method: str | None) -> di
     }
 
 
-def dump(path: Path, data: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-@dataclass(frozen=True)
-class Probe:
-    """Where detection looks: `key(suffix, proj)` names expert 0's tensor of the first MoE layer;
-    `experts` lists every routed-expert key."""
-
-    key_of: Callable[[str, str], str]
-    experts: Sequence[str] = ()
-    first_proj: str = "gate"
-
-    def key(self, suffix: str, proj: str | None = None) -> str:
-        return self.key_of(proj or self.first_proj, suffix)
-
-
-@dataclass
-class Detected:
-    """What a style read from a checkpoint's metadata.
-
-    flags: scheme flags, the defining one first (a matching scheme must agree on it; the others
-    become overrides when they differ). optional: whether the file says the scheme's optional
-    runtime parameters are in use (None: it does not say; their tensors' presence decides).
-    overrides: format keys the file sets (e.g. a stored tensor's dtype)."""
-
-    flags: dict[str, Any]
-    optional: bool | None = None
-    overrides: list[str] = field(default_factory=list)
-
-
-class MetadataStyle:
-    """One way of writing and reading checkpoint metadata; `decl` is the format's `metadata:`."""
-
-    name = ""
-    priority = 0  # lower first, when the metadata of several styles is present
-
-    def files(self, decl: Mapping[str, Any]) -> tuple[str, ...]:
-        raise NotImplementedError
-
-    def quantfw_block(self, folder: Path, decl: Mapping[str, Any]) -> dict | None:
-        """The quantfw provenance block this style wrote into `folder` (None: none)."""
-        raise NotImplementedError
-
-    def claims(self, reader, decl: Mapping[str, Any], declared: Sequence[Mapping[str, Any]]) -> bool:
-        """Whether `decl` describes the checkpoint (`declared`: every declaration of this style)."""
-        raise NotImplementedError
-
-    def detect(self, reader, decl: Mapping[str, Any], probe: Probe) -> Detected:
-        raise NotImplementedError
-
-    def write(
-        self,
-        out: Path,
-        config: dict,
-        scheme: Scheme,
-        types: Mapping[str, str],
-        prov: dict,
-        decl: Mapping,
-        linear: Scheme | None = None,
-    ) -> None:
-        raise NotImplementedError
-
-
-STYLES: Registry[MetadataStyle] = Registry("metadata style", "metadata_styles")
-
-
-def styles() -> Registry[MetadataStyle]:
-    import quantfw.io.styles  # noqa: F401  (registers the built-in styles)
-
-    return STYLES
-
-
-def style_of(decl: Mapping[str, Any], where: str = "") -> MetadataStyle:
-    return styles().get(decl.get("style", ""), f"{where} metadata.style".strip())
-
-
 def _format_decls() -> list[tuple[str, dict]]:
-    """(format name, metadata declaration) of every declared format, in detection order."""
-    from quantfw.config.declared import declarations
-
+    """(format name, metadata declaration) of every declared format (quantfw's and installed
+    plugins' conf), in detection order."""
     decls = [(name, d["metadata"]) for name, d in declarations("format").items()]
     return sorted(decls, key=lambda nd: (style_of(nd[1], nd[0]).priority, nd[0]))
 
@@ -189,8 +132,6 @@ def scheme_overrides(reader, found: Detected, probe: Probe) -> list[str]:
     """`scheme=NAME` of the declared scheme whose flags match `found` best, plus `scheme.K=V` for
     each flag that differs. A scheme must agree on the defining (first) flag; then matching
     optional-parameter flags (they change the runtime layout) weigh more than the others."""
-    from quantfw.config.declared import declarations
-
     first, *rest = found.flags.items()
     best = None
     for name, data in declarations("scheme").items():

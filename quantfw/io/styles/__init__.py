@@ -1,3 +1,2 @@
-"""Built-in metadata styles, registered in quantfw.io.metadata.STYLES on import."""
-
-from quantfw.io.styles import compressed_tensors, msmodelslim  # noqa: F401
+"""Built-in metadata styles, one module each; each registers itself in `STYLES` (base.py), which
+imports them by name on first lookup (base.BUILTIN_STYLES)."""

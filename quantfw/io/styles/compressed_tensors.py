@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from quantfw.errors import CheckpointError
-from quantfw.io import metadata
 from quantfw.io.fields import Fields
-from quantfw.io.metadata import FLOAT, STYLES, Detected, MetadataStyle, Probe
+from quantfw.io.styles.base import FLOAT, STYLES, Detected, MetadataStyle, Probe, dump
 from quantfw.schemes.scheme import Scheme
 
 METHOD = "compressed-tensors"
@@ -164,9 +163,7 @@ class CompressedTensors(MetadataStyle):
             "ignore": ignore,
             "quantfw": prov,
         }
-        metadata.dump(
-            out / "config.json", {**config, "quantization_config": qc}
-        )  # replaces the input's, never merged
+        dump(out / "config.json", {**config, "quantization_config": qc})  # replaces the input's, never merged
 
     def detect(self, reader, decl, probe: Probe) -> Detected:
         qc = quantization_config(reader)

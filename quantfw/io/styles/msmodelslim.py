@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from quantfw.errors import CheckpointError
-from quantfw.io import metadata
 from quantfw.io.fields import Fields
-from quantfw.io.metadata import STYLES, Detected, MetadataStyle, Probe, expert_type, quant_type
+from quantfw.io.styles.base import STYLES, Detected, MetadataStyle, Probe, dump, expert_type, quant_type
 from quantfw.schemes.scheme import Scheme
 
 MAX_GROUP = 1 << 16
@@ -56,9 +55,9 @@ class MsModelSlim(MetadataStyle):
         # The global type is informative only; readers decide per tensor (spec section 8).
         desc["model_quant_type"] = expert_type(scheme)
         desc["quantfw"] = prov
-        metadata.dump(out / self.files(decl)[0], desc)
+        dump(out / self.files(decl)[0], desc)
         # The input's own quantization_config (an FP8 release's) does not describe this output.
-        metadata.dump(out / "config.json", {k: v for k, v in config.items() if k != "quantization_config"})
+        dump(out / "config.json", {k: v for k, v in config.items() if k != "quantization_config"})
 
     def detect(self, reader, decl, probe: Probe) -> Detected:
         name = next(n for n in self.files(decl) if reader.has(n))
