@@ -150,6 +150,14 @@ class BenchConfig:
 
 
 @dataclass
+class SensitivityConfig:
+    """`quantfw sensitivity`: mixed precision by measurement (quantfw/cli/sensitivity.py)."""
+
+    budget: float = 0.1  # extra routed-expert bytes allowed, as a fraction of the all-recipe-scheme bytes
+    wide: str = "w8a8"  # the scheme the most sensitive layers get (a conf/scheme name)
+
+
+@dataclass
 class QuantizeConfig:
     """Non-expert linears for `quantfw quantize`: 2D `<module>.weight` tensors whose module name
     matches a `targets` regex (re.search) and no `ignore` regex are written W8A8 (per-channel
@@ -202,6 +210,7 @@ class QuantfwConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     engine: Any = None  # serving-engine profile: config group conf/engine (docs/engines.md)
     # Per-layer scheme choices: {"0-2": w8a8, "61": w8a8} (quantfw/config/layer_choice.py)
     layers: Any = None
