@@ -358,3 +358,11 @@ def test_sensitivity_unknown_wide_scheme_is_one_line_exit_2(tiny_ckpt):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "sensitivity.wide" in err[0] and "w3a3" in err[0]
+
+
+def test_quantize_refuses_smoothing_in_one_line(tiny_ckpt, tmp_path):
+    r = _cli("quantize", f"input={tiny_ckpt}", f"output={tmp_path / 'q'}", *PC_MS, "calibration.smooth=true")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "calibration.smooth" in err[0] and "expected calibration.smooth=false" in err[0]
+    assert not (tmp_path / "q").exists()

@@ -103,6 +103,9 @@ class CalibrationConfig:
     # observers (quantfw.calibrate.equalize registry, e.g. [updown]); grid = points of its search.
     equalize: list[str] = field(default_factory=list)
     equalize_grid: int = 21
+    # Input smoothing folded into the post-attention norm (quantfw.calibrate.smooth): measured by
+    # benchmarks/smollm2_accuracy.py; quantize refuses true until it writes the folded tensors.
+    smooth: bool = False
     propagate: str = "float"  # what the next layer sees: float outputs, or quantized (sequential)
     memory_budget_mb: int = 2048  # hidden states above this stay on disk (read a batch at a time)
     expert_block: int = 4  # routed experts per weight read (two blocks are in memory at once)
