@@ -468,6 +468,21 @@ def merge_studies(paths, out):
             row["vs_alpha1"] = paired_delta(result_of(runs[twin]), result_of(row))
     out.write_text(json.dumps(merged, indent=1, default=str))
     print(study_table(runs))
+    print(markdown_table(runs))
+
+
+def markdown_table(runs):
+    """The docs table: perplexity, paired change vs float and (learned alphas) vs alpha = 1."""
+
+    def ci(d):
+        return f"{d['delta']:+.1%} [{d['ci95'][0]:+.1%}, {d['ci95'][1]:+.1%}]" if d else "—"
+
+    lines = ["| variant | ppl | vs float [95% CI] | vs alpha = 1 [95% CI] |", "|---|---|---|---|"]
+    for name, r in runs.items():
+        label = "float (GGUF Q4_1 dequantized)" if name == "float" else f"`{name}`"
+        vs_a1 = ci(r.get("vs_alpha1")) if "vs_alpha1" in r else ""
+        lines.append(f"| {label} | {r['perplexity']:.3f} | {ci(r.get('vs_float'))} | {vs_a1} |")
+    return "\n".join(lines)
 
 
 def table(results):
