@@ -455,7 +455,9 @@ def merge_studies(paths, out):
     for path in paths:
         data = json.loads(Path(path).read_text())
         if merged is None:
-            merged = {**data, "runs": {}, "merged_from": [str(p) for p in paths]}
+            # file names only: the runs' folders are the machine's, not the results'
+            merged = {**data, "runs": {}, "merged_from": [Path(p).name for p in paths]}
+            merged["args"] = {**data["args"], "out": Path(data["args"]["out"]).name}
         merged["runs"].update(data["runs"])
     runs = merged["runs"]
     fl = result_of(runs["float"])
