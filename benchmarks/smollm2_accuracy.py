@@ -193,7 +193,16 @@ def main(argv=None):
         "--backend-mode", default="exact", choices=["exact", "fast"], help="study: torch backend mode"
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--skip-float", action="store_true", help="study: leave the float run to another process")
+    p.add_argument(
+        "--merge",
+        nargs="*",
+        default=None,
+        help="merge these study JSONs into --out (paired deltas recomputed)",
+    )
     args = p.parse_args(argv)
+    if args.merge is not None:
+        return merge_studies(args.merge, Path(args.out))
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -313,27 +322,20 @@ def expert_prepare(x, flags, equalize, max_rows):
 
 
 def sensitivity_plan(model, x, scheme, wide, prepare, experts, budget):
-    """Per-layer output error of the base and wide scheme on calibration rows -> mixed plan."""
-    costs = []
-    fmt_base = components(compose("default", PC))[1]
+    """Per-layer expert output error of the base and wide scheme on calibration rows -> mixed plan."""
+    fmt_base, backend = components(compose("default", PC))[1:]
     fmt_wide = components(compose("default", W8))[1]
+    costs = []
     for i, layer in enumerate(model.model.layers):
         w13, w2 = prepare(*_split_dense(layer.mlp, experts), i)
-        rows = spread_rows(x[i], 1024)
-        ref = FloatMoE(w13, w2)
-        ids = torch.arange(experts).expand(rows.shape[0], experts)
-        ones = torch.ones(ids.shape)
-        with torch.no_grad():
-            r = ref(rows, ones, ids)
-        errs, sizes = [], []
-        for sch, fmt in ((scheme, fmt_base), (wide, fmt_wide)):
-            t = quantize_experts(sch, fmt, w13, w2, calib=RoutedInputs(rows, ids, w13), log=None)
-            dims = Dims(E=experts, H=w13.shape[2], I=w13.shape[1] // 2)
-            backend = components(compose("default", PC))[2]
-            mod = MoELayer(sch, fmt, backend, dims).load(t, source=f"layer {i}")
-            errs.append(sensitivity.output_error(lambda z, m=mod, o=ones, k=ids: m(z, o, k), r, rows))
-            sizes.append(sensitivity.tensor_bytes(t))
-        costs.append(sensitivity.LayerCost(i, errs[0], errs[1], sizes[0], sizes[1]))
+        rows = spread_rows(x[i], 1024)  # top8: every expert sees every row
+        dims = Dims(E=experts, H=w13.shape[2], I=w13.shape[1] // 2)
+        costs.append(
+            sensitivity.measure_layer(
+                i, lambda e, a=w13, b=w2, r=rows: (a[e], b[e], r), experts, dims,
+                (scheme, fmt_base, backend), (wide, fmt_wide, backend),
+            )
+        )  # fmt: skip
     base_bytes = sum(c.bytes_base for c in costs)
     plan = sensitivity.plan_fragment(costs, int(budget * base_bytes), "w8a8")
     plan["w8a8_layers"] = plan["wide_layers"]
@@ -420,6 +422,8 @@ def run_study(base, tokenizer, args):
     runs = results.setdefault("runs", {})
     if "float" in runs:
         fl = result_of(runs["float"])
+    elif args.skip_float:  # another run of the same setup measures float; --merge pairs them
+        fl = None
     else:
         fl = run_config(base, None, "float", None, None, evaluate, args)
         runs["float"] = {
@@ -427,6 +431,7 @@ def run_study(base, tokenizer, args):
             "tokens": fl.predicted_tokens,
             "window_nll": list(fl.window_nll),
         }
+        out.write_text(json.dumps(results, indent=1, default=str))
     for name in args.variants:
         if name in runs:
             continue
@@ -436,11 +441,50 @@ def run_study(base, tokenizer, args):
             "tokens": r.predicted_tokens,
             "seconds": r.seconds,
             "window_nll": list(r.window_nll),
-            "vs_float": paired_delta(fl, r),
+            "vs_float": None if fl is None else paired_delta(fl, r),
             "meta": meta,
         }
         out.write_text(json.dumps(results, indent=1, default=str))
     print(study_table(runs))
+
+
+def merge_studies(paths, out):
+    """One study JSON from several runs of the same setup: every variant paired against the float
+    run, and each `+alphas` variant against its `+clip` (alpha = 1) twin."""
+    merged = None
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if merged is None:
+            # file names only: the runs' folders are the machine's, not the results'
+            merged = {**data, "runs": {}, "merged_from": [Path(p).name for p in paths]}
+            merged["args"] = {**data["args"], "out": Path(data["args"]["out"]).name}
+        merged["runs"].update(data["runs"])
+    runs = merged["runs"]
+    fl = result_of(runs["float"])
+    for name, row in runs.items():
+        if name == "float":
+            continue
+        row["vs_float"] = paired_delta(fl, result_of(row))
+        twin = name.replace("+alphas", "+clip")
+        if twin != name and twin in runs:
+            row["vs_alpha1"] = paired_delta(result_of(runs[twin]), result_of(row))
+    out.write_text(json.dumps(merged, indent=1, default=str))
+    print(study_table(runs))
+    print(markdown_table(runs))
+
+
+def markdown_table(runs):
+    """The docs table: perplexity, paired change vs float and (learned alphas) vs alpha = 1."""
+
+    def ci(d):
+        return f"{d['delta']:+.1%} [{d['ci95'][0]:+.1%}, {d['ci95'][1]:+.1%}]" if d else "—"
+
+    lines = ["| variant | ppl | vs float [95% CI] | vs alpha = 1 [95% CI] |", "|---|---|---|---|"]
+    for name, r in runs.items():
+        label = "float (GGUF Q4_1 dequantized)" if name == "float" else f"`{name}`"
+        vs_a1 = ci(r.get("vs_alpha1")) if "vs_alpha1" in r else ""
+        lines.append(f"| {label} | {r['perplexity']:.3f} | {ci(r.get('vs_float'))} | {vs_a1} |")
+    return "\n".join(lines)
 
 
 def table(results):

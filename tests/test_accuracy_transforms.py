@@ -305,3 +305,64 @@ def test_unknown_equalizer_is_one_line_exit_2(tiny_ckpt, tmp_path):
     err = [ln for ln in r.stderr.splitlines() if "error" in ln]
     assert len(err) == 1 and "calibration.equalize" in err[0] and "awq_magic" in err[0]
     assert "Traceback" not in r.stderr
+
+
+def _cli(*args, timeout=600):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "quantfw.cli.main", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_sensitivity_command_writes_the_layers_fragment_within_the_budget(tiny_ckpt, tmp_path):
+    import json
+
+    import yaml
+
+    from quantfw.config.layer_choice import parse_choices
+
+    common = [
+        f"input={tiny_ckpt}",
+        *PC_MS,
+        "calibration.tokens=256",
+        "calibration.seq_len=128",
+        "progress=false",
+    ]
+    r = _cli("sensitivity", *common, "sensitivity.budget=0.6", f"out={tmp_path / 'plan.json'}")
+    assert r.returncode == 0, r.stderr
+    one = json.loads((tmp_path / "plan.json").read_text())
+    per_layer = one["per_layer"]
+    assert [c["layer"] for c in per_layer] == [0, 1]
+    for c in per_layer:  # W8A8 experts are closer to float than per-channel W4A8 ones, and larger
+        assert 0 < c["error_wide"] < c["error_base"] and c["bytes_wide"] > c["bytes_base"]
+    assert one["base_bytes"] == sum(c["bytes_base"] for c in per_layer)
+    assert one["budget_bytes"] == int(0.6 * one["base_bytes"])
+    # each layer's extra bytes are half the base total here: 0.6 fits one layer, the better one per byte
+    assert len(one["wide_layers"]) == 1 and one["extra_bytes"] <= one["budget_bytes"]
+    best = max(
+        per_layer, key=lambda c: (c["error_base"] - c["error_wide"]) / (c["bytes_wide"] - c["bytes_base"])
+    )
+    assert one["wide_layers"] == [best["layer"]]
+    assert one["error_planned"] == pytest.approx(one["error_base"] - best["error_base"] + best["error_wide"])
+    r = _cli("sensitivity", *common, "sensitivity.budget=0.6", f"out={tmp_path / 'layers.yaml'}")
+    assert r.returncode == 0, r.stderr
+    fragment = yaml.safe_load((tmp_path / "layers.yaml").read_text())
+    assert parse_choices(fragment["layers"]) == {best["layer"]: "w8a8"}
+    assert f"layers={{{best['layer']}:w8a8}}" in r.stdout.splitlines()
+
+
+def test_sensitivity_unknown_wide_scheme_is_one_line_exit_2(tiny_ckpt):
+    r = _cli("sensitivity", f"input={tiny_ckpt}", "sensitivity.wide=w3a3", "calibration.tokens=256")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "sensitivity.wide" in err[0] and "w3a3" in err[0]
+
+
+def test_quantize_refuses_smoothing_in_one_line(tiny_ckpt, tmp_path):
+    r = _cli("quantize", f"input={tiny_ckpt}", f"output={tmp_path / 'q'}", *PC_MS, "calibration.smooth=true")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "calibration.smooth" in err[0] and "expected calibration.smooth=false" in err[0]
+    assert not (tmp_path / "q").exists()

@@ -17,7 +17,14 @@ import torch
 
 from quantfw.errors import ConfigError
 
-__all__ = ["LayerCost", "choose_layers", "layer_ranges", "plan_fragment"]
+__all__ = [
+    "LayerCost",
+    "choose_layers",
+    "expert_output_error",
+    "layer_ranges",
+    "measure_layer",
+    "plan_fragment",
+]
 
 
 @dataclass
@@ -93,3 +100,50 @@ def plan_fragment(costs: list[LayerCost], budget_bytes: int, wide: str) -> dict:
         "error_planned": sum(c.error_wide if c.layer in chosen else c.error_base for c in costs),
         "per_layer": [vars(c) for c in costs],
     }
+
+
+def layout_bytes(scheme, fmt, dims) -> int:
+    """Bytes of one MoE layer's routed experts as the format stores them."""
+    return int(sum(s.nbytes for s in fmt.loaded_layout(dims, scheme).values()))
+
+
+def expert_output_error(scheme, fmt, backend, w13: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> float:
+    """Squared error of one expert (w13 [2I, H], w2 [H, I]) quantized in `scheme` on its routed rows
+    x [M, H], against float; the data-driven observers see the same rows, a clip runs at alpha = 1."""
+    from quantfw.layout.spec import Dims
+    from quantfw.moe.layer import MoELayer
+    from quantfw.moe.reference import FloatMoE
+    from quantfw.quantize.experts import RoutedInputs, quantize_experts
+
+    w13, w2 = w13.unsqueeze(0).float(), w2.unsqueeze(0).float()
+    ids = torch.zeros(x.shape[0], 1, dtype=torch.long)
+    ones = torch.ones(x.shape[0], 1)
+    alpha = torch.ones(1) if scheme.clips else None
+    t = quantize_experts(scheme, fmt, w13, w2, alpha=alpha, calib=RoutedInputs(x, ids, w13), log=None)
+    dims = Dims(E=1, H=w13.shape[2], I=w13.shape[1] // 2)
+    layer = MoELayer(scheme, fmt, backend, dims).load(t, source="sensitivity")
+    with torch.no_grad():
+        ref = FloatMoE(w13, w2)(x.float(), ones, ids)
+    return output_error(lambda z: layer(z, ones, ids), ref, x.float())
+
+
+def measure_layer(
+    layer: int, experts: Callable[[int], tuple], num_experts: int, dims, base, wide
+) -> LayerCost:
+    """LayerCost of one MoE layer. `experts(e)` -> (w13 [2I, H], w2 [H, I], routed rows x [M, H] or
+    None); `base` / `wide` are (scheme, format, backend). The error is summed over the experts'
+    routed rows (routing weights left out: every routed row counts once)."""
+    errors = [0.0, 0.0]
+    for e in range(num_experts):
+        w13, w2, x = experts(e)
+        if x is None or x.shape[0] == 0:
+            continue
+        for j, (scheme, fmt, backend) in enumerate((base, wide)):
+            errors[j] += expert_output_error(scheme, fmt, backend, w13, w2, x)
+    return LayerCost(
+        layer,
+        errors[0],
+        errors[1],
+        layout_bytes(base[0], base[1], dims),
+        layout_bytes(wide[0], wide[1], dims),
+    )

@@ -107,6 +107,27 @@ COMMANDS: dict[str, Command] = {
         ),
         "docs/checkpoints.md",
     ),
+    "sensitivity": Command(
+        "input=DIR [sensitivity.budget=0.1]: which MoE layers get sensitivity.wide (w8a8) within a byte budget",
+        "quantfw.cli.sensitivity",
+        "Runs the float model on the recipe's calibration tokens layer by layer, measures each MoE layer's\n"
+        "expert output error in the recipe's scheme and in sensitivity.wide, and widens the layers with the\n"
+        "largest error reduction per extra byte while the extra routed-expert bytes fit sensitivity.budget\n"
+        "(fraction of the all-recipe-scheme bytes). Prints the plan and the `layers=` override for quantize.",
+        ("input=DIR: float Hugging Face checkpoint",),
+        (
+            ("scheme", "the base scheme of every layer"),
+            ("sensitivity.budget", "extra routed-expert bytes allowed (fraction)"),
+            ("sensitivity.wide", "the scheme sensitive layers get"),
+            ("calibration.tokens", "calibration tokens fed to the float model"),
+            ("out", "write the `layers:` fragment (*.yaml) or the whole plan (*.json)"),
+        ),
+        (
+            "sensitivity input=qfw/float scheme=w4a8 scheme.group_size=0 calibration.tokens=256 calibration.seq_len=128",
+            "sensitivity input=qfw/float scheme=w4a8 sensitivity.budget=0.5 calibration.tokens=256 out=qfw/layers.yaml",
+        ),
+        "docs/accuracy.md",
+    ),
     "check": Command(
         "checkpoint=DIR: every missing/unexpected/wrong-shape/wrong-dtype expert tensor vs the declared layout",
         "quantfw.cli.check",

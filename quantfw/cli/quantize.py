@@ -30,6 +30,9 @@ from quantfw.quantize.checkpoint import quantize_checkpoint
 def run(cfg: DictConfig) -> str:
     if not cfg.input or not cfg.output:
         raise ConfigError("quantize needs input=DIR (float HF checkpoint) and output=DIR")
+    from quantfw.calibrate.smooth import check_quantize
+
+    check_quantize(cfg.calibration)
     scheme, fmt, backend = components(cfg)
     source = cfg.calibration.source
     if source not in ("none", "model"):

@@ -103,6 +103,9 @@ class CalibrationConfig:
     # observers (quantfw.calibrate.equalize registry, e.g. [updown]); grid = points of its search.
     equalize: list[str] = field(default_factory=list)
     equalize_grid: int = 21
+    # Input smoothing folded into the post-attention norm (quantfw.calibrate.smooth): measured by
+    # benchmarks/smollm2_accuracy.py; quantize refuses true until it writes the folded tensors.
+    smooth: bool = False
     propagate: str = "float"  # what the next layer sees: float outputs, or quantized (sequential)
     memory_budget_mb: int = 2048  # hidden states above this stay on disk (read a batch at a time)
     expert_block: int = 4  # routed experts per weight read (two blocks are in memory at once)
@@ -147,6 +150,14 @@ class BenchConfig:
     copy_mb: int = 1024  # size of the copy that measures memory bandwidth
     threads: int = 0  # torch intra-op threads (0: torch's default); 1 is steadier on a busy machine
     reference: BenchLayerConfig = field(default_factory=BenchLayerConfig)
+
+
+@dataclass
+class SensitivityConfig:
+    """`quantfw sensitivity`: mixed precision by measurement (quantfw/cli/sensitivity.py)."""
+
+    budget: float = 0.1  # extra routed-expert bytes allowed, as a fraction of the all-recipe-scheme bytes
+    wide: str = "w8a8"  # the scheme the most sensitive layers get (a conf/scheme name)
 
 
 @dataclass
@@ -202,6 +213,7 @@ class QuantfwConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     engine: Any = None  # serving-engine profile: config group conf/engine (docs/engines.md)
     # Per-layer scheme choices: {"0-2": w8a8, "61": w8a8} (quantfw/config/layer_choice.py)
     layers: Any = None
