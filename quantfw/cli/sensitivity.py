@@ -28,11 +28,12 @@ from quantfw.errors import ConfigError
 def _wide_scheme(cfg: DictConfig):
     """The scheme `sensitivity.wide` names, in the recipe's format."""
     from quantfw.config.compose import available
-    from quantfw.config.layer_choice import _user_dirs, resolve
+    from quantfw.config.layer_choice import resolve
+    from quantfw.config.variants import running_config_dirs
     from quantfw.schemes.scheme import Scheme
 
     name = str(cfg.sensitivity.wide)
-    known = available("scheme", _user_dirs())
+    known = available("scheme", running_config_dirs())
     if name not in known:
         raise ConfigError(f"sensitivity.wide: unknown scheme '{name}' (available: {', '.join(known)})")
     return Scheme.from_config(resolve({name: "sensitivity.wide"}, cfg.format.name)[name])
