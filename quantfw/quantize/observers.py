@@ -185,9 +185,28 @@ def param(flags: Mapping[str, Any], flag: str) -> Any:
     return flags.get(flag, _flag_fields()[flag][1].default)
 
 
+# The order the written provenance lists the built-in parameters in (checkpoint bytes depend on it);
+# other observers' keys follow.
+PROVENANCE_ORDER = (
+    "observer_grid",
+    "observer_min_ratio",
+    "ssz_iters",
+    "observer_min_tokens",
+    "gptq_damp",
+    "gptq_block",
+    "gptq_act_order",
+    "fallback_observer",
+    "gptq_scale_observer",
+)
+
+
 def data_params(flags: Mapping[str, Any]) -> dict[str, Any]:
     """The selected observer and every observer parameter in effect (for provenance)."""
-    return {SELECTOR: flags.get(SELECTOR, "minmax"), **{k: param(flags, k) for k in _flag_fields()}}
+    keys = sorted(
+        _flag_fields(),
+        key=lambda k: (PROVENANCE_ORDER.index(k) if k in PROVENANCE_ORDER else len(PROVENANCE_ORDER), k),
+    )
+    return {SELECTOR: flags.get(SELECTOR, "minmax"), **{k: param(flags, k) for k in keys}}
 
 
 def in_use(flags: Mapping[str, Any]) -> list[Observer]:

@@ -22,7 +22,7 @@ import torch
 
 from quantfw.errors import CheckpointError, ConfigError
 from quantfw.io import fp8
-from quantfw.io.experts import FUSED_RE, MoEModel, parse_expert_key
+from quantfw.io.experts import FUSED_RE, PROJS, ROLE_OF, MoEModel, parse_expert_key
 from quantfw.io.reader import CheckpointReader
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -30,6 +30,8 @@ MTP_MODES = ("quantize", "drop")
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # The MLP linears of a layer without routed experts, written per its `layers` choice.
 DENSE_MLP_RE = re.compile(r"(^|\.)mlp\.")
+# transformers-5 fused expert tensors: the role whose projections' rows each one stacks.
+FUSED_ROLE = {"gate_up_proj": "w13", "down_proj": "w2"}
 
 
 @dataclass
@@ -146,20 +148,16 @@ class TensorRouter:
                 self.check_float(key, t, self.model.float_shape(proj), shard)
                 yield key, t, [Part(prefix, expert, proj, t, src)]
             elif fused:
-                prefix, name = fused["prefix"], fused["proj"]
-                H, I = self.model.hidden_size, self.model.moe_intermediate_size
-                shape = (E, 2 * I, H) if name == "gate_up_proj" else (E, H, I)
-                self.check_float(key, t, shape, shard)
+                prefix, role = fused["prefix"], FUSED_ROLE[fused["proj"]]
+                projs = [p for p in PROJS if ROLE_OF[p] == role]  # its rows, in order, are theirs
+                rows = [self.model.float_shape(p)[0] for p in projs]
+                self.check_float(key, t, (E, sum(rows), self.model.float_shape(projs[0])[1]), shard)
                 parts = []
                 for e in range(E):
-                    where = f"{src} (expert {e})"
-                    if name == "gate_up_proj":
-                        parts += [
-                            Part(prefix, e, "gate", t[e, :I], where),
-                            Part(prefix, e, "up", t[e, I:], where),
-                        ]
-                    else:
-                        parts.append(Part(prefix, e, "down", t[e], where))
+                    parts += [
+                        Part(prefix, e, p, w, f"{src} (expert {e})")
+                        for p, w in zip(projs, t[e].split(rows), strict=True)
+                    ]
                 yield key, t, parts
             elif self.is_target_linear(key, t):
                 yield key, t, [Part(key[: -len(".weight")], None, "linear", t, src)]
