@@ -238,11 +238,23 @@ def test_the_bits_bound_is_a_one_line_error():
 
 
 @pytest.mark.parametrize("fmt", ["msmodelslim", "compressed_tensors"])
-@pytest.mark.parametrize("bits", [3, 5])
-def test_a_width_the_format_cannot_store_is_refused_at_compose_naming_it(compose, fmt, bits):
+@pytest.mark.parametrize("scheme, bits", [("w4a8", 3), ("w8a8", 5), ("w8a8", 6)])
+def test_a_width_the_format_cannot_store_is_refused_at_compose_naming_it(compose, fmt, scheme, bits):
     with pytest.raises(
         ConfigError, match=rf"format '{fmt}' \(format/{fmt}\.yaml\): weight_bits={bits} \(allowed: 4, 8\)"
     ):
         compose(
-            "default", ["scheme=w4a8", "scheme.group_size=0", f"scheme.weight_bits={bits}", f"format={fmt}"]
+            "default",
+            [f"scheme={scheme}", "scheme.group_size=0", f"scheme.weight_bits={bits}", f"format={fmt}"],
         )
+
+
+@pytest.mark.parametrize("bits", [5, 8])
+def test_a_width_the_scheme_runtime_layout_cannot_hold_is_refused_naming_it(compose, bits):
+    with pytest.raises(ConfigError) as e:
+        compose("default", ["scheme=w4a8_clip", f"scheme.weight_bits={bits}"])
+    assert str(e.value) == (
+        f"scheme 'w4a8_clip' (scheme/w4a8_clip.yaml): weight_bits={bits} (allowed: 2 to 4): "
+        "its weight_bits_range, what its runtime layout holds"
+    )
+    assert Scheme.from_config({**_cfg(compose), "weight_bits": 3}).flags["weight_bits"] == 3

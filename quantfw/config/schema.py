@@ -43,6 +43,7 @@ class ModelConfig:
 class SchemeConfig:
     name: str = MISSING
     weight_bits: int = 8
+    weight_bits_range: list[int] = field(default_factory=lambda: [2, 8])  # what its runtime layout holds
     group_size: int = 0  # 0 = per-channel
     activation_use_clip: bool = False
     fused_swiglu_quant: bool = True  # W8A8: npu_dequant_swiglu_quant (True) or the unfused plan

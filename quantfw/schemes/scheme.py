@@ -88,6 +88,8 @@ class Scheme:
     runtime: Mapping[str, Mapping[str, Any]]
     compute: tuple[Any, ...]
     doc: str = ""
+    # The widths its runtime layout can hold (`weight_bits_range: [lo, hi]`, default 2 to 8).
+    bits_range: tuple[int, int] = (MIN_WEIGHT_BITS, MAX_WEIGHT_BITS)
 
     @property
     def where(self) -> str:
@@ -106,6 +108,7 @@ class Scheme:
             runtime=data.get("runtime") or {},
             compute=tuple(data.get("compute") or ()),
             doc=data.get("doc", ""),
+            bits_range=tuple(data.get("weight_bits_range") or (MIN_WEIGHT_BITS, MAX_WEIGHT_BITS)),
         )
         scheme.validate()
         return scheme
@@ -113,14 +116,19 @@ class Scheme:
     def validate(self) -> None:
         f = self.flags
         bits = f.get("weight_bits")
-        if (
-            not isinstance(bits, int)
-            or isinstance(bits, bool)
-            or not MIN_WEIGHT_BITS <= bits <= MAX_WEIGHT_BITS
-        ):
+        lo, hi = self.bits_range
+        if not MIN_WEIGHT_BITS <= lo <= hi <= MAX_WEIGHT_BITS:
             raise ConfigError(
-                f"{self.where}: weight_bits={bits} (allowed: {MIN_WEIGHT_BITS} to {MAX_WEIGHT_BITS})"
+                f"{self.where}: weight_bits_range={list(self.bits_range)} "
+                f"(allowed: within {MIN_WEIGHT_BITS} to {MAX_WEIGHT_BITS})"
             )
+        if not isinstance(bits, int) or isinstance(bits, bool) or not lo <= bits <= hi:
+            held = (
+                ""
+                if (lo, hi) == (MIN_WEIGHT_BITS, MAX_WEIGHT_BITS)
+                else ": its weight_bits_range, what its runtime layout holds"
+            )
+            raise ConfigError(f"{self.where}: weight_bits={bits} (allowed: {lo} to {hi}){held}")
         if f.get("group_size", 0) < 0:
             raise ConfigError(f"{self.where}: group_size={f['group_size']} must be >= 0 (0 = per-channel)")
         if f.get("group_size") and f.get("weight_bits") == MAX_WEIGHT_BITS:
