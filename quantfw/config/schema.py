@@ -12,6 +12,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from quantfw.quantize.observers import default_sections
+
 
 @dataclass
 class ModelConfig:
@@ -41,19 +43,24 @@ class ModelConfig:
 class SchemeConfig:
     name: str = MISSING
     weight_bits: int = 8
+    weight_bits_range: list[int] = field(default_factory=lambda: [2, 8])  # what its runtime layout holds
     group_size: int = 0  # 0 = per-channel
     activation_use_clip: bool = False
     fused_swiglu_quant: bool = True  # W8A8: npu_dequant_swiglu_quant (True) or the unfused plan
     weight_observer: str = "minmax"  # minmax | mse | ssz | learned_clip | gptq (quantize/observers.py)
-    observer_grid: int = 20  # mse / learned_clip: clip ratios tried in [observer_min_ratio, 1]
-    observer_min_ratio: float = 0.5
-    ssz_iters: int = 10  # ssz: least-squares refinement steps
-    observer_min_tokens: int = 16  # data-driven observers: fewer calibration tokens -> fallback
-    fallback_observer: str = "minmax"  # data-free observer for experts without enough tokens
-    gptq_damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
-    gptq_block: int = 128  # columns per lazy-update block
-    gptq_act_order: bool = False  # quantize columns by decreasing H diagonal
-    gptq_scale_observer: str = "mse"  # data-free observer choosing GPTQ's (static) scales
+    # Each observer's typed config, observers.NAME.FIELD (e.g. observers.gptq.damp): the defaults
+    # of the registered observers; quantfw.quantize.observers checks names, keys and values.
+    observers: dict[str, Any] = field(default_factory=default_sections)
+    # Deprecated flat keys (null = not given): each sets every observer having that parameter.
+    observer_grid: int | None = None
+    observer_min_ratio: float | None = None
+    ssz_iters: int | None = None
+    observer_min_tokens: int | None = None
+    fallback_observer: str | None = None
+    gptq_damp: float | None = None
+    gptq_block: int | None = None
+    gptq_act_order: bool | None = None
+    gptq_scale_observer: str | None = None
     missing_alpha: str = "error"  # error | ones: what loading does when a clip checkpoint has no alpha
     runtime: dict[str, Any] = field(default_factory=dict)
     compute: list[Any] = field(default_factory=list)

@@ -30,8 +30,9 @@ fall back to `fallback_observer` (see `resolve`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -42,7 +43,9 @@ from quantfw.quantize.qweight import QuantizedWeight
 from quantfw.registry import Registry
 
 
-# Observer parameters (scheme flags), their defaults and the check each value must pass.
+# Typed observer configs. Each parameter is a dataclass field; its `flag` is the flat key it has in
+# the scheme flags and in the written provenance (checkpoint metadata keeps these keys), shared by
+# every observer with the same parameter, so one flag holds one value per scheme.
 def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -51,23 +54,53 @@ def _num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-PARAMS: dict[str, tuple[Any, Callable[[Any], bool], str]] = {
-    "observer_grid": (20, lambda v: _int(v) and v >= 2, "an int >= 2"),
-    "observer_min_ratio": (0.5, lambda v: _num(v) and 0 < v <= 1, "in (0, 1]"),
-    "ssz_iters": (10, lambda v: _int(v) and v >= 1, "an int >= 1"),
-    "observer_min_tokens": (16, lambda v: _int(v) and v >= 1, "an int >= 1"),
-    "gptq_damp": (0.01, lambda v: _num(v) and 0 < v < 1, "in (0, 1)"),
-    "gptq_block": (128, lambda v: _int(v) and v >= 1, "an int >= 1"),
-    "gptq_act_order": (False, lambda v: isinstance(v, bool), "true or false"),
-}
-# Parameters naming another observer; it must be data-free (it runs where there is no data).
-OBSERVER_REFS = {"fallback_observer": "minmax", "gptq_scale_observer": "mse"}
+def option(flag: str, default: Any, ok: Callable[[Any], bool], allowed: str, ref: bool = False) -> Any:
+    """A config field; ref=True: it names another (data-free) observer, which then runs too."""
+    return field(default=default, metadata={"flag": flag, "ok": ok, "allowed": allowed, "ref": ref})
 
 
-def param(flags: Mapping[str, Any], name: str) -> Any:
-    if name in OBSERVER_REFS:
-        return flags.get(name, OBSERVER_REFS[name])
-    return flags.get(name, PARAMS[name][0])
+@dataclass(frozen=True)
+class NoParams:
+    """The config of an observer without parameters."""
+
+
+@dataclass(frozen=True)
+class ClipSearch:
+    """A grid of clip ratios r in [min_ratio, 1] (r = 1 always included)."""
+
+    grid: int = option("observer_grid", 20, lambda v: _int(v) and v >= 2, "an int >= 2")
+    min_ratio: float = option("observer_min_ratio", 0.5, lambda v: _num(v) and 0 < v <= 1, "in (0, 1]")
+
+
+@dataclass(frozen=True)
+class SszConfig:
+    iters: int = option("ssz_iters", 10, lambda v: _int(v) and v >= 1, "an int >= 1")
+
+
+@dataclass(frozen=True)
+class DataDriven:
+    """What every data-driven observer reads (see `resolve`): with fewer than min_tokens
+    calibration rows the data-free `fallback` observer runs instead."""
+
+    min_tokens: int = option("observer_min_tokens", 16, lambda v: _int(v) and v >= 1, "an int >= 1")
+    fallback: str = option(
+        "fallback_observer", "minmax", lambda v: isinstance(v, str), "a data-free observer", True
+    )
+
+
+@dataclass(frozen=True)
+class LearnedClipConfig(ClipSearch, DataDriven):
+    pass
+
+
+@dataclass(frozen=True)
+class GptqConfig(DataDriven):
+    damp: float = option("gptq_damp", 0.01, lambda v: _num(v) and 0 < v < 1, "in (0, 1)")
+    block: int = option("gptq_block", 128, lambda v: _int(v) and v >= 1, "an int >= 1")
+    act_order: bool = option("gptq_act_order", False, lambda v: isinstance(v, bool), "true or false")
+    scale_observer: str = option(
+        "gptq_scale_observer", "mse", lambda v: isinstance(v, str), "a data-free observer", True
+    )
 
 
 @dataclass(frozen=True)
@@ -77,22 +110,40 @@ class Observer:
     needs_data: bool
     doc: str
     takes_fp8: bool = False  # fn(..., fp8=BlockScales) dequantizes an FP8 weight itself
-    params: tuple[str, ...] = ()  # the parameters (PARAMS / OBSERVER_REFS keys) fn reads
+    config: type = NoParams  # its typed config (a dataclass of `param` fields)
+
+    def fields(self) -> dict[str, Field]:
+        return {f.name: f for f in fields(self.config)}
+
+    def flag_of(self, f: Field) -> str:
+        """The flat key of a field (a plugin field without one: NAME_FIELD)."""
+        return f.metadata.get("flag") or f"{self.name}_{f.name}"
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The flat keys (scheme flags) this observer reads."""
+        return tuple(self.flag_of(f) for f in self.fields().values())
+
+    def settings(self, flags: Mapping[str, Any]) -> Any:
+        """Its typed config with the values the flags give (defaults for the others)."""
+        return self.config(**{n: flags.get(self.flag_of(f), f.default) for n, f in self.fields().items()})
 
 
 OBSERVERS: Registry[Observer] = Registry("observer")  # plugins: entry-point group quantfw.observers
+SELECTOR = "weight_observer"  # the scheme flag naming the observer
+SECTIONS = "observers"  # scheme key of the per-observer configs: observers.NAME.FIELD
 
 
-# What every data-driven observer reads besides its own parameters (see `resolve`).
-DATA_PARAMS = ("observer_min_tokens", "fallback_observer")
+def register_observer(name: str, needs_data: bool = False, fp8: bool = False, config: type | None = None):
+    """Register fn(w, flags, x) as observer `name`; `config` is its typed config dataclass (a
+    data-driven one extends DataDriven; default: DataDriven or NoParams)."""
+    config = config or (DataDriven if needs_data else NoParams)
+    if needs_data and not issubclass(config, DataDriven):
+        raise TypeError(f"observer '{name}': a data-driven observer's config must extend DataDriven")
 
-
-def register_observer(name: str, needs_data: bool = False, fp8: bool = False, params: tuple[str, ...] = ()):
     def deco(fn):
         doc = (fn.__doc__ or "").strip().splitlines()[0]
-        OBSERVERS.add(
-            name, Observer(name, fn, needs_data, doc, fp8, (*params, *(DATA_PARAMS if needs_data else ())))
-        )
+        OBSERVERS.add(name, Observer(name, fn, needs_data, doc, fp8, config))
         return fn
 
     return deco
@@ -106,65 +157,204 @@ def get_observer(name: str, where: str = "scheme.weight_observer") -> Observer:
     return OBSERVERS.get(name, where)
 
 
+def selected(flags: Mapping[str, Any]) -> Observer:
+    return get_observer(flags.get(SELECTOR, "minmax"))
+
+
+def settings(flags: Mapping[str, Any], name: str | None = None) -> Any:
+    """The typed config of observer `name` (default: the selected one) under these flags."""
+    return (get_observer(name) if name else selected(flags)).settings(flags)
+
+
 def needs_data(flags: Mapping[str, Any]) -> bool:
     """Whether the scheme's selected observer uses calibration inputs."""
-    return get_observer(flags.get("weight_observer", "minmax")).needs_data
+    return selected(flags).needs_data
+
+
+def _flag_fields() -> dict[str, tuple[Observer, Field]]:
+    """Every flat observer key -> the first registered observer declaring it and its field."""
+    out: dict[str, tuple[Observer, Field]] = {}
+    for _, obs in OBSERVERS.items():
+        for f in obs.fields().values():
+            out.setdefault(obs.flag_of(f), (obs, f))
+    return out
+
+
+def param(flags: Mapping[str, Any], flag: str) -> Any:
+    """A flat observer key's value: given, else its declared default."""
+    return flags.get(flag, _flag_fields()[flag][1].default)
+
+
+# The order the written provenance lists the built-in parameters in (checkpoint bytes depend on it);
+# other observers' keys follow.
+PROVENANCE_ORDER = (
+    "observer_grid",
+    "observer_min_ratio",
+    "ssz_iters",
+    "observer_min_tokens",
+    "gptq_damp",
+    "gptq_block",
+    "gptq_act_order",
+    "fallback_observer",
+    "gptq_scale_observer",
+)
 
 
 def data_params(flags: Mapping[str, Any]) -> dict[str, Any]:
     """The selected observer and every observer parameter in effect (for provenance)."""
-    names = [*PARAMS, *OBSERVER_REFS]
-    return {"weight_observer": flags.get("weight_observer", "minmax"), **{n: param(flags, n) for n in names}}
+    keys = sorted(
+        _flag_fields(),
+        key=lambda k: (PROVENANCE_ORDER.index(k) if k in PROVENANCE_ORDER else len(PROVENANCE_ORDER), k),
+    )
+    return {SELECTOR: flags.get(SELECTOR, "minmax"), **{k: param(flags, k) for k in keys}}
+
+
+def in_use(flags: Mapping[str, Any]) -> list[Observer]:
+    """The selected observer and those its reference fields name (fallback, scale observer)."""
+    out: list[Observer] = []
+    todo = [flags.get(SELECTOR, "minmax")]
+    while todo:
+        name = todo.pop(0)
+        obs = OBSERVERS.get(name) if name in OBSERVERS else None
+        if obs is None or obs in out:
+            continue
+        out.append(obs)
+        todo += [flags.get(obs.flag_of(f), f.default) for f in obs.fields().values() if f.metadata.get("ref")]
+    return out
 
 
 def used_params(flags: Mapping[str, Any]) -> dict[str, Any]:
     """The selected observer and the parameters in effect that it (or an observer it names:
     fallback, scale observer) reads; the others cannot change its output."""
-    out = {"weight_observer": flags.get("weight_observer", "minmax")}
-    todo = [out["weight_observer"]]
-    while todo:
-        name = todo.pop()
-        obs = OBSERVERS.get(name) if name in OBSERVERS else None
-        for key in obs.params if obs else ():
-            if key not in out:
-                out[key] = param(flags, key)
-                if key in OBSERVER_REFS:
-                    todo.append(out[key])
+    out = {SELECTOR: flags.get(SELECTOR, "minmax")}
+    for obs in in_use(flags):
+        for f in obs.fields().values():
+            out.setdefault(obs.flag_of(f), flags.get(obs.flag_of(f), f.default))
     return dict(sorted(out.items()))
 
 
-def validate_flags(flags: Mapping[str, Any], where: str) -> None:
-    """All observer problems of a scheme's flags in one error, each naming its key."""
+def validate_flags(flags: Mapping[str, Any], where: str, names: Mapping[str, str] | None = None) -> None:
+    """All observer problems of a scheme's flags in one error, each naming its key (`names`: the
+    key the user wrote for a flat key, e.g. observers.gptq.damp)."""
+    names = names or {}
     problems = []
-    name = flags.get("weight_observer", "minmax")
+    name = flags.get(SELECTOR, "minmax")
     if name not in OBSERVERS:
-        problems.append(f"weight_observer='{name}' is unknown (available: {', '.join(available())})")
-    for key, (_, ok, allowed) in PARAMS.items():
-        value = param(flags, key)
-        if not ok(value):
-            problems.append(f"{key}={value!r} (allowed: {allowed})")
+        problems.append(f"{SELECTOR}='{name}' is unknown (available: {', '.join(available())})")
     data_free = [n for n, o in OBSERVERS.items() if not o.needs_data]
-    for key in OBSERVER_REFS:
-        value = param(flags, key)
-        if value not in data_free:
-            problems.append(f"{key}='{value}' (allowed, data-free observers: {', '.join(data_free)})")
+    for flag, (_, f) in _flag_fields().items():
+        value = param(flags, flag)
+        if f.metadata.get("ref"):
+            if value not in data_free:
+                problems.append(
+                    f"{names.get(flag, flag)}='{value}' (allowed, data-free observers: {', '.join(data_free)})"
+                )
+        elif "ok" in f.metadata and not f.metadata["ok"](value):
+            problems.append(f"{names.get(flag, flag)}={value!r} (allowed: {f.metadata['allowed']})")
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))
 
 
+def default_sections() -> dict[str, dict[str, Any]]:
+    """observers.NAME.FIELD defaults of the registered observers with parameters (the schema's)."""
+    return {n: {f.name: f.default for f in o.fields().values()} for n, o in OBSERVERS.items() if o.fields()}
+
+
+# The flat keys of the old recipe shape (scheme.gptq_damp=...): still read, with a note.
+_NOTED: dict = {}  # warnings registry of the notes already shown
+
+
+def legacy_keys() -> dict[str, list[str]]:
+    """Flat key -> the observers.NAME.FIELD keys it sets (every observer with that parameter)."""
+    out: dict[str, list[str]] = {}
+    for n, o in OBSERVERS.items():
+        for f in o.fields().values():
+            out.setdefault(o.flag_of(f), []).append(f"{SECTIONS}.{n}.{f.name}")
+    return out
+
+
+def flatten(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The flat observer flags of a scheme declaration: `weight_observer` plus every parameter
+    from `observers.NAME.FIELD` (or a deprecated flat key, which sets every observer having
+    it). Observers in use that share a flat key must agree on its value."""
+    sections = dict(data.get(SECTIONS) or {})
+    given: dict[str, dict[str, Any]] = {}
+    for name, section in sections.items():
+        if name not in OBSERVERS:
+            raise ConfigError(
+                f"{where}: {SECTIONS}.{name}: no observer '{name}' (available: {', '.join(available())})"
+            )
+        obs = OBSERVERS.get(name)
+        if section is not None and not isinstance(section, Mapping):
+            raise ConfigError(
+                f"{where}: {SECTIONS}.{name}: expected a mapping of its parameters, found {section!r}"
+            )
+        unknown = sorted(set(section or {}) - set(obs.fields()))
+        if unknown:
+            known = ", ".join(obs.fields()) or "none"
+            raise ConfigError(
+                f"{where}: {SECTIONS}.{name}.{unknown[0]}: not a parameter of observer '{name}' (its parameters: {known})"
+            )
+        given[name] = dict(section or {})
+    legacy = legacy_keys()
+    for flag, keys in legacy.items():
+        if data.get(flag) is None:
+            continue
+        new = " / ".join(f"scheme.{k}" for k in keys)
+        # one line (no source line under it), once per process and key
+        warnings.warn_explicit(
+            f"{where}: scheme.{flag} is deprecated; use {new}", FutureWarning, "quantfw", 0, registry=_NOTED
+        )
+        for key in keys:
+            _, name, fname = key.split(".")
+            given.setdefault(name, {})[fname] = data[flag]
+
+    def value(obs: Observer, f: Field) -> Any:
+        return given.get(obs.name, {}).get(f.name, f.default)
+
+    flags: dict[str, Any] = {SELECTOR: data.get(SELECTOR) or "minmax"}
+    used: list[Observer] = []
+    todo = [flags[SELECTOR]]
+    while todo:  # the selected observer, then those its reference fields name
+        name = todo.pop(0)
+        obs = OBSERVERS.get(name) if isinstance(name, str) and name in OBSERVERS else None
+        if obs is not None and obs not in used:
+            used.append(obs)
+            todo += [value(obs, f) for f in obs.fields().values() if f.metadata.get("ref")]
+    names: dict[str, str] = {}  # flat key -> the key the user writes, for messages
+    for obs in used:
+        for f in obs.fields().values():
+            flag, v = obs.flag_of(f), value(obs, f)
+            if flag in names and flags[flag] != v:
+                raise ConfigError(
+                    f"{where}: {names[flag]}={flags[flag]!r} and {SECTIONS}.{obs.name}.{f.name}={v!r} are one "
+                    f"parameter ({flag}) of the observers in use; give them one value"
+                )
+            flags.setdefault(flag, v)
+            names.setdefault(flag, f"{SECTIONS}.{obs.name}.{f.name}")
+    for flag, (obs, f) in _flag_fields().items():
+        flags.setdefault(flag, value(obs, f))
+        names.setdefault(flag, f"{SECTIONS}.{obs.name}.{f.name}")
+    for flag in legacy:
+        if data.get(flag) is not None:
+            names[flag] = flag  # a deprecated flat key is named as written
+    validate_flags(flags, where, names)
+    return flags
+
+
 def resolve(flags: Mapping[str, Any], x: torch.Tensor | None) -> tuple[Observer, str | None]:
     """The observer that will run, and why it is the fallback (None when it is the chosen one)."""
-    obs = get_observer(flags.get("weight_observer", "minmax"))
+    obs = selected(flags)
     if not obs.needs_data:
         return obs, None
-    need = param(flags, "observer_min_tokens")
+    cfg = obs.settings(flags)
     if x is None:
         reason = "no calibration inputs"
-    elif x.shape[0] < need:
-        reason = f"{x.shape[0]} calibration tokens < observer_min_tokens={need}"
+    elif x.shape[0] < cfg.min_tokens:
+        reason = f"{x.shape[0]} calibration tokens < observer_min_tokens={cfg.min_tokens}"
     else:
         return obs, None
-    return get_observer(param(flags, "fallback_observer"), "scheme.fallback_observer"), reason
+    return get_observer(cfg.fallback, "scheme.fallback_observer"), reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +397,7 @@ def blocks(w: torch.Tensor, flags: Mapping[str, Any]) -> Blocks:
     if not torch.isfinite(w).all():
         raise ConfigError("weight contains NaN or Inf")
     wf = w.float()
-    if bits == 4 and gs:
+    if gs and bits < P.MAX_BITS:
         k = w.shape[-1]
         if k % gs:
             raise ConfigError(
@@ -216,13 +406,13 @@ def blocks(w: torch.Tensor, flags: Mapping[str, Any]) -> Blocks:
         s1 = P._nonzero(wf.abs().amax(dim=-1) / 127)
         q8 = torch.clamp(torch.round(wf / s1.unsqueeze(-1)), -127, 127)
         shape = (*q8.shape[:-1], k // gs, gs)
-        return Blocks(q8.reshape(shape), 7, s1, (wf / s1.unsqueeze(-1)).reshape(shape))
+        return Blocks(q8.reshape(shape), P.qmax(bits), s1, (wf / s1.unsqueeze(-1)).reshape(shape))
     v = wf.unsqueeze(-2)
-    return Blocks(v, {4: 7, 8: 127}[bits], None, v)
+    return Blocks(v, P.qmax(bits), None, v)
 
 
-def _ratios(flags: Mapping[str, Any]) -> torch.Tensor:
-    r = torch.linspace(float(param(flags, "observer_min_ratio")), 1.0, param(flags, "observer_grid"))
+def _ratios(cfg: ClipSearch) -> torch.Tensor:
+    r = torch.linspace(float(cfg.min_ratio), 1.0, cfg.grid)
     r[-1] = 1.0  # min-max is always a candidate
     return r
 
@@ -238,7 +428,8 @@ def _minmax(
     """Round-to-nearest with amax scales (spec section 9 defaults): the cache-blocked primitives."""
     bits, gs = flags["weight_bits"], flags.get("group_size", 0)
     dtype = flags.get("compute_dtype", "float32")
-    if dtype == "float32" and not (bits == 4 and gs):
+    two_level = bool(gs) and bits < P.MAX_BITS
+    if dtype == "float32" and not two_level:
         from quantfw.quantize.fused import quantize_per_channel_encoded
 
         # fp32 per-channel grids in one compiled kernel: FP8 dequantized inside it (one pass over
@@ -252,8 +443,8 @@ def _minmax(
         from quantfw.io.fp8 import dequantize
 
         w = dequantize(w, fp8.scale_inv, fp8.block)
-    if bits == 4 and gs:
-        return QuantizedWeight(*P.quantize_two_level(w, gs))
+    if two_level:
+        return QuantizedWeight(*P.quantize_two_level(w, gs, bits))
     if dtype == "float32":
         return QuantizedWeight(*P.quantize_per_channel(w, bits))
     # quantize.compute_dtype (the reference converter's bf16 chain); encoders read it from info
@@ -286,22 +477,22 @@ def _mse_rows(b: Blocks, ratios: list[float]) -> torch.Tensor:
 
 
 def mse_scales(b: Blocks, flags: Mapping[str, Any]) -> torch.Tensor:
-    ratios = _ratios(flags).tolist()
+    ratios = _ratios(settings(flags, "mse")).tolist()
     return _by_rows(b, lambda rows: _mse_rows(rows, ratios))
 
 
-@register_observer("mse", params=("observer_grid", "observer_min_ratio"))
+@register_observer("mse", config=ClipSearch)
 def _mse(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None) -> QuantizedWeight:
     """Per-block grid search of a clip ratio minimising the weight MSE."""
     b = blocks(w, flags)
     return b.finish(mse_scales(b, flags))
 
 
-@register_observer("ssz", params=("ssz_iters",))
+@register_observer("ssz", config=SszConfig)
 def _ssz(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None) -> QuantizedWeight:
     """Iterative least-squares scale refinement from min-max, best per block kept."""
     b = blocks(w, flags)
-    return b.finish(_by_rows(b, lambda rows: _ssz_rows(rows, param(flags, "ssz_iters"))))
+    return b.finish(_by_rows(b, lambda rows: _ssz_rows(rows, settings(flags, "ssz").iters)))
 
 
 def _ssz_rows(b: Blocks, iters: int) -> torch.Tensor:
@@ -340,14 +531,14 @@ def _output_factor(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(h).T
 
 
-@register_observer("learned_clip", needs_data=True, params=("observer_grid", "observer_min_ratio"))
+@register_observer("learned_clip", needs_data=True, config=LearnedClipConfig)
 def _learned_clip(
     w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None
 ) -> QuantizedWeight:
     """Per-output-channel clip ratio minimising the layer-output error on calibration inputs."""
     _check_data("learned_clip", w, x)
     b = blocks(w, flags)
-    wf, a, ratios = w.float(), _output_factor(x), _ratios(flags).tolist()
+    wf, a, ratios = w.float(), _output_factor(x), _ratios(settings(flags, "learned_clip")).tolist()
     best_r = torch.empty(w.shape[0])
     # Channels in blocks of ~_CLIP_BLOCK weights, so the dequantized candidates stay in cache, or
     # wider with many calibration rows, where the GEMM with the factor dominates and wants width.
@@ -387,21 +578,16 @@ def _element_scales(qw: QuantizedWeight, k: int) -> torch.Tensor:
     return s
 
 
-@register_observer(
-    "gptq", needs_data=True, params=("gptq_damp", "gptq_block", "gptq_act_order", "gptq_scale_observer")
-)
+@register_observer("gptq", needs_data=True, config=GptqConfig)
 def _gptq(w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None) -> QuantizedWeight:
     """GPTQ error-compensating rounding with H = X^T X and precomputed (static) scales."""
     _check_data("gptq", w, x)
     n, k = w.shape
-    base = get_observer(param(flags, "gptq_scale_observer")).fn(w, flags, None)
-    qmax = 7 if flags["weight_bits"] == 4 else 127
+    cfg: GptqConfig = settings(flags, "gptq")
+    base = get_observer(cfg.scale_observer).fn(w, flags, None)
+    qmax = P.qmax(flags["weight_bits"])
     scale = _element_scales(base, k).contiguous()
-    damp, act_order, block = (
-        param(flags, "gptq_damp"),
-        param(flags, "gptq_act_order"),
-        param(flags, "gptq_block"),
-    )
+    damp, act_order, block = cfg.damp, cfg.act_order, cfg.block
     run = _gptq_low_rank if _low_rank(x.shape[0], k) else _gptq_dense
     Q = run(w.float().clone(), scale, x.float(), damp, act_order, block, qmax)
     return QuantizedWeight(Q.to(torch.int8), base.s1, base.s2)

@@ -15,7 +15,7 @@ import torch
 
 from quantfw.errors import ConfigError, LayoutError
 
-_QMAX = {8: 127, 4: 7}
+MIN_BITS, MAX_BITS = 2, 8  # symmetric grids from {-1, 0, 1} to the int8 the stored weights hold
 _BLOCK_ELEMS = 1 << 16  # elements per row block: fp32 intermediates of a few blocks fit in L2
 
 
@@ -31,6 +31,13 @@ def _check_weight(fn: str, arg: str, w: torch.Tensor) -> None:
         raise LayoutError(f"{fn}: argument '{arg}' expected a tensor [..., N, K], found {found}")
 
 
+def qmax(bits: int) -> int:
+    """The largest level of a symmetric signed `bits`-bit grid (-qmax..qmax): 2^(bits-1) - 1."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(f"weight bits must be an int from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+    return (1 << (bits - 1)) - 1
+
+
 def _nonzero(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 0, torch.ones_like(s), s)
 
@@ -43,15 +50,13 @@ def quantize_per_channel(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel quant: (q int8 [..., N, K], s fp32 [..., N]).
 
-    s = amax_k|w| * clip_ratio / qmax (qmax 127 for 8 bits, 7 for 4 bits; 0 -> 1),
+    s = amax_k|w| * clip_ratio / qmax (qmax = 2^(bits-1) - 1: 127 for 8 bits, 7 for 4; 0 -> 1),
     q = clamp(round_half_even(w / s), -qmax, qmax). clip_ratio is a scalar or a [..., N] tensor
     (a learned weight shrink). compute_dtype=bfloat16 reproduces the cann-recipes converter, which
     does these elementwise ops in bf16; s is then the bf16 value as fp32.
     """
-    if bits not in _QMAX:
-        raise ConfigError(f"quantize_per_channel: bits must be 4 or 8, got {bits}")
+    top = qmax(bits)
     _check_weight("quantize_per_channel", "w", w)
-    qmax = _QMAX[bits]
     k = w.shape[-1]
     if clip_ratio is None and compute_dtype == torch.float32:
         from quantfw.quantize.fused import quantize_per_channel_fused
@@ -77,20 +82,26 @@ def quantize_per_channel(
         s = torch.maximum(-lo, hi)
         if ratio is not None:
             s = s * (ratio[b] if ratio.dim() else ratio)
-        s = _nonzero(s / qmax)
-        q[b] = torch.div(wc, s.unsqueeze(-1)).round_().clamp_(-qmax, qmax)
+        s = _nonzero(s / top)
+        q[b] = torch.div(wc, s.unsqueeze(-1)).round_().clamp_(-top, top)
         s_out[b] = s
     return q.reshape(w.shape), s_out.reshape(w.shape[:-1])
 
 
-def quantize_two_level(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """msModelSlim two-level W4 quant: (q int8 in -7..7 [..., N, K], s1 fp32 [..., N], s2 fp32 [..., N, K/G]).
+def quantize_two_level(
+    w: torch.Tensor, group_size: int, bits: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """msModelSlim two-level quant: (q int8 in +-qmax [..., N, K], s1 fp32 [..., N], s2 fp32 [..., N, K/G]).
 
     Stage 1 float -> int8 per channel: s1 = amax/127, q8 = clamp(round(w/s1), +-127).
-    Stage 2 int8 -> int4 per group: s2 = amax_group|q8| / 7, q = clamp(round(q8/s2), +-7).
+    Stage 2 int8 -> `bits` per group (qmax 7 for int4): s2 = amax_group|q8| / qmax,
+    q = clamp(round(q8/s2), +-qmax).
     Dequant: w ~= q * s2[g(k)] * s1. All fp32.
     """
     _check_weight("quantize_two_level", "w", w)
+    top = qmax(bits)
+    if bits >= MAX_BITS:
+        raise ConfigError(f"quantize_two_level: bits={bits}: the second level must be narrower than int8")
     k = w.shape[-1]
     if group_size <= 0 or k % group_size:
         raise ConfigError(
@@ -106,8 +117,8 @@ def quantize_two_level(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
         wf = w2[b].to(torch.float32)
         s1b = _nonzero(wf.abs().amax(dim=-1) / 127)
         q8g = torch.div(wf, s1b.unsqueeze(-1)).round_().clamp_(-127, 127).reshape(-1, ng, group_size)
-        s2b = _nonzero(q8g.abs().amax(dim=-1) / 7)
-        q[b] = torch.div(q8g, s2b.unsqueeze(-1)).round_().clamp_(-7, 7).reshape(-1, k)
+        s2b = _nonzero(q8g.abs().amax(dim=-1) / top)
+        q[b] = torch.div(q8g, s2b.unsqueeze(-1)).round_().clamp_(-top, top).reshape(-1, k)
         s1[b], s2[b] = s1b, s2b
     lead = w.shape[:-1]
     return q.reshape(w.shape), s1.reshape(lead), s2.reshape(*lead, ng)

@@ -22,7 +22,7 @@ import torch
 
 from quantfw.errors import CheckpointError, ConfigError
 from quantfw.io import fp8
-from quantfw.io.experts import FUSED_RE, MoEModel, parse_expert_key
+from quantfw.io.experts import FUSED_RE, PROJS, ROLE_OF, MoEModel, parse_expert_key
 from quantfw.io.reader import CheckpointReader
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -30,6 +30,8 @@ MTP_MODES = ("quantize", "drop")
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # The MLP linears of a layer without routed experts, written per its `layers` choice.
 DENSE_MLP_RE = re.compile(r"(^|\.)mlp\.")
+# transformers-5 fused expert tensors: the role whose projections' rows each one stacks.
+FUSED_ROLE = {"gate_up_proj": "w13", "down_proj": "w2"}
 
 
 @dataclass
@@ -59,11 +61,10 @@ class Route:
     raw_fp8: bool = False
 
 
-def fused_parts(name: str, inter: int) -> list[tuple[str, slice | None]]:
-    """The projections of one expert in a fused tensor `name`, with their rows (None: all)."""
-    if name == "gate_up_proj":
-        return [("gate", slice(0, inter)), ("up", slice(inter, 2 * inter))]
-    return [("down", None)]
+def fused_projs(model: MoEModel, name: str) -> list[tuple[str, int]]:
+    """The projections one expert's slice of fused tensor `name` stacks, in order, with their rows."""
+    role = FUSED_ROLE[name]
+    return [(p, model.float_shape(p)[0]) for p in PROJS if ROLE_OF[p] == role]
 
 
 def mtp_layers(config: dict) -> range:
@@ -175,14 +176,15 @@ class TensorRouter:
                 yield key, t, [Part(prefix, expert, proj, t, src, scales)]
             elif r.kind == "fused":
                 prefix, name = r.fused
-                H, I = self.model.hidden_size, self.model.moe_intermediate_size
-                shape = (E, 2 * I, H) if name == "gate_up_proj" else (E, H, I)
-                self.check_float(key, t, shape, shard)
+                projs = fused_projs(self.model, name)
+                rows = [n for _, n in projs]
+                self.check_float(key, t, (E, sum(rows), self.model.float_shape(projs[0][0])[1]), shard)
                 parts = []
                 for e in range(E):
-                    where = f"{src} (expert {e})"
-                    for proj, rows in fused_parts(name, I):
-                        parts.append(Part(prefix, e, proj, t[e] if rows is None else t[e, rows], where))
+                    parts += [
+                        Part(prefix, e, p, w, f"{src} (expert {e})")
+                        for (p, _), w in zip(projs, t[e].split(rows), strict=True)
+                    ]
                 yield key, t, parts
             elif r.kind == "linear":
                 yield key, t, [Part(key[: -len(".weight")], None, "linear", t, src, scales)]

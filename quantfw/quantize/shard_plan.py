@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from quantfw.quantize.encode import ExpertEncoder, layer_of
-from quantfw.quantize.routing import TensorRouter, fused_parts
+from quantfw.quantize.routing import TensorRouter, fused_projs
 
 Planned = tuple[str, torch.dtype, tuple[int, ...]]
 
@@ -41,7 +41,7 @@ def plan_shard(
             parts = [
                 (prefix, e, proj)
                 for e in range(model.num_experts)
-                for proj, _ in fused_parts(name, model.moe_intermediate_size)
+                for proj, _ in fused_projs(model, name)
             ]
         for prefix, expert, proj in parts:
             out += encoder_of.get(layer_of(prefix), default).planned_expert(prefix, expert, proj)

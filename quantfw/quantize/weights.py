@@ -19,7 +19,8 @@ def quantize_weight(
     w: torch.Tensor, flags: Mapping[str, Any], x: torch.Tensor | None = None, fp8=None
 ) -> QuantizedWeight:
     """Quantize float weights [..., N, K] under the scheme flags with the observer they select
-    (`weight_observer`, default minmax). Data-driven observers take one weight [N, K] and its
+    (`weight_observer`, default minmax; its typed config from the flat observer keys of the flags,
+    see observers.settings). Any width from 2 to 8 bits. Data-driven observers take one weight [N, K] and its
     calibration inputs x [M, K]; without enough inputs the declared fallback observer runs.
     fp8 (quantfw.io.fp8.BlockScales): w is an FP8 weight with these block scales; an observer
     registered with `fp8=True` dequantizes it itself, any other gets the fp32 dequantization."""

@@ -26,22 +26,11 @@ LOAD_OPTIONS = ("missing_alpha",)
 FILL_OPTION = (
     "missing_alpha"  # error | ones: a checkpoint lacking an optional parameter fails / loads its init
 )
-# Quantizer options: the observer and its parameters pick scales and rounding, never the layout
-# (quantfw.quantize.observers declares which parameters each observer reads).
-OBSERVER_OPTIONS = (
-    "weight_observer",
-    "observer_grid",
-    "observer_min_ratio",
-    "ssz_iters",
-    "observer_min_tokens",
-    "fallback_observer",
-    "gptq_damp",
-    "gptq_block",
-    "gptq_act_order",
-    "gptq_scale_observer",
-)
-FLAGS = (*LAYOUT_FLAGS, *LOAD_OPTIONS, *OBSERVER_OPTIONS)
-MAX_WEIGHT_BITS = 8  # int8 is the widest integer the stored weights and kernels take
+# Quantizer options: `weight_observer` and `observers.NAME.FIELD`, each observer's typed config
+# (quantfw.quantize.observers); they pick scales and rounding, never the layout. In `flags` they
+# are flat keys (observer_grid, gptq_damp, ...), as the checkpoint provenance writes them.
+FLAGS = (*LAYOUT_FLAGS, *LOAD_OPTIONS)
+MIN_WEIGHT_BITS, MAX_WEIGHT_BITS = 2, 8  # a {-1, 0, 1} grid up to int8, the widest integer stored
 PLAN_INPUTS = ("x", "counts")  # tokens sorted by expert, and per-expert token counts
 PLAN_STEP_KEYS = {"op", "params", "out", "when"}
 # Keys of the other step vocabulary, refused with the word to use instead.
@@ -99,6 +88,8 @@ class Scheme:
     runtime: Mapping[str, Mapping[str, Any]]
     compute: tuple[Any, ...]
     doc: str = ""
+    # The widths its runtime layout can hold (`weight_bits_range: [lo, hi]`, default 2 to 8).
+    bits_range: tuple[int, int] = (MIN_WEIGHT_BITS, MAX_WEIGHT_BITS)
 
     @property
     def where(self) -> str:
@@ -106,14 +97,18 @@ class Scheme:
 
     @classmethod
     def from_config(cls, cfg: DictConfig | Mapping[str, Any]) -> Scheme:
+        from quantfw.quantize.observers import flatten
+
         data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-        flags = {k: data[k] for k in FLAGS if k in data}
+        where = f"scheme '{data.get('name')}' (scheme/{data.get('name')}.yaml)"
+        flags = {**{k: data[k] for k in FLAGS if k in data}, **flatten(data, where)}
         scheme = cls(
             name=data["name"],
             flags=flags,
             runtime=data.get("runtime") or {},
             compute=tuple(data.get("compute") or ()),
             doc=data.get("doc", ""),
+            bits_range=tuple(data.get("weight_bits_range") or (MIN_WEIGHT_BITS, MAX_WEIGHT_BITS)),
         )
         scheme.validate()
         return scheme
@@ -121,8 +116,19 @@ class Scheme:
     def validate(self) -> None:
         f = self.flags
         bits = f.get("weight_bits")
-        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= MAX_WEIGHT_BITS:
-            raise ConfigError(f"{self.where}: weight_bits={bits} (allowed: 2 to {MAX_WEIGHT_BITS})")
+        lo, hi = self.bits_range
+        if not MIN_WEIGHT_BITS <= lo <= hi <= MAX_WEIGHT_BITS:
+            raise ConfigError(
+                f"{self.where}: weight_bits_range={list(self.bits_range)} "
+                f"(allowed: within {MIN_WEIGHT_BITS} to {MAX_WEIGHT_BITS})"
+            )
+        if not isinstance(bits, int) or isinstance(bits, bool) or not lo <= bits <= hi:
+            held = (
+                ""
+                if (lo, hi) == (MIN_WEIGHT_BITS, MAX_WEIGHT_BITS)
+                else ": its weight_bits_range, what its runtime layout holds"
+            )
+            raise ConfigError(f"{self.where}: weight_bits={bits} (allowed: {lo} to {hi}){held}")
         if f.get("group_size", 0) < 0:
             raise ConfigError(f"{self.where}: group_size={f['group_size']} must be >= 0 (0 = per-channel)")
         if f.get("group_size") and f.get("weight_bits") == MAX_WEIGHT_BITS:
@@ -131,7 +137,7 @@ class Scheme:
             raise ConfigError(f"{self.where}: {FILL_OPTION}='{f[FILL_OPTION]}' (allowed: error, ones)")
         from quantfw.quantize.observers import validate_flags
 
-        validate_flags(f, self.where)
+        validate_flags(f, self.where)  # from_config checked them under the keys the user wrote
         if not self.runtime:
             raise ConfigError(f"{self.where}: 'runtime' declares no parameters")
         optional_params(self.runtime, f"{self.where} runtime")
