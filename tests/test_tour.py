@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,6 +110,29 @@ def test_bytes_and_check_are_the_files_and_the_check_command(kept):
     assert c.returncode == 0 and "OK: every routed-expert tensor matches" in c.stdout
 
 
+def test_a_failed_check_is_a_table_cell_with_its_problems_shown(kept, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from quantfw.cli.tour import Journey, Row, _check
+
+    _, out, _ = kept
+    name = held_schemes()[-1]
+    broken = tmp_path / name
+    shutil.copytree(out / name, broken)
+    shard = next(broken.glob("*.safetensors"))
+    tensors = load_file(shard)
+    dropped = next(k for k in tensors if ".experts.3." in k)
+    del tensors[dropped]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    journey = Journey("default", [], [], tmp_path, total=1)
+    result = _check(journey, Row(name, "msmodelslim", broken))
+    assert re.fullmatch(r"FAIL \(\d+ problem\(s\)\)", result), result
+    err = capsys.readouterr().err
+    assert dropped in err  # the check's own report, shown although the tour captured it
+    assert "[1/1] check" in err and "FAILED after" in err
+    assert dropped in (tmp_path / "tour.log").read_text()
+
+
 def test_eval_numbers_equal_the_eval_command_on_the_kept_files(kept, tmp_path):
     cwd, out, r = kept
     rows = table_rows(r.stdout)
@@ -192,6 +216,23 @@ def test_plan_skips_the_schemes_a_format_cannot_hold_with_a_note(tmp_path):
         assert [n.split()[2].rstrip(":") for n in notes] == skipped
         assert all(row.format == fmt for row, _, _ in planned)
     assert skipped, "compressed_tensors holds int4 per channel only: a grouped scheme is skipped"
+
+
+def test_a_scheme_declared_in_the_users_folder_is_toured(tmp_path):
+    from quantfw.cli.tour import Journey, _schemes
+
+    (tmp_path / "mine" / "scheme").mkdir(parents=True)
+    base = held_schemes()[0]
+    (tmp_path / "mine" / "scheme" / "my_variant.yaml").write_text(
+        f"defaults:\n  - {base}\n  - _self_\nname: my_variant\nweight_observer: mse\n"
+    )
+    journey = Journey("default", [], [str(tmp_path / "mine")], tmp_path, total=1)
+    planned, notes = _schemes(journey, tmp_path / "float", seed=0)
+    by_name = {row.scheme: cfg for row, _, cfg in planned}
+    assert sorted(by_name) == sorted([*held_schemes(), "my_variant"]) and notes == []
+    assert by_name["my_variant"].scheme.weight_observer == "mse"
+    assert by_name[base].scheme.weight_observer != "mse"
+    assert by_name["my_variant"].output == str(tmp_path / "my_variant")
 
 
 def test_make_demo_runs_the_tour_with_what_it_needs_and_readme_says_so(tmp_path):

@@ -39,7 +39,7 @@ COMMANDS: dict[str, Command] = {
         ),
         (
             "tour",
-            "tour out=qfw/tour tokens=64 eval.ppl_tokens=512",
+            "tour out=qfw/tour model=tiny_deepseek_v3 eval.perplexity=false",
         ),
         "docs/getting-started.md",
     ),

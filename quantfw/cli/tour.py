@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import shlex
 import shutil
 import sys
 import tempfile
@@ -73,6 +74,11 @@ class Journey:
     def __init__(self, recipe: str, base: Sequence[str], dirs: Sequence[str], root: Path, total: int):
         self.recipe, self.base, self.dirs, self.root, self.total = recipe, list(base), list(dirs), root, total
         self.done = 0
+        # what the step's own command line would need besides the overrides (for tour.log)
+        self.recipe_args = [
+            *([f"recipe={recipe}"] if recipe != "default" else []),
+            *(f"--config-dir={d}" for d in dirs),
+        ]
         self.log = root / "tour.log"
 
     def compose(self, overrides: Sequence[str]) -> DictConfig:
@@ -100,22 +106,27 @@ class Journey:
             ):
                 result = run(cfg)
         except BaseException:
-            self._record(command, overrides, captured.getvalue())
+            self._finish(command, what, where, overrides, captured.getvalue(), start, failed=True)
             sys.stderr.write(captured.getvalue())  # what the command said before it failed
             raise
+        self._finish(command, what, where, overrides, captured.getvalue(), start)
+        return result
+
+    def _finish(self, command, what, where, overrides, text: str, start: float, failed: bool = False) -> None:
         seconds = time.perf_counter() - start
-        self._record(command, overrides, captured.getvalue())
+        self._record(command, overrides, text)
         self.done += 1
         print(
-            f"quantfw tour: [{self.done}/{self.total}] {command:<8} {what:<22} {where}  {seconds:.1f} s",
+            f"quantfw tour: [{self.done}/{self.total}] {command:<8} {what:<22} {where}  "
+            f"{'FAILED after ' if failed else ''}{seconds:.1f} s",
             file=sys.stderr,
             flush=True,
         )
-        return result
 
     def _record(self, command: str, overrides: Sequence[str], text: str) -> None:
         with self.log.open("a") as f:
-            f.write(f"$ quantfw {command} {' '.join([*self.base, *overrides])}\n{text}\n")
+            line = shlex.join([command, *self.recipe_args, *self.base, *overrides])
+            f.write(f"$ quantfw {line}\n{text}\n")
 
 
 def _schemes(
@@ -142,7 +153,7 @@ def _check(journey: Journey, row: Row) -> str:
     try:
         journey.step("check", f"{row.scheme} layout", row.folder, [f"checkpoint={row.folder}"])
     except CheckpointError as e:
-        return f"FAIL ({str(e).rsplit(': ', 1)[-1]})"
+        return f"FAIL ({str(e).rsplit(': ', 1)[-1].removesuffix(' (listed above)')})"
     return "OK"
 
 
@@ -274,7 +285,7 @@ def run(cfg: DictConfig) -> list[dict]:
         print(f"quantfw tour: files {where}", file=sys.stderr)
         failed = [r.scheme for r in rows if r.check != "OK"]
         if failed:
-            raise CheckpointError(f"{root}: check found problems in {', '.join(failed)} (see tour.log)")
+            raise CheckpointError(f"{root}: check found problems in {', '.join(failed)} (listed above)")
     return [_row_dict(r) for r in [float_row, *rows]]
 
 
