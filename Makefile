@@ -15,12 +15,17 @@ $(VENV)/.core: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH) -e .
 	touch $@
 
-$(VENV)/.dev: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q $(TORCH) -e '.[dev,hf,ct,plot]'
+# What `quantfw tour` needs: `example` writes its float checkpoint with transformers.
+$(VENV)/.hf: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q $(TORCH) -e '.[hf]'
 	touch $@ $(VENV)/.core
 
-demo: $(VENV)/.core
-	$(BIN)/quantfw demo
+$(VENV)/.dev: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q $(TORCH) -e '.[dev,hf,ct,plot]'
+	touch $@ $(VENV)/.core $(VENV)/.hf
+
+demo: $(VENV)/.hf
+	$(BIN)/quantfw tour
 
 test: $(VENV)/.dev
 	$(BIN)/ruff check quantfw tests

@@ -22,6 +22,27 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
+    "tour": Command(
+        "the journey in one go: example -> quantize with each scheme -> check -> eval, one table vs float",
+        "quantfw.cli.tour",
+        "Writes the recipe model's float checkpoint (example), quantizes it with every declared scheme the\n"
+        "recipe's format holds, checks each and evaluates each against float (eval, with perplexity), one line\n"
+        "per step, then one table: bytes on disk, rel-L2 / cosine, perplexity delta, check result. Files go to\n"
+        "a temporary folder removed at the end unless out=DIR keeps them (with tour.log, each step's output).",
+        (),
+        (
+            ("out", "keep the checkpoints, eval.json and tour.log here (a new or empty folder)"),
+            ("model", "model dims and type (tiny, tiny_deepseek_v3, tiny_qwen3_moe, tiny_mixtral)"),
+            ("format", "on-disk format every scheme is written in"),
+            ("tokens", "synthetic tokens per layer for eval"),
+            ("eval.ppl_tokens", "perplexity tokens (eval.perplexity=false skips perplexity)"),
+        ),
+        (
+            "tour",
+            "tour out=qfw/tour model=tiny_deepseek_v3 eval.perplexity=false",
+        ),
+        "docs/getting-started.md",
+    ),
     "example": Command(
         "out=DIR [model=tiny_deepseek_v3|tiny_qwen3_moe|tiny_mixtral] [dtype=bf16|fp8]: a small float checkpoint to try",
         "quantfw.cli.example",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from omegaconf import DictConfig
 
@@ -39,3 +40,18 @@ def compose_variant(extra: Sequence[str]) -> DictConfig:
         validate(cfg)
         return cfg
     return compose("default", extra)
+
+
+@contextmanager
+def running_hydra_kept() -> Iterator[None]:
+    """Compose or run another command's config inside a running command: compose() clears
+    Hydra's global state, which the running command's Hydra app still owns."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    gh = GlobalHydra.instance()
+    running = gh.hydra if gh.is_initialized() else None
+    try:
+        yield
+    finally:
+        if running is not None and not GlobalHydra.instance().is_initialized():
+            GlobalHydra.instance().initialize(running)
