@@ -61,7 +61,9 @@ class AlphaSearches:
         if not self._batch:
             return
         layers = ", ".join(str(i) for i in self._batch)
-        what = f"layer {layers} (alpha search)" if len(self._batch) == 1 else f"layers {layers} (alpha search)"
+        what = (
+            f"layer {layers} (alpha search)" if len(self._batch) == 1 else f"layers {layers} (alpha search)"
+        )
 
         def search():
             found = {}
