@@ -202,3 +202,14 @@ def test_rank0_finalize_failure_ends_the_other_ranks(model, tmp_path):
     lines = error_lines(r.stderr)
     assert len(lines) == 2 and all("finalize: disk said no (test)" in ln for ln in lines), r.stderr[-4000:]
     assert any("rank 0" in ln for ln in lines)
+
+
+def test_alpha_searches_go_round_robin_over_the_ranks_unless_propagation_needs_them():
+    from quantfw.parallel.search import AlphaSearches
+
+    share = ExpertShare(Dist(rank=1, world=3))
+    spread = AlphaSearches(share, {5: None, 1: None, 3: None, 7: None}, clips=True)
+    # MoE layers in stack order 1, 3, 5, 7 -> ranks 0, 1, 2, 0 (a dense layer between changes nothing)
+    assert [spread.searcher(i) for i in (1, 3, 5, 7)] == [0, 1, 2, 0]
+    lead_only = AlphaSearches(share, [1, 3, 5, 7], clips=True, spread=False)  # propagate=quantized
+    assert [lead_only.searcher(i) for i in (1, 3, 5, 7)] == [0, 0, 0, 0]

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from quantfw.calibrate.decoder import DecoderStack, check_model_type
 from quantfw.calibrate.equalize import declared, equalize_block
-from quantfw.calibrate.experts import LayerCapture, expert_alpha_rows, search_expert_rows
+from quantfw.calibrate.experts import LayerCapture, expert_alpha_rows
 from quantfw.calibrate.experts import _rebuild as w2_recipe
 from quantfw.calibrate.propagate import check_propagate, quantized_outputs
 from quantfw.calibrate.stages import STAGES, Stages
@@ -37,6 +37,7 @@ from quantfw.errors import ConfigError
 from quantfw.io.experts import MoEModel, expert_prefixes
 from quantfw.io.reader import CheckpointReader
 from quantfw.parallel.calibration import ExpertShare, LayerParts
+from quantfw.parallel.search import AlphaSearches
 from quantfw.schemes.scheme import Scheme
 
 __all__ = ["AFTER_LAYER", "LayerResult", "calibrate_layers"]
@@ -186,6 +187,7 @@ def calibrate_layers(
     stack = DecoderStack(folder, reader, StreamingExperts, mtp=mtp)
     info = {e.layer_index: e.info for e in stack.swap.entries}
     n = len(stack)
+    searches = AlphaSearches(share, info, clips, spread=propagate != "quantized")
 
     batches = list(windows.split(int(calib.batch_size)))
     work = hidden = layer_args = None
@@ -256,13 +258,12 @@ def calibrate_layers(
                         scales,
                     ),
                 )
-                parts = share.gather(part)
+                parts = searches.collect(i, part, lambda e, source=source: w2_recipe(scheme, source.down, e))
 
                 def finish_moe(i=i, experts=experts, source=source, parts=parts, scales=scales):
-                    whole = share.merge(parts, experts.calls, lambda e: w2_recipe(scheme, source.down, e))
-                    spill = _finish_moe(experts, whole, clips, scales)
+                    spill = _finish_moe(experts, share.merge(parts, experts.calls), scales)
                     with STAGES("write"):
-                        rec = work.save(f"layer-{i:04d}.safetensors", *spill)
+                        rec = searches.save_spill(work, i, spill)  # None: its alphas come later
                     if propagate == "quantized":
                         spilled = SpilledInputs(work.path / rec["file"], source, all_experts)
                         experts.replay(
@@ -274,15 +275,16 @@ def calibrate_layers(
                                 scheme,
                                 fmt,
                                 backend,
-                                spill[0].get("alphas"),
+                                spill.get("alphas"),
                                 spilled,
                             )
                         )
                     return rec
 
-                spill_rec = dist.run(f"layer {i} (alpha search)", finish_moe, only_rank0=True)
-                # the captured rows and packed down-projections of this layer (~0.8 GB at DeepSeek
-                # dims) would otherwise live on through the next layer's calibration
+                spill_rec = dist.run(f"layer {i} (MoE output)", finish_moe, only_rank0=True)
+                # this layer's captured rows and packed down-projections (~0.8 GB at DeepSeek dims)
+                # would otherwise live on through the next layer's calibration (a pending search
+                # keeps its own reference)
                 del part, parts, finish_moe
 
             def finish(i=i, moe=moe, run=run, spill_rec=spill_rec, hidden=hidden):
@@ -295,8 +297,7 @@ def calibrate_layers(
                         work.save(f"hidden-{i:04d}-{b:04d}.safetensors", {"hidden": h})
                         for b, h in enumerate(outputs)
                     ]
-                previous = work.state["layers"].get(str(i - 1), {}).get("hidden", [])
-                work.finish_layer(i, {"spill": spill_rec, "hidden": recs}, drop=[r["file"] for r in previous])
+                searches.finish_layer(work, i, spill_rec, recs)
                 return _Hidden(
                     outputs if hidden.in_memory else [],
                     [work.path / r["file"] for r in recs],
@@ -311,6 +312,7 @@ def calibrate_layers(
             )
             if AFTER_LAYER is not None:
                 AFTER_LAYER(i)
+        searches.close(work)
     finally:
         bar.close()
     if not lead:  # the lead's records, read once it has written them all (shared storage)
@@ -367,9 +369,9 @@ def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, blo
     return share.part(outs, cap, rows, report)
 
 
-def _finish_moe(experts, whole: LayerParts, clips: bool, scales=None):
-    """The whole layer's outputs left in `experts` for the replay pass; its alphas and spill,
-    (tensors, metadata) for the work dir."""
+def _finish_moe(experts, whole: LayerParts, scales=None) -> dict[str, torch.Tensor]:
+    """The whole layer's outputs left in `experts` for the replay pass; its spill tensors for the
+    work dir (the alpha search adds its alphas: quantfw.parallel.search)."""
     experts.replay(whole.outs)
     tensors = {
         "moe_input": torch.cat([x for x, _, _ in experts.calls]),
@@ -381,9 +383,4 @@ def _finish_moe(experts, whole: LayerParts, clips: bool, scales=None):
     }
     if scales and scales[0] is not None:
         tensors["equalize_scales"] = torch.stack(scales)
-    report = whole.report
-    if clips:
-        with STAGES("alpha search"):
-            alphas, report = search_expert_rows(whole.rows, report)
-        tensors["alphas"] = alphas
-    return tensors, {"report": json.dumps(report if clips else [])}
+    return tensors

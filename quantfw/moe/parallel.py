@@ -13,6 +13,9 @@ Forward (all-gather dispatch, reduce-scatter combine):
    one rank wrote each slot, so the sum adds zeros only: exact in any reduction order. Under TP
    the slot is the fp32 sum of the TP ranks' K-slice partials;
 4. each rank weights and sums its tokens' slots in the single-process order (combine_tokens).
+Under TP a token's SwiGLU output row is split over the TP ranks; its int8 quantization (the w2
+input) takes the per-token amax of the whole row, one MAX all_reduce over the TP group
+(quantfw.ops.rowmax), so every TP rank quantizes its slice with the scale TP 1 uses.
 Hence EP output equals the single-process layer bit for bit whatever the placement, token loads
 or reduction order. The price is k slot rows per token on the wire instead of one partial sum;
 summing partials per token would make the result depend on which experts share a rank.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,6 +34,7 @@ import torch.distributed as dist
 
 from quantfw.errors import CheckpointError, ConfigError, QuantfwError
 from quantfw.moe.layer import MoELayer, combine_tokens, local_id_table, local_ids, slot_order
+from quantfw.ops.rowmax import rows_split
 from quantfw.parallel.placement import Placement
 
 # Bound on every collective of a process group this module creates (seconds; env override).
@@ -75,6 +80,16 @@ def mesh(group, tp_size: int) -> tuple[int, int, int, int]:
     return rank // tp_size, world // tp_size, rank % tp_size, tp_size
 
 
+def tp_group(group, tp_size: int):
+    """This rank's tensor-parallel group (the tp_size consecutive ranks of `group` sharing its EP
+    rank), or None at tp_size 1. Only its members take part in creating it."""
+    if tp_size <= 1:
+        return None
+    first = dist.get_rank(group) // tp_size * tp_size
+    ranks = [dist.get_global_rank(group, r) for r in range(first, first + tp_size)]
+    return dist.new_group(ranks, timeout=timeout(), use_local_synchronization=True)
+
+
 def agree(group, error: str | None, what: str) -> None:
     """Every rank learns whether any rank failed `what`; all then raise the same one-line error
     naming the first failed rank (a dead rank ends the exchange by the group's timeout)."""
@@ -115,6 +130,7 @@ class ParallelMoE(torch.nn.Module):
         table = local_id_table(local.experts)
         table[[e for e in local.experts if e not in primaries]] = -1
         self._compute_of = table
+        self._tp_group = tp_group(group, tp_size)
 
     @property
     def dims(self):
@@ -136,12 +152,20 @@ class ParallelMoE(torch.nn.Module):
         slots = torch.zeros(world * t_max * k, H, dtype=torch.float32)
         if order.numel():
             counts = torch.bincount(self._compute_of[ids_all.reshape(-1)[order]], minlength=self.local.dims.E)
-            rows = self.local.expert_rows(x_all[order // k], counts.to(torch.int64))
+            with rows_split(self._row_max) if self._tp_group is not None else nullcontext():
+                rows = self.local.expert_rows(x_all[order // k], counts.to(torch.int64))
             slots[order] = rows.float()
         mine = torch.empty(t_max * k, H, dtype=torch.float32)
         dist.reduce_scatter_single(mine, slots, op=dist.ReduceOp.SUM, group=self.group)
         home = slot_order(topk_ids, 0, self.num_experts)
         return combine_tokens(mine[home], topk_weights, home, hidden_states)
+
+    def _row_max(self, amax: torch.Tensor) -> torch.Tensor:
+        """The whole row's amax from this TP rank's slice amax (TP ranks of one EP rank compute
+        the same rows, so they make the same calls in the same order)."""
+        out = amax.float().contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self._tp_group)
+        return out.to(amax.dtype)
 
     def _gather(self, t: torch.Tensor, world: int) -> torch.Tensor:
         parts = [torch.empty_like(t) for _ in range(world)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from quantfw.ops._checks import FLOAT_DTYPES, check_group_list, check_tensor, fail
+from quantfw.ops.rowmax import row_amax
 
 
 def _silu(a: torch.Tensor) -> torch.Tensor:
@@ -32,8 +33,7 @@ def dynamic_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     check_tensor("dynamic_quant", "x", x, FLOAT_DTYPES, min_ndim=1)
     xf = x.to(torch.float32)
-    amax = xf.abs().amax(dim=-1) if xf.shape[-1] else xf.new_zeros(xf.shape[:-1])
-    return _quant_rows(xf, amax)
+    return _quant_rows(xf, row_amax(xf))
 
 
 def _swiglu_f32(xf: torch.Tensor, activate_left: bool) -> torch.Tensor:
@@ -96,7 +96,7 @@ def dequant_swiglu_quant(
     eid = _expert_of_rows(counts)
     h = x[:valid].to(torch.float32) * weight_scale[eid] * activation_scale[:valid].unsqueeze(-1)
     y = _swiglu_f32(h, activate_left)
-    q, s = _quant_rows(y, y.abs().amax(dim=-1) if y.shape[-1] else y.new_zeros(valid))
+    q, s = _quant_rows(y, row_amax(y))
     return _pad_rows(q, s, rows)
 
 
@@ -120,8 +120,7 @@ def swiglu_clip_quant(
     counts = check_group_list(op, "group_index", group_index, groups, rows)
     valid = int(counts.sum())
     y = _swiglu_f32(x[:valid].to(torch.float32), activate_left)
-    r = y.abs().amax(dim=-1) if y.shape[-1] else y.new_zeros(valid)
-    t = group_alpha[_expert_of_rows(counts)] * r
+    t = group_alpha[_expert_of_rows(counts)] * row_amax(y)
     y_c = torch.clamp(y, -t.unsqueeze(-1), t.unsqueeze(-1))
     q, s = _quant_rows(y_c, t)
     return _pad_rows(q, s, rows)

@@ -2,13 +2,13 @@
 their results meet.
 
 Rank 0 (the lead) does every non-expert step: embeddings, each decoder layer's attention and
-router, the hidden states, the work dir and the alpha search (a coordinate descent over all of a
-layer's experts on the shared layer error, so it runs in one place). It sends each MoE layer's
-recorded inputs and routing to every rank. Each rank then computes the routed experts whose primary
-copy `Placement` gives it, reading only their tensors: their outputs on the calibration tokens,
-their captures and their alpha-search rows. The lead gathers those and adds the expert outputs in
-expert order, exactly the additions of a single process, so the layer output (and everything
-after it) does not depend on the number of processes or on the placement.
+router, the hidden states and the work dir. It sends each MoE layer's recorded inputs and routing
+to every rank. Each rank then computes the routed experts whose primary copy `Placement` gives it,
+reading only their tensors: their outputs on the calibration tokens, their captures and their
+alpha-search rows. The lead gathers the outputs and adds them in expert order, exactly the
+additions of a single process, so the layer output (and everything after it) does not depend on
+the number of processes or on the placement. The search rows go to the layer's searcher
+(quantfw.parallel.search).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from quantfw.parallel.dist import Dist
 from quantfw.parallel.placement import Placement
 
 __all__ = ["ExpertShare", "LayerParts"]
+
+_SEARCH_KEYS = ("rows", "report")  # a part's entries its layer's searcher receives
 
 # Test hook, inert unless set: QUANTFW_DIST_KILL=RANK:LAYER SIGKILLs that rank as it starts that
 # layer's experts (a rank dying mid-run); RANK:LAYER:stall makes it sleep there instead.
@@ -124,15 +126,37 @@ class ExpertShare:
         self._contrib = {}
         return part
 
-    def gather(self, part) -> list | None:
-        """Every rank's part on the lead (a collective: outside any step that may fail alone)."""
+    def gather(self, part, searcher: int = 0, search: bool = True) -> tuple[list | None, list | None]:
+        """(every rank's part without its search rows on the lead, every rank's search rows and
+        report on `searcher`; None where not received). Collectives: outside any step that may
+        fail alone. `search` False (a scheme without a search) sends no rows."""
         if isinstance(part, LayerParts):
-            return [part]
-        return self.dist.gather(part, "the expert results gather")
+            return [part], [part] if search else None
+        rows = {k: part.pop(k) for k in _SEARCH_KEYS}
+        parts = self.dist.gather(part, "the expert results gather")
+        if not search:
+            return parts, None
+        return parts, self.dist.gather(rows, "the alpha-search rows gather", dst=searcher)
 
-    def merge(self, parts: list, calls: list, w2_recipe) -> LayerParts:
-        """The layer's whole expert results from every rank's part, on the lead; `w2_recipe(e)`
-        rebuilds expert e's dequantized w2 for the alpha search."""
+    @staticmethod
+    def search_rows(parts: list, w2_recipe) -> tuple[list, list]:
+        """(alpha-search rows, report rows) of every expert in expert order from every rank's
+        search share; `w2_recipe(e)` rebuilds expert e's dequantized w2 where they were dropped."""
+        if isinstance(parts[0], LayerParts):
+            return parts[0].rows, parts[0].report
+        rows, report = {}, {}
+        for p in parts:
+            rows.update(p["rows"])
+            report.update(p["report"])
+        E = len(rows)
+        return (
+            [None if rows[e] is None else replace(rows[e], w2_deq=w2_recipe(e)) for e in range(E)],
+            [report[e] for e in range(E)],
+        )
+
+    def merge(self, parts: list, calls: list) -> LayerParts:
+        """The layer's expert outputs, kept rows and counts from every rank's part, on the lead
+        (its search rows went to the searcher: `rows` and `report` are left empty)."""
         if isinstance(parts[0], LayerParts):
             return parts[0]
         merged = {k: {} for k in parts[0]}
@@ -146,11 +170,10 @@ class ExpertShare:
                 got = merged["contrib"].get((e, b))
                 if got is not None:
                     sums[b].index_add_(0, *got)
-        rows = [merged["rows"][e] for e in range(E)]
         return LayerParts(
             sums,
-            [None if r is None else replace(r, w2_deq=w2_recipe(e)) for e, r in enumerate(rows)],
-            [merged["report"][e] for e in range(E)],
+            [],
+            [],
             [merged["kept"][e] for e in range(E)],
             torch.tensor([merged["counts"][e] for e in range(E)], dtype=torch.int64),
         )

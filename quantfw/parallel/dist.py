@@ -113,14 +113,14 @@ class Dist:
         self._call(what, lambda: dist.broadcast_object_list(box, src=0))
         return box[0]
 
-    def gather(self, obj: Any, what: str = "a gather to rank 0") -> list[Any] | None:
-        """Every rank's `obj` in rank order on rank 0; None elsewhere."""
+    def gather(self, obj: Any, what: str = "a gather to rank 0", dst: int = 0) -> list[Any] | None:
+        """Every rank's `obj` in rank order on rank `dst`; None elsewhere."""
         if self.world == 1:
             return [obj]
         import torch.distributed as dist
 
-        out = [None] * self.world if self.rank == 0 else None
-        self._call(what, lambda: dist.gather_object(obj, out, dst=0))
+        out = [None] * self.world if self.rank == dst else None
+        self._call(what, lambda: dist.gather_object(obj, out, dst=dst))
         return out
 
     def agree(self, error: BaseException | None, what: str) -> None:
