@@ -146,6 +146,7 @@ class ExpertEncoder:
                 f"{fmt.where} declares no encode: for {unwritable}: it is read-only "
                 "(quantize to format=msmodelslim or format=compressed_tensors)"
             )
+        self.specs = specs  # proj -> {suffix: spec} of one expert's on-disk tensors
         self.quantizer = ExpertQuantizer(flags, specs, fmt.where, {p: model.float_shape(p)[0] for p in specs})
         self.qtype = metadata.expert_type(scheme)
         self.needs_data = self.quantizer.needs_data
