@@ -276,8 +276,7 @@ def test_layerwise_equalization_reaches_the_checkpoint(tiny_ckpt, tmp_path):
     assert sorted(res.scales) == [0, 1] and res.scales[1].shape == (8, 256)
     assert (res.scales[1] != 1).any()
     out = quantize_checkpoint(
-        tiny_ckpt, tmp_path / "eq", scheme, fmt, progress=False,
-        expert_scales=res.scales, equalization=res.equalization,
+        tiny_ckpt, tmp_path / "eq", scheme, fmt, progress=False, calibration=res,
     )  # fmt: skip
     plain = quantize_checkpoint(tiny_ckpt, tmp_path / "plain", scheme, fmt, progress=False)
     meta = json.loads((out / "quant_model_description.json").read_text())["quantfw"]["equalization"]

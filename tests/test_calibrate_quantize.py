@@ -45,10 +45,7 @@ def floats(tmp_path_factory):
 def quantize(src, dst, overrides, c=None, seed=0):
     scheme, fmt, _ = components(compose("default", overrides))
     result = calibrate_checkpoint(src, scheme, c or calib(), seed) if c is not False else None
-    alphas = result.alphas if result else None
-    out = quantize_checkpoint(
-        src, dst, scheme, fmt, progress=False, alphas=alphas, calibration=result.metadata if result else None
-    )
+    out = quantize_checkpoint(src, dst, scheme, fmt, progress=False, calibration=result)
     return out, result
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from checkpoint_helpers import cli, quantize
 
+from quantfw.calibrate.result import CalibrationResult
 from quantfw.engines import load_engine_layer, plan_overrides
 from quantfw.eval.synthetic import hidden_states, random_routing
 from quantfw.io.loader import load_layer, open_checkpoint
@@ -27,7 +28,7 @@ def ckpts(tmp_path_factory):
     alphas = {LAYER: torch.linspace(0.35, 0.9, 8)}  # learned-looking alphas: the clip matters
     return {
         "float": flt,
-        "clip": quantize(flt, root / "clip", "clip", alphas=alphas),
+        "clip": quantize(flt, root / "clip", "clip", calibration=CalibrationResult(alphas)),
         "noclip": quantize_noclip(flt, root / "noclip"),
         "pc": quantize(flt, root / "pc", "w4a8_pc"),
     }

@@ -7,6 +7,7 @@ import torch
 from checkpoint_helpers import cli
 
 from quantfw.api import components
+from quantfw.calibrate.result import CalibrationResult
 from quantfw.config.compose import compose
 from quantfw.eval import report
 from quantfw.eval.checkpoint import checkpoint_perplexity, evaluate_checkpoint
@@ -31,8 +32,9 @@ def ckpts(tmp_path_factory):
         "clip": ["scheme=w4a8_clip", "format=compressed_tensors"],
     }.items():
         s, f, _ = components(compose("default", ov))
-        alphas = {L: torch.linspace(0.6, 0.95, 8) for L in (0, 1)} if name == "clip" else None
-        out[name] = quantize_checkpoint(src, root / name, s, f, progress=False, alphas=alphas)
+        alphas = {L: torch.linspace(0.6, 0.95, 8) for L in (0, 1)} if name == "clip" else {}
+        result = CalibrationResult(alphas)
+        out[name] = quantize_checkpoint(src, root / name, s, f, progress=False, calibration=result)
     return out
 
 

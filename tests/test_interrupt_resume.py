@@ -101,7 +101,7 @@ def test_killed_at_every_step_resumes_byte_identical(src, fresh, tmp_path, monke
 
 def test_killed_between_metadata_files_resumes(src, fresh, tmp_path, monkeypatch):
     """Inside one metadata write (description written, config.json not yet)."""
-    from quantfw.io import metadata
+    from quantfw.io.styles import msmodelslim as metadata  # the style that writes w8a8's files
 
     real = metadata.dump
     seen = []

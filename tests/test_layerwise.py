@@ -65,10 +65,7 @@ def quantize(src, dst, overrides, result):
         scheme,
         fmt,
         progress=False,
-        alphas=result.alphas or None,
-        calibration=result.alpha_metadata,
-        weight_inputs=result.inputs,
-        weight_data=result.data,
+        calibration=result,
     )
 
 

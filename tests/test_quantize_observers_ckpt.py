@@ -61,15 +61,7 @@ def gptq_cli(src, tmp_path_factory):
 def api_quantize(src, dst, overrides, calibrate=True, tokens=1024):
     scheme, fmt, _ = components(compose("default", BASE + overrides))
     res = calibrate_checkpoint(src, scheme, calib(tokens), 0) if calibrate else None
-    return quantize_checkpoint(
-        src,
-        dst,
-        scheme,
-        fmt,
-        progress=False,
-        weight_inputs=res.inputs if res else None,
-        weight_data=res.data if res else None,
-    )
+    return quantize_checkpoint(src, dst, scheme, fmt, progress=False, calibration=res)
 
 
 def prov(folder):

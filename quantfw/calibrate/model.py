@@ -14,9 +14,7 @@ pseudo-random ids from the seed (tiny test models ship no tokenizer); which one 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -28,31 +26,13 @@ from quantfw.calibrate.experts import (
     learn_expert_alphas,
 )
 from quantfw.calibrate.guard import guard_alphas, split_guard_windows
+from quantfw.calibrate.result import CalibrationResult
 from quantfw.errors import CheckpointError, ConfigError
 from quantfw.schemes.scheme import Scheme
 
 __all__ = ["CalibrationResult", "calibration_tokens", "calibrate_checkpoint", "load_float_model"]
 
 SOURCES = ("none", "model")
-
-
-@dataclass
-class CalibrationResult:
-    alphas: dict[int, torch.Tensor]  # MoE layer index -> alpha [E] fp32 (empty: scheme does not clip)
-    report: list[dict]  # one row per (layer, expert): tokens, rows, alpha, status, errors
-    metadata: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable provenance
-    # MoE layer index -> per-expert weight-observer inputs, `inputs[layer](role, e)` (LayerCapture,
-    # or the layerwise path's disk-backed SpilledInputs)
-    inputs: dict[int, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)  # token source and coverage, alpha-independent
-    work_dir: Any = None  # keeps a temporary work dir (the spills `inputs` read) alive
-    # MoE layer index -> equalization scales [E, I] (calibration.equalize; empty: none declared)
-    scales: dict[int, torch.Tensor] = field(default_factory=dict)
-    equalization: dict[str, Any] | None = None  # its provenance, for checkpoint metadata
-
-    @property
-    def alpha_metadata(self) -> dict[str, Any] | None:
-        return self.metadata if self.alphas else None
 
 
 def load_float_model(folder: str | Path):

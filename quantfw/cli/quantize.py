@@ -45,8 +45,7 @@ def run(cfg: DictConfig) -> str:
 
 
 def _run(cfg, scheme, fmt, backend, source, dist: Dist) -> str:
-    alphas = calibration = weight_inputs = weight_data = None
-    expert_scales = equalization = None
+    result = None
     from quantfw.calibrate.equalize import declared
     from quantfw.calibrate.model import calibrate_checkpoint, needs_calibration
 
@@ -70,8 +69,6 @@ def _run(cfg, scheme, fmt, backend, source, dist: Dist) -> str:
             if dist.rank == 0 and not getattr(e, "resumable", False):
                 shutil.rmtree(work_dir, ignore_errors=True)  # bad input: nothing worth resuming
             raise
-        weight_inputs, weight_data = result.inputs, result.data
-        expert_scales, equalization = result.scales or None, result.equalization
         if result.alphas:
             alphas, calibration = result.alphas, result.metadata
             fallback = calibration["fallback_experts"]
@@ -114,12 +111,7 @@ def _run(cfg, scheme, fmt, backend, source, dist: Dist) -> str:
         targets=targets,
         ignore=ignore,
         mtp=cfg.quantize.mtp,
-        alphas=alphas,
-        calibration=calibration,
-        weight_inputs=weight_inputs,
-        weight_data=weight_data,
-        expert_scales=expert_scales,
-        equalization=equalization,
+        calibration=result,
         compute_dtype=cfg.quantize.compute_dtype,
         linear_scheme=cfg.quantize.linear_scheme,
         progress=cfg.progress,

@@ -31,22 +31,23 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from quantfw.calibrate.result import CalibrationResult
 from quantfw.errors import CheckpointError, ConfigError, OutputKeptError, QuantfwError
 from quantfw.formats.format import Format
 from quantfw.io import metadata
-from quantfw.io.experts import ROLE_OF, MoEModel, parse_expert_key
+from quantfw.io.experts import MoEModel, parse_expert_key
 from quantfw.io.reader import CheckpointReader
 from quantfw.parallel.dist import Dist
 from quantfw.progress import bar
 from quantfw.quantize import store as output_store
 from quantfw.quantize.alloc import keep_freed_memory
-from quantfw.quantize.encode import ExpertEncoder, layer_of, linear_scheme_named, weight_calibration_metadata
-from quantfw.quantize.experts import CalibrationInputs
+from quantfw.quantize.encode import ExpertEncoder, layer_of, linear_scheme_named
+from quantfw.quantize.record import QuantReport
 from quantfw.quantize.routing import Part, TensorRouter
 from quantfw.quantize.shard_plan import plan_shard
 from quantfw.quantize.store import ShardStore, os_error
@@ -80,9 +81,9 @@ class ConvertOptions:
     workers: quantize threads per process (default: usable cores / local torchrun ranks).
     targets / ignore: regexes over non-expert module names to write W8A8 (recipe `quantize.*`).
     mtp: what becomes of the MTP layers, `quantize` or `drop` (recipe `quantize.mtp`, routing.py).
-    alphas / calibration: learned W4A8-clip alphas per MoE layer and how they were obtained.
-    weight_inputs / weight_data: per-layer calibration inputs of a data-driven weight observer
-    (`CalibrationResult.inputs` / `.data`); its report lands in the metadata as weight_calibration."""
+    calibration: what quantfw.calibrate found, whole: the clip alphas per MoE layer and how they
+    were obtained, the data-driven weight observer's per-layer inputs and their data (its report
+    lands in the metadata as weight_calibration), the equalization scales applied to up / down."""
 
     overwrite: bool = False
     proj_names: Mapping[str, str] | None = None
@@ -91,16 +92,10 @@ class ConvertOptions:
     targets: Sequence[str] = ()
     ignore: Sequence[str] = ()
     mtp: str = "quantize"
-    alphas: Mapping[int, torch.Tensor] | None = None
-    calibration: dict | None = None
-    weight_inputs: Mapping[int, CalibrationInputs] | None = None
-    weight_data: dict | None = field(default=None)
+    calibration: CalibrationResult | None = None
     compute_dtype: str = "float32"  # recipe quantize.compute_dtype (encode.compute_flags)
     # layer -> Scheme of the recipe's `layers` choices (config/layer_choice.py)
     layers: Mapping[int, Scheme] | None = None
-    # MoE layer -> equalization scales [E, I] applied to up / down before quantizing (and how)
-    expert_scales: Mapping[int, torch.Tensor] | None = None
-    equalization: dict | None = None
     linear_scheme: str | None = None  # recipe quantize.linear_scheme (None: the schema default)
 
 
@@ -110,16 +105,13 @@ class Converter:
     ):
         o = options
         self.workers = o.workers
-        # weight_inputs: MoE layer -> inputs(role, expert) -> x [M, K] for a data-driven weight
-        # observer (quantfw.calibrate); weight_data: where they came from (tokens, seed, coverage).
-        self.weight_inputs = {int(k): v for k, v in (o.weight_inputs or {}).items()}
-        self.weight_data = o.weight_data
-        self.expert_scales = {int(k): v.float() for k, v in (o.expert_scales or {}).items()}
-        self.equalization = o.equalization
-        self._wc_records: list[dict] = []
-        # alphas: MoE layer -> W4A8-clip alpha [E] (from quantfw.calibrate); calibration: how.
-        self.alphas = {int(k): v.float() for k, v in (o.alphas or {}).items()}
-        self.calibration = o.calibration
+        calib = self.calibration = o.calibration or CalibrationResult({})
+        # MoE layer -> inputs(role, expert) -> x [M, K] for a data-driven weight observer
+        self.weight_inputs = {int(k): v for k, v in calib.inputs.items()}
+        self.expert_scales = {int(k): v.float() for k, v in calib.scales.items()}
+        self._report = QuantReport()
+        # MoE layer -> W4A8-clip alpha [E]
+        self.alphas = {int(k): v.float() for k, v in calib.alphas.items()}
         self.reader = CheckpointReader(input)
         self.config = self.reader.config()
         self.model = MoEModel.from_reader(
@@ -156,7 +148,7 @@ class Converter:
         self.index_name = f"{base}.safetensors.index.json"
         self.alpha_method = "none: alpha = 1 (no calibration)" if scheme.clips else None
         if self.alphas and scheme.clips:
-            self.alpha_method = (o.calibration or {}).get("method", "given")
+            self.alpha_method = calib.alpha_method
         fingerprint = hashlib.sha256(
             json.dumps(
                 [
@@ -171,7 +163,7 @@ class Converter:
                     {k: v.tolist() for k, v in sorted(self.alphas.items())},
                     # the weight calibration: token source + seed, per-expert row counts
                     # (observer parameters are scheme flags, in the signature)
-                    self.weight_data if self.observer_needs_data else None,
+                    (calib.data or None) if self.observer_needs_data else None,
                     *([o.compute_dtype] if o.compute_dtype != "float32" else []),
                     *([self.layer_choices] if self.layer_choices else []),
                     *(
@@ -227,25 +219,19 @@ class Converter:
         if part.proj == "linear":
             o, t = self.encoder.linear(part.prefix, part.weight, part.src, part.fp8_scales)
         else:
-            x = None
-            if self.layer_encoders.get(layer_of(part.prefix), self.encoder).needs_data:
-                inputs = self.weight_inputs.get(layer_of(part.prefix))
-                role = ROLE_OF[part.proj]
-                x = inputs(role, part.expert) if inputs is not None else None
-            encoder = self.layer_encoders.get(layer_of(part.prefix), self.encoder)
-            o, t, record = encoder.expert(
+            layer = layer_of(part.prefix)
+            o, t, record = self.layer_encoders.get(layer, self.encoder).expert(
                 part.prefix,
                 part.expert,
                 part.proj,
                 self._equalized(part),
-                x,
+                self.weight_inputs.get(layer),
                 self._alpha(part),
                 part.src,
                 part.fp8_scales,
             )
-            del x
             if record is not None:
-                self._wc_records.append(record)  # list.append is atomic: worker threads share this list
+                self._report.records.append(record)  # list.append is atomic: worker threads share it
         out.update(o)
         types.update(t)
 
@@ -329,7 +315,7 @@ class Converter:
         """Printed even without progress: what happened to an earlier run's lock or output."""
         print(f"quantfw quantize: {msg}", file=sys.stderr, flush=True)
 
-    def _do_shard(self, i: int) -> tuple[dict[str, str], list[dict], str | None] | None:
+    def _do_shard(self, i: int) -> tuple[dict[str, str], QuantReport, str | None] | None:
         """Convert and write shard i; its tensor types and weight-observer records for the record
         (None: verified, skipped)."""
         n = len(self.names)
@@ -337,7 +323,7 @@ class Converter:
             self._log(f"[{i + 1}/{n}] {self.names[i]} already done (verified), skipped")
             return None
         t0 = time.perf_counter()
-        self._wc_records = []
+        self._report = report = QuantReport()
         shard = self.reader.shards[i]
         planned = plan_shard(self.router, self.layer_encoders, self.encoder, shard)
         writer = self.store.shard_writer(self.names[i], {"format": "pt"}, planned)
@@ -347,28 +333,30 @@ class Converter:
         except BaseException:
             writer.abort()
             raise
-        records = sorted(self._wc_records, key=lambda r: (r["layer"], r["expert"], r["proj"]))
         gb = self._input_stamp(i)["input_size"] / 1e9
         self._log(
             f"[{i + 1}/{n}] {self.names[i]} {gb:.3f} GB in {time.perf_counter() - t0:.2f} s (record pending)"
         )
-        fell = sum(1 for r in records if r["fallback"])
-        if records:
-            self._log(f"[{i + 1}/{n}] weight observer: {len(records) - fell} data-driven, {fell} fallback")
-        return types, records, writer.digest
+        fell = len(report.fallbacks)
+        if report.records:
+            self._log(
+                f"[{i + 1}/{n}] weight observer: {len(report.records) - fell} data-driven, {fell} fallback"
+            )
+        return types, report, writer.digest
 
-    def _write_record(
-        self, i: int, types: dict[str, str], records: list[dict] | None = None, digest: str | None = None
-    ) -> None:
+    def _write_record(self, i: int, types: dict[str, str], report: QuantReport, digest: str | None = None) -> None:
         self.store.write_record(
-            self.names[i], self._input_stamp(i), {"tensors": types, "weight_calibration": records or []}, digest
+            self.names[i],
+            self._input_stamp(i),
+            {"tensors": types, "weight_calibration": report.to_json()},
+            digest,
         )
 
     def _finalize(self, done: list[bool]) -> None:
         weight_map: dict[str, str] = {}
         types: dict[str, str] = {}
         total = 0
-        records: list[dict] = []
+        records: list[dict] = []  # every shard's, in shard order
         for i, name in enumerate(self.names):
             rec = self._finished(i, rehash=not done[i])
             if rec is None:
@@ -385,16 +373,16 @@ class Converter:
         metadata.dump(self.tmp / self.index_name, index)
         output_store.step()
         prov = metadata.provenance(self.scheme, self.fmt.name, self.alpha_method)
-        if self.calibration is not None:
-            prov["alpha_calibration"] = self.calibration
+        calib = self.calibration
+        if calib.alpha_metadata is not None:
+            prov["alpha_calibration"] = calib.alpha_metadata
         if self.compute_dtype != "float32":
             prov["compute_dtype"] = self.compute_dtype
-        if self.equalization is not None:
-            prov["equalization"] = self.equalization
+        if calib.equalization is not None:
+            prov["equalization"] = calib.equalization
         if self.observer_needs_data:
-            prov["weight_calibration"] = weight_calibration_metadata(
-                self.scheme.flags, records, self.weight_data
-            )
+            report = QuantReport.from_json(records)
+            prov["weight_calibration"] = report.weight_calibration(self.scheme.flags, calib.data or None)
         if self.layer_choices:
             prov["layers"] = self.layer_choices
         if self.targets or self.router.dense_layers:

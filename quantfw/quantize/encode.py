@@ -1,5 +1,6 @@
-"""One float projection -> the format's on-disk tensors: quantize with the scheme's observer,
-encode with the format's registered encoders, name with the checkpoint's expert keys.
+"""One float projection -> the format's tensors: quantize with the scheme's observer, encode
+with the format's registered encoders (`ExpertQuantizer`, both paths), name with the
+checkpoint's expert keys (`ExpertEncoder`, the converter).
 
 Routed experts follow the scheme; non-expert linears written W8A8 use the format's own W8A8
 tensors (one projection, role w2: N and K as they are).
@@ -7,7 +8,7 @@ tensors (one projection, role w2: N and K as they are).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -15,9 +16,11 @@ from quantfw.errors import CheckpointError, ConfigError
 from quantfw.formats.encoders import check_finite, encode_role, fusable
 from quantfw.formats.format import Format
 from quantfw.io import metadata
-from quantfw.io.experts import MoEModel, key_of, projection_specs
+from quantfw.io.experts import ROLE_OF, MoEModel, key_of, projection_specs
 from quantfw.layout.spec import Dims, ParamSpec, instantiate
 from quantfw.quantize import observers
+from quantfw.quantize.inputs import CalibrationInputs
+from quantfw.quantize.record import ExpertRecord
 from quantfw.quantize.weights import QuantizedWeight, quantize_weight
 from quantfw.schemes.scheme import Scheme
 
@@ -63,7 +66,67 @@ def compute_flags(flags: Mapping, compute_dtype: str) -> dict:
     return {**flags, "compute_dtype": compute_dtype}
 
 
+class ExpertQuantizer:
+    """Expert projections of one scheme in a format's declared tensors, the one place both paths
+    quantize through (the in-memory `quantize_experts` and the converter): the calibration inputs
+    a data-driven observer needs, the observer the flags select, the format's encoders, and the
+    projection's ExpertRecord.
+
+    specs: projection -> {tensor name: spec} of the weights it is given (one expert's, or a stack
+    of experts with stacked specs); rows: each projection's weight rows N, for the encodings the
+    quantize kernel can compute with q (quantize/fused.py; None: none)."""
+
+    def __init__(
+        self,
+        flags: Mapping,
+        specs: Mapping[str, Mapping[str, ParamSpec]],
+        where: str,
+        rows: Mapping[str, int] | None = None,
+    ):
+        self.specs, self.where = specs, where
+        self.needs_data = observers.needs_data(flags)
+        self.flags = {
+            p: {**flags, "encodings": fusable(s, rows[p])} if rows is not None else dict(flags)
+            for p, s in specs.items()
+        }
+
+    def projection(
+        self,
+        proj: str,
+        w: torch.Tensor,
+        src: str,
+        *,
+        layer: int | None = None,
+        expert: int | None = None,
+        inputs: CalibrationInputs | None = None,
+        alpha: torch.Tensor | None = None,
+        fp8=None,
+        key: Callable[[str], str] = str,
+        name: str | None = None,
+    ) -> tuple[dict[str, torch.Tensor], ExpertRecord | None]:
+        """({key(tensor name): tensor}, record or None) of expert `expert`'s projection w [N, K]
+        (or a stack [E, N, K] with expert None, data-free observers only). A data-driven observer
+        gets `inputs(role, expert)`; alpha None: the encoder's alpha = 1; fp8: w is an FP8 weight
+        with these block scales; src names the weight's source, `name` (default proj) the
+        projection in the format's errors."""
+        x = None
+        if self.needs_data and inputs is not None and expert is not None:
+            x = inputs(ROLE_OF.get(proj, proj), expert)
+        qw = _quantize(w, self.flags[proj], x, src, fp8)
+        record = ExpertRecord.of(qw, x, layer, expert, proj) if self.needs_data else None
+        del x
+        specs = self.specs[proj]
+        out = {}
+        for tensor, t in encode_role(specs, qw, alpha, f"{self.where} {name or proj}").items():
+            check_finite(src, key(tensor), t)
+            out[key(tensor)] = t.view(torch.uint64) if _stored_dtype(specs[tensor]) == torch.uint64 else t
+        return out, record
+
+
 class ExpertEncoder:
+    """The converter's quantizer: one expert projection or non-expert linear of a checkpoint ->
+    its on-disk tensors under the checkpoint's keys, with their metadata types."""
+
     def __init__(
         self,
         scheme: Scheme,
@@ -74,26 +137,22 @@ class ExpertEncoder:
         linear_scheme: Scheme | None = None,
     ):
         self.scheme, self.fmt, self.model = scheme, fmt, model
-        self.flags = compute_flags(scheme.flags, compute_dtype)
-        self.specs = projection_specs(fmt, scheme, dims)
-        unwritable = sorted(
-            {s for p in self.specs.values() for s, spec in p.items() if not spec.meta.get("encode")}
-        )
+        flags = compute_flags(scheme.flags, compute_dtype)
+        specs = projection_specs(fmt, scheme, dims)
+        unwritable = sorted({s for p in specs.values() for s, spec in p.items() if not spec.meta.get("encode")})
         if unwritable:
             raise ConfigError(
                 f"{fmt.where} declares no encode: for {unwritable}: it is read-only "
                 "(quantize to format=msmodelslim or format=compressed_tensors)"
             )
+        self.specs = specs  # proj -> {suffix: spec} of one expert's on-disk tensors
+        self.quantizer = ExpertQuantizer(flags, specs, fmt.where, {p: model.float_shape(p)[0] for p in specs})
         self.qtype = metadata.expert_type(scheme)
-        self.needs_data = observers.needs_data(scheme.flags)
+        self.needs_data = self.quantizer.needs_data
         # Non-expert linears: the linear scheme's layout flags with the experts' observer.
         self.linear_scheme = linear_scheme or linear_scheme_named(None)
-        self.linear_flags = {**self.flags, **self.linear_scheme.layout_flags()}
+        self.linear_flags = {**flags, **self.linear_scheme.layout_flags()}
         self.linear_type = metadata.quant_type(self.linear_flags["weight_bits"])
-        # Per projection: the flags plus what the format's encoders let the quantize kernel compute.
-        self.proj_flags = {
-            p: {**self.flags, "encodings": fusable(s, model.float_shape(p)[0])} for p, s in self.specs.items()
-        }
 
     def expert(
         self,
@@ -101,35 +160,25 @@ class ExpertEncoder:
         expert: int,
         proj: str,
         w: torch.Tensor,
-        x: torch.Tensor | None,
+        inputs: CalibrationInputs | None,
         alpha: torch.Tensor | None,
         src: str,
         fp8=None,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict | None]:
-        """(tensors, per-tensor types, weight-observer record or None) of one expert projection.
-        alpha None: the encoder's alpha = 1."""
-        specs: dict[str, ParamSpec] = self.specs[proj]
-        qw = _quantize(w, self.proj_flags[proj], x, src, fp8)
-        record = None
-        if self.needs_data:
-            ratio = qw.info.get("clip_ratio")
-            record = {
-                "layer": layer_of(prefix),
-                "expert": expert,
-                "proj": proj,
-                "observer": qw.info["observer"],
-                "tokens": 0 if x is None else int(x.shape[0]),
-                "fallback": qw.info["fallback"],
-                "clip_ratio_mean": None if ratio is None else round(float(ratio.mean()), 6),
-            }
-        out, types = {}, {}
-        where = f"{self.fmt.where} {prefix}.{expert}.{proj}"
-        for suffix, t in encode_role(specs, qw, alpha, where).items():
-            key = key_of(prefix, expert, self.model, proj, suffix)
-            check_finite(src, key, t)
-            out[key] = t.view(torch.uint64) if _stored_dtype(specs[suffix]) == torch.uint64 else t
-            types[key] = self.qtype
-        return out, types, record
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str], ExpertRecord | None]:
+        """(tensors, per-tensor types, weight-observer record or None) of one expert projection."""
+        out, record = self.quantizer.projection(
+            proj,
+            w,
+            src,
+            layer=layer_of(prefix),
+            expert=expert,
+            inputs=inputs,
+            alpha=alpha,
+            fp8=fp8,
+            key=lambda suffix: key_of(prefix, expert, self.model, proj, suffix),
+            name=f"{prefix}.{expert}.{proj}",
+        )
+        return out, dict.fromkeys(out, self.qtype), record
 
     def planned_expert(self, prefix: str, expert: int, proj: str) -> list[tuple[str, torch.dtype, tuple]]:
         """(key, stored dtype, shape) of what `expert` writes, in its order, from the declarations
@@ -142,7 +191,7 @@ class ExpertEncoder:
     def planned_linear(self, module: str, n: int, k: int) -> list[tuple[str, torch.dtype, tuple]]:
         """(key, stored dtype, shape) of what `linear` writes for an [n, k] weight, in its order."""
         specs = self.linear_specs(n, k)
-        return [(f"{module}.{suffix}", spec.dtype, spec.shape) for suffix, spec in specs.items()]
+        return [(f"{module}.{suffix}", _stored_dtype(spec), spec.shape) for suffix, spec in specs.items()]
 
     def linear_specs(self, n: int, k: int) -> dict[str, ParamSpec]:
         """The format's declared tensors of a non-expert linear [n, k] in the linear scheme."""
@@ -159,14 +208,9 @@ class ExpertEncoder:
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """A non-expert linear [N, K] in the linear scheme, in the format's declared tensors (weight, scale, offset...);
         fp8: w is an FP8 weight with these block scales."""
-        specs = self.linear_specs(*w.shape)
-        qw = _quantize(w, self.linear_flags, None, src, fp8)
-        out, types = {}, {}
-        for suffix, t in encode_role(specs, qw, None, f"{self.fmt.where} {module}").items():
-            check_finite(src, f"{module}.{suffix}", t)
-            out[f"{module}.{suffix}"] = t
-            types[f"{module}.{suffix}"] = self.linear_type
-        return out, types
+        quantizer = ExpertQuantizer(self.linear_flags, {module: self.linear_specs(*w.shape)}, self.fmt.where)
+        out, _ = quantizer.projection(module, w, src, fp8=fp8, key=lambda suffix: f"{module}.{suffix}")
+        return out, dict.fromkeys(out, self.linear_type)
 
 
 def _stored_dtype(spec: ParamSpec) -> torch.dtype:
@@ -184,32 +228,3 @@ def linear_scheme_named(name: str | None) -> Scheme:
     if name not in schemes:
         raise ConfigError(f"quantize.linear_scheme={name}: not a declared scheme (conf/scheme: {', '.join(schemes)})")
     return Scheme.from_config(schemes[name])
-
-
-def weight_calibration_metadata(flags: Mapping, records: list[dict], data: dict | None) -> dict:
-    """The checkpoint-metadata entry of a data-driven weight observer, kept small: the observer
-    and its parameters, the calibration data and coverage, per-layer lists of the experts that
-    fell back, and each expert's mean learned clip ratio (not every channel)."""
-    fallback: dict[str, dict[str, list[int]]] = {}
-    reasons: dict[str, int] = {}
-    clip: dict[str, dict[str, list]] = {}
-    for r in records:
-        layer = str(r["layer"])
-        if r["fallback"]:
-            fallback.setdefault(layer, {}).setdefault(r["proj"], []).append(r["expert"])
-            kind = "no calibration inputs" if r["tokens"] == 0 else "too few calibration tokens"
-            reasons[kind] = reasons.get(kind, 0) + 1
-        if r["clip_ratio_mean"] is not None:
-            clip.setdefault(layer, {}).setdefault(r["proj"], []).append([r["expert"], r["clip_ratio_mean"]])
-    meta: dict = {
-        **observers.data_params(flags),
-        "data": data or {"source": "none: no calibration inputs"},
-        "projections": len(records),
-        "data_driven": sum(1 for r in records if not r["fallback"]),
-        "tokens_used": sum(r["tokens"] for r in records if not r["fallback"]),
-        "fallback": {"observer": observers.param(flags, "fallback_observer"), "count": sum(reasons.values())},
-    }
-    meta["fallback"].update(reasons=reasons, experts=fallback)
-    if clip:
-        meta["clip_ratio_mean"] = clip  # layer -> proj -> [[expert, mean ratio over channels], ...]
-    return meta
