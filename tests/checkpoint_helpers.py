@@ -23,6 +23,8 @@ SCHEMES = {
     "w4a8_pc": ["scheme=w4a8", "scheme.group_size=0", "format=msmodelslim"],
     "w4a8_g128": ["scheme=w4a8", "scheme.group_size=128", "format=msmodelslim"],
     "clip": ["scheme=w4a8_clip", "format=compressed_tensors"],
+    # the same with the (slower) mse scale search: a conversion that lasts long enough to signal
+    "clip_mse": ["scheme=w4a8_clip", "format=compressed_tensors", "scheme.weight_observer=mse"],
 }
 
 
@@ -69,3 +71,11 @@ def files_bytes(folder: Path) -> dict[str, bytes]:
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
     r = CheckpointReader(folder)
     return {k: r.get(k) for k in r.keys()}
+
+
+def default_sigint() -> None:
+    """Popen preexec_fn: the child gets Ctrl-C's default action even when the test run was started
+    in the background (a shell's background job ignores SIGINT, and children inherit that)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

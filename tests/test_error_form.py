@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from checkpoint_helpers import default_sigint
 from hostile import ROOT, assert_one_line_exit_2, run_cli
 
 from quantfw.config.bounds import MEMORY_LIMIT, estimate_bytes
@@ -132,6 +133,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     try:
         first = p.stdout.readline()  # the demo prints its header before the long evaluation

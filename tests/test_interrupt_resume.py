@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from checkpoint_helpers import ROOT, SCHEMES, cli, files_bytes, quantize, reshard
+from checkpoint_helpers import ROOT, SCHEMES, cli, default_sigint, files_bytes, quantize, reshard
 
 from quantfw.errors import CheckpointError, OutputKeptError
 from quantfw.integrations.hf import save_tiny_checkpoint
@@ -299,19 +299,20 @@ def test_keyboard_interrupt_keeps_the_partial_state(src, fresh, tmp_path, monkey
 
 @pytest.fixture(scope="module")
 def bigger(tmp_path_factory):
-    """Enough shards that a SIGINT sent after the first record lands mid-conversion."""
+    """Enough shards, each slow enough (the mse observer), that a signal sent after the first
+    record lands mid-conversion."""
     root = tmp_path_factory.mktemp("sigint")
     src = reshard(save_tiny_checkpoint("qwen3_moe", root / "one", num_layers=6), root / "src", 12)
-    return src, quantize(src, root / "fresh", "clip")
+    return src, quantize(src, root / "fresh", "clip_mse")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_signal_to_a_real_process_keeps_resumable_state(bigger, tmp_path, sig):
     src, ref = bigger
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "quantfw", "quantize", f"input={src}", f"output={out}", *SCHEMES["clip"]]
+    cmd = [sys.executable, "-m", "quantfw", "quantize", f"input={src}", f"output={out}", *SCHEMES["clip_mse"]]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     partial = tmp_path / ".out.partial"
     deadline = time.monotonic() + 120
     while not list(partial.glob("*.done.json")) and p.poll() is None and time.monotonic() < deadline:
@@ -324,7 +325,7 @@ def test_signal_to_a_real_process_keeps_resumable_state(bigger, tmp_path, sig):
     assert 1 <= done < 12
     if sig == signal.SIGINT:
         _assert_one_interrupt_line(err)
-    r = cli("quantize", f"input={src}", f"output={out}", *SCHEMES["clip"])
+    r = cli("quantize", f"input={src}", f"output={out}", *SCHEMES["clip_mse"])
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("already done (verified), skipped") == done
     assert files_bytes(out) == files_bytes(ref) and _siblings(out) == []

@@ -93,8 +93,9 @@ def test_per_channel_bf16_compute(bits):
 
 
 def test_per_channel_rejects_bad_args():
-    with pytest.raises(ConfigError, match="bits"):
-        quantize_per_channel(torch.zeros(4, 4), 3)
+    for bits in (1, 9, 4.0):  # widths 2..8 are on the grid (test_observer_configs)
+        with pytest.raises(ConfigError, match="bits"):
+            quantize_per_channel(torch.zeros(4, 4), bits)
     with pytest.raises(LayoutError, match="clip_ratio"):
         quantize_per_channel(torch.ones(4, 8), 8, clip_ratio=torch.ones(3))
     with pytest.raises(LayoutError, match="'w'"):

@@ -238,7 +238,7 @@ def test_a_scheme_declared_in_the_users_folder_is_toured(tmp_path):
 def test_make_demo_runs_the_tour_with_what_it_needs_and_readme_says_so(tmp_path):
     venv = tmp_path / "venv"
     r = subprocess.run(
-        ["make", "-n", "demo", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        ["make", "-n", "--no-print-directory", "demo", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
