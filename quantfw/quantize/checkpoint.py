@@ -208,6 +208,7 @@ class Converter:
             choices[str(layer)] = {
                 "scheme": s.name,
                 "applies": applies,
+                "clips": s.clips,
                 "flags": dict(sorted(s.flags.items())),
             }
         self.router.dense_layers = set(dense)

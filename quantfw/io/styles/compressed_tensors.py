@@ -5,7 +5,9 @@ Declaration (conf/format/*.yaml `metadata:`): `format` (the compressed-tensors f
 reads and writes), `experts` (how the config group of the routed experts is found: a target
 class such as MoEGMM, or `module` for a group targeting the expert module by name or `re:`),
 `weight_bits` (the expert num_bits it reads and writes), `default: true` on the declaration that reads a file whose format value no declaration names,
-`shard_base`, and `linears_target` (the class of the group written for non-expert linears).
+`shard_base`, `linears_target` (the class of the group written for non-expert linears), and
+`clip_key` (the group key that says whether its activations are clipped, spec section 4; none:
+the format holds no clip).
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ METHOD = "compressed-tensors"
 STRATEGIES = ("channel", "group")  # weight strategies of the routed experts that can be read
 MAX_GROUP = 1 << 16
 MODULE = "module"  # `experts: module`: the group that targets the expert module itself
-# The compressed-tensors key that says whether the group's activations are clipped (spec section 4).
-CLIP_KEY = "activation_use_clip"
 ACTIVATIONS = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True}
 
 
@@ -87,21 +87,28 @@ def _weights(bits: int, group_size: int) -> dict[str, Any]:
     return w
 
 
-def _layer_groups(prov: dict) -> dict[str, Any]:
+def _clip_entry(decl: Mapping, clips: bool) -> dict[str, bool]:
+    """The group's clip key and value, where the format declares one."""
+    return {decl["clip_key"]: clips} if decl.get("clip_key") else {}
+
+
+def _layer_groups(prov: dict, decl: Mapping) -> dict[str, Any]:
     """One config group per scheme of the recipe's per-layer choices (provenance `layers`),
     targeting the routed experts of its layers by `re:` module name (group_1 holds the others)."""
-    by_scheme: dict[str, tuple[dict, list[str]]] = {}
+    by_scheme: dict[str, tuple[dict, bool, list[str]]] = {}
     for layer, choice in (prov.get("layers") or {}).items():
         if choice.get("applies") == "routed experts":
-            by_scheme.setdefault(choice["scheme"], (choice["flags"], []))[1].append(str(layer))
+            by_scheme.setdefault(choice["scheme"], (choice["flags"], choice.get("clips"), []))[2].append(
+                str(layer)
+            )
     return {
         f"group_{i + 2}": {
             "targets": [rf"re:.*layers\.({'|'.join(layers)})\.(.*\.)?experts\..*"],
             "weights": _weights(flags["weight_bits"], flags.get("group_size", 0)),
             "input_activations": ACTIVATIONS,
-            CLIP_KEY: bool(flags.get(CLIP_KEY)),
+            **_clip_entry(decl, bool(clips)),
         }
-        for i, (flags, layers) in enumerate(by_scheme.values())
+        for i, (flags, clips, layers) in enumerate(by_scheme.values())
     }
 
 
@@ -152,9 +159,9 @@ class CompressedTensors(MetadataStyle):
                     "targets": [target],
                     "weights": _weights(s.flags["weight_bits"], s.flags.get("group_size", 0)),
                     "input_activations": ACTIVATIONS,
-                    CLIP_KEY: s.clips,
+                    **_clip_entry(decl, s.clips),
                 }
-        groups.update(_layer_groups(prov))
+        groups.update(_layer_groups(prov, decl))
         qc = {
             "quant_method": METHOD,
             "format": decl["format"],
@@ -191,14 +198,15 @@ class CompressedTensors(MetadataStyle):
         g = moe[0]
         bits, group = _weights_group(g, tuple(decl["weight_bits"]))
         _activations(g)
-        clip = g.boolean(CLIP_KEY, default=False)
+        clip_key = decl.get("clip_key")
+        clip = g.boolean(clip_key, default=False) if clip_key else False
         if group:
             # this format stores experts per channel only (its conf/format YAML)
             raise g.obj("weights").fail(
                 "strategy", f"channel ({decl['format']} experts are per channel)", "group"
             )
         if bits == 8 and clip:
-            raise g.fail(CLIP_KEY, "false for 8-bit experts", clip)
+            raise g.fail(clip_key, "false for 8-bit experts", clip)
         return Detected({"weight_bits": bits, "group_size": group}, optional=clip)
 
     def _module_group(self, reader, qc: Fields, probe: Probe, decl) -> Detected:
