@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+import quantfw.vml_init  # noqa: F401  (before any tensor math)
 from quantfw.errors import CheckpointError
 from quantfw.io.fields import Fields
 

@@ -6,6 +6,7 @@ output). activate_left=True is the default (gate = first half). Bad shapes or dt
 `quantfw.errors.LayoutError` naming the op and argument.
 """
 
+import quantfw.vml_init  # noqa: F401  (before any op runs)
 from quantfw.ops._checks import check_tensor, fail, row_groups
 from quantfw.ops.activation import dequant_swiglu_quant, dynamic_quant, swiglu, swiglu_clip_quant
 from quantfw.ops.gmm import grouped_matmul_a8w4, grouped_matmul_a8w8
