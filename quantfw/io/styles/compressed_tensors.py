@@ -97,16 +97,16 @@ def _layer_groups(prov: dict, decl: Mapping) -> dict[str, Any]:
     targeting the routed experts of its layers by `re:` module name (group_1 holds the others)."""
     by_scheme: dict[str, tuple[dict, bool, list[str]]] = {}
     for layer, choice in (prov.get("layers") or {}).items():
-        if choice.get("applies") == "routed experts":
-            by_scheme.setdefault(choice["scheme"], (choice["flags"], choice.get("clips"), []))[2].append(
-                str(layer)
-            )
+        if choice.get("applies") != "routed experts":
+            continue
+        entry = by_scheme.setdefault(choice["scheme"], (choice["flags"], bool(choice.get("clips")), []))
+        entry[2].append(str(layer))
     return {
         f"group_{i + 2}": {
             "targets": [rf"re:.*layers\.({'|'.join(layers)})\.(.*\.)?experts\..*"],
             "weights": _weights(flags["weight_bits"], flags.get("group_size", 0)),
             "input_activations": ACTIVATIONS,
-            **_clip_entry(decl, bool(clips)),
+            **_clip_entry(decl, clips),
         }
         for i, (flags, clips, layers) in enumerate(by_scheme.values())
     }
