@@ -31,8 +31,15 @@ def _commands():
     return COMMANDS
 
 
+def say(line: str) -> None:
+    """One stderr line in one write: torchrun ranks share the pipe, and print's separate newline
+    write (python -u) lets their lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def fail(command: str, message: str) -> None:
-    print(f"quantfw {command}: error: {message}", file=sys.stderr)
+    say(f"quantfw {command}: error: {message}")
     sys.exit(2)
 
 
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"quantfw {command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        say(f"quantfw {command}: interrupted; rerun the same command to resume")
         sys.exit(130)
     except BrokenPipeError:
         _reader_left()

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from quantfw.errors import CheckpointError, ConfigError, QuantfwError
 from quantfw.moe.layer import MoELayer, combine_tokens, local_id_table, local_ids, slot_order
 from quantfw.ops.rowmax import rows_split
+from quantfw.parallel.dist import init_gloo
 from quantfw.parallel.placement import Placement
 
 # Bound on every collective of a process group this module creates (seconds; env override).
@@ -58,7 +59,7 @@ def init_world() -> bool:
     group exists yet. True when this call created the group (the caller destroys it)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    dist.init_process_group("gloo", timeout=timeout())
+    init_gloo(timeout())
     return True
 
 

@@ -22,6 +22,18 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 1800.0  # recipe dist_timeout_s: longer than the longest step one rank does alone
 
 
+def init_gloo(timeout: timedelta) -> None:
+    """Create the gloo world group. torch.distributed.fsdp (pulled in by transformers' model code)
+    binds `dist.group.WORLD` as a default argument at import; imported after the group exists, it
+    keeps the group alive past destroy_process_group, and gloo's worker threads then die at
+    interpreter exit taking the GIL ("terminate called without an active exception", SIGABRT).
+    Imported first, it binds None."""
+    import torch.distributed as dist
+    import torch.distributed.fsdp  # noqa: F401
+
+    dist.init_process_group("gloo", timeout=timeout)
+
+
 class DistributedError(QuantfwError):
     """A rank failed or the group broke; `resumable` when no rank blamed its input (a rank died,
     timed out or was interrupted), so the partial state is worth keeping."""
@@ -55,7 +67,7 @@ class Dist:
         if owned:
             seconds = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
             try:
-                dist.init_process_group("gloo", timeout=timedelta(seconds=seconds))
+                init_gloo(timedelta(seconds=seconds))
             except (RuntimeError, ValueError) as e:
                 rank = os.environ.get("RANK", "?")
                 raise DistributedError(
@@ -65,8 +77,7 @@ class Dist:
         return cls(dist.get_rank(), dist.get_world_size(), owned)
 
     def close(self) -> None:
-        """Destroy a group we created: gloo's threads left to interpreter exit can abort the
-        process ("terminate called without an active exception") after the work is done."""
+        """Destroy a group we created, so gloo's threads are joined before interpreter exit."""
         if self.owned:
             import torch.distributed as dist
 
