@@ -25,7 +25,8 @@ SCRIPT = textwrap.dedent(
     import transformers.models.deepseek_v3.modeling_deepseek_v3  # noqa: F401
     d.barrier()
     d.close()
-    print(f"rank {os.environ['RANK']}: threads {before} -> {threads()}")
+    # one write: the ranks share the pipe, and print's separate newline lets lines run together
+    os.write(1, f"rank {os.environ['RANK']}: threads {before} -> {threads()}\\n".encode())
     """
 )
 
