@@ -81,6 +81,9 @@ def _worker(rank: int, world: int, store: str, jobs_file: str, out_dir: str, die
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=30)
     )
+    # Every rank is connected before any job: a rank that dies "during load" must not die while
+    # the others are still joining (they would fail in init, not in the load under test).
+    dist.barrier()
     jobs = json.loads(Path(jobs_file).read_text())
     for job in jobs:
         result: dict = {}
