@@ -213,3 +213,39 @@ def test_alpha_searches_go_round_robin_over_the_ranks_unless_propagation_needs_t
     assert [spread.searcher(i) for i in (1, 3, 5, 7)] == [0, 1, 2, 0]
     lead_only = AlphaSearches(share, [1, 3, 5, 7], clips=True, spread=False)  # propagate=quantized
     assert [lead_only.searcher(i) for i in (1, 3, 5, 7)] == [0, 0, 0, 0]
+
+
+def test_held_down_projections_travel_with_the_search_rows_and_rebuild_recipes_do_not():
+    import pickle
+
+    import torch
+
+    from quantfw.calibrate.alpha import ExpertRows
+    from quantfw.calibrate.experts import LayerCapture, _held_or_rebuilt
+    from quantfw.config.compose import compose
+    from quantfw.parallel.calibration import _portable
+    from quantfw.schemes.scheme import Scheme
+
+    scheme = Scheme.from_config(compose("default", ["scheme=w4a8_clip"]).scheme)
+    w2 = torch.randn(3, 64, 32, generator=torch.Generator().manual_seed(0))
+    reads = []
+
+    def read_w2(e):
+        reads.append(e)
+        return w2[e]
+
+    one = _held_or_rebuilt(scheme, w2[0], read_w2, 0, LayerCapture(0, 3)).nbytes
+    cap = LayerCapture(0, 3, held_budget=2 * one)  # this rank's share: room for two
+    sources = [_held_or_rebuilt(scheme, w2[e], read_w2, e, cap) for e in range(3)]
+    assert [getattr(s, "travels", False) for s in sources] == [True, True, False]
+    rows = [
+        ExpertRows(torch.ones(2, 64), torch.ones(2, 64), s, torch.arange(2), torch.ones(2)) for s in sources
+    ]
+    sent = pickle.loads(pickle.dumps({e: _portable(r) for e, r in enumerate(rows)}))  # as gather sends
+    assert [r.w2_deq is None for r in sent.values()] == [False, False, True]
+    got, _ = ExpertShare.search_rows(
+        [{"rows": sent, "report": {e: {} for e in range(3)}}], lambda e: sources[e]
+    )
+    assert torch.equal(got[0].w2(), sources[0]()) and torch.equal(got[1].w2(), sources[1]())
+    assert reads == []  # the travelled copies are used as they came
+    assert torch.equal(got[2].w2(), sources[2]()) and reads == [2, 2]  # rebuilt on the searcher

@@ -71,7 +71,10 @@ class LayerCapture:
     weights: list[list[torch.Tensor]] = field(default_factory=list)
     routed: list[list[torch.Tensor]] = field(default_factory=list)  # bool per kept row
     seen: int = 0  # layer tokens numbered so far
-    held_bytes: int = 0  # compact w2 kept for the alpha search (SEARCH_CACHE_BYTES)
+    held_bytes: int = 0  # compact w2 kept for the alpha search
+    # This process's share of SEARCH_CACHE_BYTES: its held copies travel to the layer's searcher,
+    # which then holds no more than one process would.
+    held_budget: int = SEARCH_CACHE_BYTES
     keys: list[list[torch.Tensor]] = field(default_factory=list)  # random sampling key of each kept row
 
     def __post_init__(self):
@@ -291,7 +294,10 @@ def _rebuild(scheme: Scheme, read_w2: Callable[[int], torch.Tensor], e: int) -> 
 
 class _Compact:
     """A quantized weight held small: integer codes in [-8, 7] packed two per byte (else kept as
-    they are); `dequantize()` returns exactly QuantizedWeight.dequantize()."""
+    they are); `dequantize()` returns exactly QuantizedWeight.dequantize(), and calling it the one
+    expert's fp32 weight the alpha search asks for. Plain tensors: it travels between ranks."""
+
+    travels = True
 
     def __init__(self, qw):
         q = qw.q
@@ -312,15 +318,18 @@ class _Compact:
             q = torch.stack([(q & 15).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8], -1).flatten(-2)
         return primitives.dequantize(q, self.s1, self.s2)
 
+    def __call__(self) -> torch.Tensor:
+        return self.dequantize()[0].float()
+
 
 def _held_or_rebuilt(scheme, w2: torch.Tensor, read_w2, e: int, captured: LayerCapture):
     """Expert e's dequantized int w2 as the alpha search asks for it: from a compact copy while the
-    layer's SEARCH_CACHE_BYTES allow, else rebuilt from the shards each time."""
+    layer's budget allows, else rebuilt from the shards each time."""
     compact = _Compact(fake_quant_weights(scheme, w2.unsqueeze(0)))
-    if captured.held_bytes + compact.nbytes > SEARCH_CACHE_BYTES:
+    if captured.held_bytes + compact.nbytes > captured.held_budget:
         return _rebuild(scheme, read_w2, e)
     captured.held_bytes += compact.nbytes
-    return lambda: compact.dequantize()[0].float()
+    return compact
 
 
 def search_expert_rows(rows: list[ExpertRows | None], report: list[dict]) -> tuple[torch.Tensor, list[dict]]:

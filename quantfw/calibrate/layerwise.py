@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from quantfw.calibrate.decoder import DecoderStack, check_model_type
 from quantfw.calibrate.equalize import declared, equalize_block
-from quantfw.calibrate.experts import LayerCapture, expert_alpha_rows
+from quantfw.calibrate.experts import SEARCH_CACHE_BYTES, LayerCapture, expert_alpha_rows
 from quantfw.calibrate.experts import _rebuild as w2_recipe
 from quantfw.calibrate.propagate import check_propagate, quantized_outputs
 from quantfw.calibrate.stages import STAGES, Stages
@@ -347,7 +347,7 @@ def _mtp_inputs(stack: DecoderStack, i: int, batches, hidden: _Hidden, layer_arg
 def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, block, share, scales_out=None):
     """This rank's routed experts of layer i's recorded calls: its `ExpertShare.part` (outputs,
     captures, alpha-search rows); `scales_out` receives the equalization scales per expert."""
-    cap = LayerCapture(i, E, calib.max_rows)
+    cap = LayerCapture(i, E, calib.max_rows, held_budget=SEARCH_CACHE_BYTES // share.world)
     rows, report, scales = [None] * E, [None] * E, [None] * E
 
     def on_block(ids: range, w13, w2):

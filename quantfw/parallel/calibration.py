@@ -53,6 +53,18 @@ class LayerParts:
     counts: torch.Tensor
 
 
+def _portable(rows):
+    """An expert's search rows as they travel: a held down-projection goes along, a rebuild
+    recipe (a closure over this rank's reader) does not."""
+    return rows if getattr(rows.w2_deq, "travels", False) else replace(rows, w2_deq=None)
+
+
+def _with_w2(rows, w2_recipe, e: int):
+    if rows is None or rows.w2_deq is not None:
+        return rows
+    return replace(rows, w2_deq=w2_recipe(e))
+
+
 class ExpertShare:
     """This process's share of every layer's routed experts (a lone process: all of them)."""
 
@@ -110,15 +122,16 @@ class ExpertShare:
     def part(self, outs: list[torch.Tensor], cap, rows: list, report: list):
         """This rank's results of a layer: `outs` are run_blocks' sums, `cap` the LayerCapture,
         `rows`/`report` the alpha-search rows it filled. A lone process computing every expert
-        already has the whole LayerParts; otherwise a picklable dict of its own experts (the
-        rows' rebuild-w2 recipes are closures, which do not travel: the lead makes its own)."""
+        already has the whole LayerParts; otherwise a picklable dict of its own experts (held
+        down-projections travel with their rows; rebuild-from-shards recipes are closures, which
+        do not: the searcher makes its own)."""
         E = cap.num_experts
         if not self._contrib and self.world == 1 and self.declared is None:
             return LayerParts(outs, rows, report, [cap.kept_tokens(e) for e in range(E)], cap.counts)
         mine = self.owned(E)
         part = {
             "contrib": self._contrib,
-            "rows": {e: None if rows[e] is None else replace(rows[e], w2_deq=None) for e in mine},
+            "rows": {e: None if rows[e] is None else _portable(rows[e]) for e in mine},
             "report": {e: report[e] for e in mine},
             "kept": {e: cap.kept_tokens(e) for e in mine},
             "counts": {e: int(cap.counts[e]) for e in mine},
@@ -141,7 +154,7 @@ class ExpertShare:
     @staticmethod
     def search_rows(parts: list, w2_recipe) -> tuple[list, list]:
         """(alpha-search rows, report rows) of every expert in expert order from every rank's
-        search share; `w2_recipe(e)` rebuilds expert e's dequantized w2 where they were dropped."""
+        search share; `w2_recipe(e)` rebuilds expert e's dequantized w2 where none came along."""
         if isinstance(parts[0], LayerParts):
             return parts[0].rows, parts[0].report
         rows, report = {}, {}
@@ -150,7 +163,7 @@ class ExpertShare:
             report.update(p["report"])
         E = len(rows)
         return (
-            [None if rows[e] is None else replace(rows[e], w2_deq=w2_recipe(e)) for e in range(E)],
+            [_with_w2(rows[e], w2_recipe, e) for e in range(E)],
             [report[e] for e in range(E)],
         )
 
