@@ -26,6 +26,9 @@ from quantfw.parallel.placement import Placement
 __all__ = ["ExpertShare", "LayerParts"]
 
 _SEARCH_KEYS = ("rows", "report")  # a part's entries its layer's searcher receives
+# Experts per search-rows message: a held int4 down-projection is 7.5 MB at DeepSeek-V3 dims and a
+# message is pickled whole on both ends, so one message per layer would double the searcher's peak.
+_EXPERTS_PER_MESSAGE = 16
 
 # Test hook, inert unless set: QUANTFW_DIST_KILL=RANK:LAYER SIGKILLs that rank as it starts that
 # layer's experts (a rank dying mid-run); RANK:LAYER:stall makes it sleep there instead.
@@ -135,6 +138,7 @@ class ExpertShare:
             "report": {e: report[e] for e in mine},
             "kept": {e: cap.kept_tokens(e) for e in mine},
             "counts": {e: int(cap.counts[e]) for e in mine},
+            "num_experts": E,
         }
         self._contrib = {}
         return part
@@ -146,10 +150,21 @@ class ExpertShare:
         if isinstance(part, LayerParts):
             return [part], [part] if search else None
         rows = {k: part.pop(k) for k in _SEARCH_KEYS}
+        E = part.pop("num_experts")
         parts = self.dist.gather(part, "the expert results gather")
         if not search:
             return parts, None
-        return parts, self.dist.gather(rows, "the alpha-search rows gather", dst=searcher)
+        got = None
+        for lo in range(0, E, _EXPERTS_PER_MESSAGE):
+            ids = range(lo, lo + _EXPERTS_PER_MESSAGE)
+            piece = {k: {e: v for e, v in rows[k].items() if e in ids} for k in rows}
+            recv = self.dist.gather(piece, "the alpha-search rows gather", dst=searcher)
+            if recv is not None:
+                got = got or [{k: {} for k in rows} for _ in recv]
+                for g, r in zip(got, recv, strict=True):
+                    for k in r:
+                        g[k].update(r[k])
+        return parts, got
 
     @staticmethod
     def search_rows(parts: list, w2_recipe) -> tuple[list, list]:
