@@ -88,16 +88,16 @@ def test_blocks_follow_the_placement_primaries_only():
 
 
 @pytest.mark.parametrize(
-    "nproc, placement",
+    "nproc, extra",
     [
-        (2, None),
-        # uneven, redundant copies of 1 and 6, rank 3 holds only copies: it computes nothing
-        (4, "[[0,1,2],[3,4,5,6],[7,1],[6]]"),
+        (2, []),
+        # uneven, redundant copies of 1 and 6, rank 3 holds only copies: it computes nothing; every
+        # expert's search rows spilled to the work dir, so they reach the searcher as file names
+        (4, ["placement=[[0,1,2],[3,4,5,6],[7,1],[6]]", "calibration.search_memory_mb=0"]),
     ],
 )
-def test_torchrun_output_is_byte_identical_to_one_process(model, single, tmp_path, nproc, placement):
+def test_torchrun_output_is_byte_identical_to_one_process(model, single, tmp_path, nproc, extra):
     out = tmp_path / "q"
-    extra = [f"placement={placement}"] if placement else []
     r = torchrun(nproc, *quantize_args(model, out, *extra))
     assert r.returncode == 0, r.stderr[-6000:]
     assert files_bytes(out) == single
@@ -160,6 +160,26 @@ def test_a_dead_rank_ends_all_and_any_world_resumes_byte_identical(model, single
     assert files_bytes(out) == single
 
 
+def test_a_rank_killed_in_its_deferred_search_ends_all_and_the_rerun_resumes_byte_identical(
+    model, single, tmp_path
+):
+    out = tmp_path / "q"
+    work = tmp_path / ".q.calibration"
+    t0 = time.monotonic()
+    # MoE layer 2 is rank 1's to search, after the last layer; its rows wait in the work dir
+    args = quantize_args(model, out, "calibration.search_memory_mb=0")
+    r = torchrun(2, *args, env={"QUANTFW_DIST_KILL": "1:2:search"}, timeout=240)
+    assert r.returncode != 0 and time.monotonic() - t0 < 240, r.stderr[-4000:]
+    state = json.loads((work / "state.json").read_text())
+    assert sorted(state["layers"]) == ["0", "1"] and not out.exists()  # layer 2 lost its search
+    assert list((work / "search-rows").glob("layer-0002-*"))  # the dead search's rows, left behind
+    r = cli(*args[:-1], "progress=true", args[-1], env=ENV)  # one process now
+    assert r.returncode == 0, r.stderr[-4000:]
+    layers = [ln for ln in r.stderr.splitlines() if ln.startswith("quantfw calibrate: layer")]
+    assert [ln.split(":")[1].split()[1] for ln in layers] == ["3/3"], layers
+    assert files_bytes(out) == single and not work.exists()
+
+
 def test_a_stalled_rank_times_out_in_bounded_time(model, tmp_path):
     t0 = time.monotonic()
     r = torchrun(
@@ -213,39 +233,3 @@ def test_alpha_searches_go_round_robin_over_the_ranks_unless_propagation_needs_t
     assert [spread.searcher(i) for i in (1, 3, 5, 7)] == [0, 1, 2, 0]
     lead_only = AlphaSearches(share, [1, 3, 5, 7], clips=True, spread=False)  # propagate=quantized
     assert [lead_only.searcher(i) for i in (1, 3, 5, 7)] == [0, 0, 0, 0]
-
-
-def test_held_down_projections_travel_with_the_search_rows_and_rebuild_recipes_do_not():
-    import pickle
-
-    import torch
-
-    from quantfw.calibrate.alpha import ExpertRows
-    from quantfw.calibrate.experts import LayerCapture, _held_or_rebuilt
-    from quantfw.config.compose import compose
-    from quantfw.parallel.calibration import _portable
-    from quantfw.schemes.scheme import Scheme
-
-    scheme = Scheme.from_config(compose("default", ["scheme=w4a8_clip"]).scheme)
-    w2 = torch.randn(3, 64, 32, generator=torch.Generator().manual_seed(0))
-    reads = []
-
-    def read_w2(e):
-        reads.append(e)
-        return w2[e]
-
-    one = _held_or_rebuilt(scheme, w2[0], read_w2, 0, LayerCapture(0, 3)).nbytes
-    cap = LayerCapture(0, 3, held_budget=2 * one)  # this rank's share: room for two
-    sources = [_held_or_rebuilt(scheme, w2[e], read_w2, e, cap) for e in range(3)]
-    assert [getattr(s, "travels", False) for s in sources] == [True, True, False]
-    rows = [
-        ExpertRows(torch.ones(2, 64), torch.ones(2, 64), s, torch.arange(2), torch.ones(2)) for s in sources
-    ]
-    sent = pickle.loads(pickle.dumps({e: _portable(r) for e, r in enumerate(rows)}))  # as gather sends
-    assert [r.w2_deq is None for r in sent.values()] == [False, False, True]
-    got, _ = ExpertShare.search_rows(
-        [{"rows": sent, "report": {e: {} for e in range(3)}}], lambda e: sources[e]
-    )
-    assert torch.equal(got[0].w2(), sources[0]()) and torch.equal(got[1].w2(), sources[1]())
-    assert reads == []  # the travelled copies are used as they came
-    assert torch.equal(got[2].w2(), sources[2]()) and reads == [2, 2]  # rebuilt on the searcher

@@ -481,15 +481,25 @@ def test_mtp_layer_gets_learned_alphas_from_the_main_models_last_hidden_states(f
     assert got.shape == (2, 15, seen["pre"].shape[-1]) and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_alpha_search_held_and_rebuilt_down_projections_give_the_same_alphas(floats, tmp_path, monkeypatch):
-    import quantfw.calibrate.experts as experts
+def test_alpha_search_rows_spilled_to_the_work_dir_give_the_same_alphas(floats, tmp_path, monkeypatch):
+    import quantfw.calibrate.row_store as row_store
 
     src = floats["qwen3_moe"]
     scheme, _ = scheme_fmt(CLIP)
     held = calibrate_checkpoint(src, scheme, calib(), work_dir=tmp_path / "a")
-    monkeypatch.setattr(experts, "SEARCH_CACHE_BYTES", 0)  # every expert's w2 re-read from the shards
-    rebuilt = calibrate_checkpoint(src, scheme, calib(), work_dir=tmp_path / "b")
+    spilled = []
+    keep = row_store.RowStore.keep
+
+    def spy(self, e, rows):
+        out = keep(self, e, rows)
+        spilled.append(isinstance(out, row_store.SpilledRows) and out.path.is_file())
+        return out
+
+    monkeypatch.setattr(row_store.RowStore, "keep", spy)
+    disk = calibrate_checkpoint(src, scheme, calib(search_memory_mb=0), work_dir=tmp_path / "b")
+    assert spilled and all(spilled)  # every searched expert waited in a file
+    assert not list((tmp_path / "b" / row_store.FOLDER).glob("*"))  # removed after each search
     assert any((a < 1).any() for a in held.alphas.values())
     for L, a in held.alphas.items():
-        assert torch.equal(rebuilt.alphas[L], a), L
-    assert rebuilt.report == held.report
+        assert torch.equal(disk.alphas[L], a), L
+    assert disk.report == held.report

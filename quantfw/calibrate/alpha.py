@@ -56,6 +56,9 @@ class ExpertRows:
     tokens: torch.Tensor
     weight: torch.Tensor
 
+    def load(self) -> ExpertRows:
+        return self  # held in memory (quantfw.calibrate.row_store.SpilledRows reads its file)
+
     def w2(self) -> torch.Tensor:
         if isinstance(self.w2_deq, torch.Tensor):
             return self.w2_deq
@@ -221,7 +224,7 @@ def search_layer_alphas(
     if mode not in MODES:
         raise ConfigError(f"alpha search mode '{mode}' (allowed: {', '.join(MODES)})")
     E = len(experts)
-    live = [e for e in range(E) if experts[e] is not None and experts[e].h.shape[0]]
+    live = [e for e in range(E) if experts[e] is not None and experts[e].tokens.shape[0]]
     alphas = torch.ones(E, dtype=torch.float32)
     results: list[AlphaResult | None] = [None] * E
     if not live:
@@ -230,11 +233,11 @@ def search_layer_alphas(
     slot = {e: torch.searchsorted(ids, experts[e].tokens) for e in live}
     held = (ids % holdout == 0) if holdout else torch.zeros(ids.shape[0], dtype=torch.bool)
     fit = ~held
-    H = experts[live[0]].ref.shape[1]
-    resid = torch.zeros(ids.shape[0], H)  # layer output error per token at the current alphas
-    ref = torch.zeros(ids.shape[0], H)
+    resid = ref = None  # layer output error per token at the current alphas; the float output
     for e in live:
-        x = experts[e]
+        x = experts[e].load()
+        if resid is None:
+            resid, ref = torch.zeros(ids.shape[0], x.ref.shape[1]), torch.zeros(ids.shape[0], x.ref.shape[1])
         w = x.weight.float().unsqueeze(-1)
         resid.index_add_(0, slot[e], w * _expert_error(x.h, 1.0, x.w2(), x.ref))
         ref.index_add_(0, slot[e], w * x.ref)
@@ -247,10 +250,10 @@ def search_layer_alphas(
 
     for _ in range(sweeps):
         for e in live:
-            x = experts[e]
+            x = experts[e].load()
             rows_fit = fit[slot[e]]
             gram = _use_gram(
-                mode, x.h.shape[0], int(rows_fit.sum()), len(grid) + refine, H, x.h.shape[1] // 2
+                mode, x.h.shape[0], int(rows_fit.sum()), len(grid) + refine, x.ref.shape[1], x.h.shape[1] // 2
             )
             best, resid[slot[e]] = (_gram_step if gram else _direct_step)(
                 x, alphas[e].item(), resid[slot[e]], rows_fit, search
@@ -262,7 +265,7 @@ def search_layer_alphas(
         for e in live:
             if alphas[e] == 1.0:
                 continue
-            x = experts[e]
+            x = experts[e].load()
             rows_held = held[slot[e]]
             w = x.weight.float().unsqueeze(-1)
             cur = resid[slot[e]]
@@ -276,7 +279,7 @@ def search_layer_alphas(
 
     one = torch.zeros_like(resid)  # the layer error with every expert at alpha = 1, for the report
     for e in live:
-        x = experts[e]
+        x = experts[e].load()
         err_one = _expert_error(x.h, 1.0, x.w2(), x.ref)
         one.index_add_(0, slot[e], x.weight.float().unsqueeze(-1) * err_one)
         at_one = _rel(err_one.square().sum(), x.ref)

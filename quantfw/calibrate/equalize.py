@@ -173,13 +173,13 @@ def declared(calib) -> list[str]:
     return names
 
 
-def equalize_block(calib, flags, w13, w2, cap, ids: range, read_w2=None):
+def equalize_block(calib, flags, w13, w2, cap, ids: range):
     """The layerwise hook: equalize experts `ids` of a block (w13 [B, 2I, H], w2 [B, H, I]) on
     their captured rows, before the alpha search. The capture's pre-SwiGLU rows get the same up/s,
-    so the search sees the equalized expert. Returns (w13, w2, read_w2, scales [B, I] or None)."""
+    so the search sees the equalized expert. Returns (w13, w2, scales [B, I] or None)."""
     names = declared(calib)
     if not names:
-        return w13, w2, read_w2, None
+        return w13, w2, None
     grid = int(calib.get("equalize_grid", DEFAULT_GRID) or DEFAULT_GRID)
     min_rows = int(calib.get("min_tokens", 16) or 16)
     inter = w2.shape[-1]
@@ -193,10 +193,7 @@ def equalize_block(calib, flags, w13, w2, cap, ids: range, read_w2=None):
             scales[j] *= s
         cap.rows[e] = [torch.cat([h[:, :inter], h[:, inter:] / scales[j]], dim=1) for h in cap.rows[e]]
     w13, w2 = apply_updown(w13.float(), w2.float(), scales)
-    if read_w2 is not None:
-        inner, start = read_w2, ids.start
-        read_w2 = lambda e: inner(e) * scales[e - start]  # noqa: E731
-    return w13, w2, read_w2, scales
+    return w13, w2, scales
 
 
 class EqualizedInputs:

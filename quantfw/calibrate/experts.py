@@ -9,7 +9,7 @@ recipe's coverage policy to experts that saw too few tokens.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -18,6 +18,7 @@ from torch import nn
 
 from quantfw import ops
 from quantfw.calibrate.alpha import ExpertRows, search_layer_alphas
+from quantfw.calibrate.row_store import CompactWeight, RowStore, SpilledRows
 from quantfw.errors import CalibrationError, ConfigError
 from quantfw.quantize.experts import fake_quant_weights
 from quantfw.schemes.scheme import Scheme
@@ -33,10 +34,6 @@ __all__ = [
 ]
 
 POLICIES = ("ones", "fail")
-# Bytes of compact integer down-projections one layer's alpha search keeps (codes that fit 4 bits
-# two per byte: ~7 MB per DeepSeek-V3 expert). The search visits each expert's w2 about five
-# times; held ones are dequantized in place, the others re-read from the shards and re-quantized.
-SEARCH_CACHE_BYTES = 1 << 30
 METHOD = "grid_search_output_mse"
 # search_alpha's defaults, recorded so the metadata says exactly what ran.
 GRID = {
@@ -71,10 +68,9 @@ class LayerCapture:
     weights: list[list[torch.Tensor]] = field(default_factory=list)
     routed: list[list[torch.Tensor]] = field(default_factory=list)  # bool per kept row
     seen: int = 0  # layer tokens numbered so far
-    held_bytes: int = 0  # compact w2 kept for the alpha search
-    # This process's share of SEARCH_CACHE_BYTES: its held copies travel to the layer's searcher,
-    # which then holds no more than one process would.
-    held_budget: int = SEARCH_CACHE_BYTES
+    # Where the layer's alpha-search rows wait (held or spilled, with a compact int4 w2); None:
+    # held, with the dequantized w2 (the whole-model path).
+    store: RowStore | None = None
     keys: list[list[torch.Tensor]] = field(default_factory=list)  # random sampling key of each kept row
 
     def __post_init__(self):
@@ -225,8 +221,7 @@ def expert_alpha_rows(
     experts: range,
     min_tokens: int = 16,
     policy: str = "ones",
-    read_w2: Callable[[int], torch.Tensor] | None = None,
-) -> tuple[list[ExpertRows | None], list[dict]]:
+) -> tuple[list[ExpertRows | SpilledRows | None], list[dict]]:
     """The alpha search's rows and report rows of `experts`, whose float weights w13 [B, 2I, H] and
     w2 [B, H, I] are given in that order (a block of the layer, or all of it). Only rows the router
     sent to an expert enter the search (calibration.all_experts captures the others for the
@@ -270,66 +265,23 @@ def expert_alpha_rows(
             h_dep = ((xq.float() * xs.unsqueeze(-1)) @ deq13.T).to(torch.bfloat16).float()
             del deq13
         tokens, weight = torch.cat(captured.tokens[e]), torch.cat(captured.weights[e])
-        rows[j] = ExpertRows(
+        store = captured.store
+        found = ExpertRows(
             h=h_dep,
             ref=ops.swiglu(h) @ w2[j].float().T,
-            # With read_w2 the rows keep a recipe for the dequantized w2, not the tensor (same values).
             w2_deq=_fake_quant(scheme, w2[j])
-            if read_w2 is None
-            else _held_or_rebuilt(scheme, w2[j], read_w2, e, captured),
+            if store is None
+            else CompactWeight.of(fake_quant_weights(scheme, w2[j].unsqueeze(0))),
             tokens=tokens if pick is None else tokens[pick],
             weight=weight if pick is None else weight[pick],
         )
+        rows[j] = found if store is None else store.keep(e, found)
     return rows, report
 
 
 def _fake_quant(scheme: Scheme, w: torch.Tensor) -> torch.Tensor:
     """One expert's weight [N, K] quantized as the scheme declares and dequantized, fp32."""
     return fake_quant_weights(scheme, w.unsqueeze(0)).dequantize()[0].float()
-
-
-def _rebuild(scheme: Scheme, read_w2: Callable[[int], torch.Tensor], e: int) -> Callable[[], torch.Tensor]:
-    return lambda: _fake_quant(scheme, read_w2(e))
-
-
-class _Compact:
-    """A quantized weight held small: integer codes in [-8, 7] packed two per byte (else kept as
-    they are); `dequantize()` returns exactly QuantizedWeight.dequantize(), and calling it the one
-    expert's fp32 weight the alpha search asks for. Plain tensors: it travels between ranks."""
-
-    travels = True
-
-    def __init__(self, qw):
-        q = qw.q
-        self.packed = (
-            q.dtype == torch.int8 and q.shape[-1] % 2 == 0 and -8 <= int(q.min()) <= int(q.max()) <= 7
-        )
-        if self.packed:
-            u = (q + 8).to(torch.uint8)
-            q = u[..., 0::2] | (u[..., 1::2] << 4)
-        self.q, self.s1, self.s2 = q, qw.s1, qw.s2
-        self.nbytes = sum(t.numel() * t.element_size() for t in (q, qw.s1, qw.s2) if t is not None)
-
-    def dequantize(self) -> torch.Tensor:
-        from quantfw.quantize import primitives
-
-        q = self.q
-        if self.packed:
-            q = torch.stack([(q & 15).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8], -1).flatten(-2)
-        return primitives.dequantize(q, self.s1, self.s2)
-
-    def __call__(self) -> torch.Tensor:
-        return self.dequantize()[0].float()
-
-
-def _held_or_rebuilt(scheme, w2: torch.Tensor, read_w2, e: int, captured: LayerCapture):
-    """Expert e's dequantized int w2 as the alpha search asks for it: from a compact copy while the
-    layer's budget allows, else rebuilt from the shards each time."""
-    compact = _Compact(fake_quant_weights(scheme, w2.unsqueeze(0)))
-    if captured.held_bytes + compact.nbytes > captured.held_budget:
-        return _rebuild(scheme, read_w2, e)
-    captured.held_bytes += compact.nbytes
-    return compact
 
 
 def search_expert_rows(rows: list[ExpertRows | None], report: list[dict]) -> tuple[torch.Tensor, list[dict]]:

@@ -27,9 +27,9 @@ from omegaconf import OmegaConf
 
 from quantfw.calibrate.decoder import DecoderStack, check_model_type
 from quantfw.calibrate.equalize import declared, equalize_block
-from quantfw.calibrate.experts import SEARCH_CACHE_BYTES, LayerCapture, expert_alpha_rows
-from quantfw.calibrate.experts import _rebuild as w2_recipe
+from quantfw.calibrate.experts import LayerCapture, expert_alpha_rows
 from quantfw.calibrate.propagate import check_propagate, quantized_outputs
+from quantfw.calibrate.row_store import FOLDER, RowStore
 from quantfw.calibrate.stages import STAGES, Stages
 from quantfw.calibrate.streaming import ExpertSource, SpilledInputs, StreamingExperts, run_blocks
 from quantfw.calibrate.workdir import WorkDir
@@ -45,7 +45,7 @@ __all__ = ["AFTER_LAYER", "LayerResult", "calibrate_layers"]
 # Called with the layer index once a layer's results are saved (tests stop a run here). Inert.
 AFTER_LAYER: Callable[[int], None] | None = None
 # Keys that change how calibration runs, not what it finds: left out of the resume fingerprint.
-_RUN_ONLY = ("progress", "memory_budget_mb", "expert_block", "work_dir", "layerwise")
+_RUN_ONLY = ("progress", "memory_budget_mb", "search_memory_mb", "expert_block", "work_dir", "layerwise")
 
 
 class LayerResult:
@@ -255,10 +255,11 @@ def calibrate_layers(
                         all_experts,
                         block,
                         share,
+                        path / FOLDER,
                         scales,
                     ),
                 )
-                parts = searches.collect(i, part, lambda e, source=source: w2_recipe(scheme, source.down, e))
+                parts = searches.collect(i, part)
 
                 def finish_moe(i=i, experts=experts, source=source, parts=parts, scales=scales):
                     spill = _finish_moe(experts, share.merge(parts, experts.calls), scales)
@@ -344,20 +345,24 @@ def _mtp_inputs(stack: DecoderStack, i: int, batches, hidden: _Hidden, layer_arg
     return _Hidden([stack.mtp_input(i, w, hidden[b]) for b, w in enumerate(batches)], [], True)
 
 
-def _calibrate_moe(i, experts, E, source, scheme, calib, clips, all_experts, block, share, scales_out=None):
+def _calibrate_moe(
+    i, experts, E, source, scheme, calib, clips, all_experts, block, share, spill_dir, scales_out=None
+):
     """This rank's routed experts of layer i's recorded calls: its `ExpertShare.part` (outputs,
-    captures, alpha-search rows); `scales_out` receives the equalization scales per expert."""
-    cap = LayerCapture(i, E, calib.max_rows, held_budget=SEARCH_CACHE_BYTES // share.world)
+    captures, alpha-search rows, those over this rank's share of search_memory_mb spilled to
+    `spill_dir`); `scales_out` receives the equalization scales per expert."""
+    held = int(float(calib.get("search_memory_mb", 512)) * 2**20) // share.world
+    cap = LayerCapture(i, E, calib.max_rows, store=RowStore(i, held, spill_dir))
     rows, report, scales = [None] * E, [None] * E, [None] * E
 
     def on_block(ids: range, w13, w2):
         # Equalization first (quantfw.calibrate.equalize), so the alpha search sees its experts.
-        w13, w2, down, s = equalize_block(calib, scheme.flags, w13, w2, cap, ids, source.down)
+        w13, w2, s = equalize_block(calib, scheme.flags, w13, w2, cap, ids)
         if s is not None:
             scales[ids.start : ids.stop] = list(s)
         if clips:
             with STAGES("alpha rows"):
-                r, p = expert_alpha_rows(scheme, w13, w2, cap, ids, calib.min_tokens, calib.policy, down)
+                r, p = expert_alpha_rows(scheme, w13, w2, cap, ids, calib.min_tokens, calib.policy)
             rows[ids.start : ids.stop], report[ids.start : ids.stop] = r, p
         for e in ids:
             cap.drop_rows(e)

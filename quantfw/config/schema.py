@@ -115,6 +115,8 @@ class CalibrationConfig:
     smooth: bool = False
     propagate: str = "float"  # what the next layer sees: float outputs, or quantized (sequential)
     memory_budget_mb: int = 2048  # hidden states above this stay on disk (read a batch at a time)
+    # A layer's alpha-search rows and packed down-projections beyond this wait in the work dir.
+    search_memory_mb: int = 512
     expert_block: int = 4  # routed experts per weight read (two blocks are in memory at once)
     progress: bool = True  # one line per layer on stderr
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -27,17 +27,21 @@ __all__ = ["ExpertShare", "LayerParts"]
 
 _SEARCH_KEYS = ("rows", "report")  # a part's entries its layer's searcher receives
 # Experts per search-rows message: a held int4 down-projection is 7.5 MB at DeepSeek-V3 dims and a
-# message is pickled whole on both ends, so one message per layer would double the searcher's peak.
+# message is pickled whole on both ends, so one message per layer would double the searcher's peak
+# (spilled experts travel as their file's name).
 _EXPERTS_PER_MESSAGE = 16
 
 # Test hook, inert unless set: QUANTFW_DIST_KILL=RANK:LAYER SIGKILLs that rank as it starts that
-# layer's experts (a rank dying mid-run); RANK:LAYER:stall makes it sleep there instead.
+# layer's experts (a rank dying mid-run); RANK:LAYER:stall makes it sleep there instead;
+# RANK:LAYER:search kills it as it starts that layer's alpha search.
 _KILL = os.environ.get("QUANTFW_DIST_KILL", "")
 
 
-def _test_hook(rank: int, layer: int) -> None:
+def kill_hook(rank: int, layer: int, where: str = "experts") -> None:
+    if not _KILL:
+        return
     parts = _KILL.split(":")
-    if parts[:2] != [str(rank), str(layer)]:
+    if parts[:2] != [str(rank), str(layer)] or (where == "search") != (parts[2:] == ["search"]):
         return
     if parts[2:] == ["stall"]:
         time.sleep(3600)
@@ -54,18 +58,6 @@ class LayerParts:
     report: list
     kept: list[torch.Tensor]
     counts: torch.Tensor
-
-
-def _portable(rows):
-    """An expert's search rows as they travel: a held down-projection goes along, a rebuild
-    recipe (a closure over this rank's reader) does not."""
-    return rows if getattr(rows.w2_deq, "travels", False) else replace(rows, w2_deq=None)
-
-
-def _with_w2(rows, w2_recipe, e: int):
-    if rows is None or rows.w2_deq is not None:
-        return rows
-    return replace(rows, w2_deq=w2_recipe(e))
 
 
 class ExpertShare:
@@ -110,8 +102,7 @@ class ExpertShare:
         the hook that keeps each expert's output rows apart for the ordered sum."""
         if self.world == 1 and self.declared is None:
             return {}
-        if _KILL:
-            _test_hook(self.dist.rank, layer)
+        kill_hook(self.dist.rank, layer)
         self._contrib = {}
         return {"blocks": self.blocks(num_experts, block), "add": self._add}
 
@@ -125,16 +116,15 @@ class ExpertShare:
     def part(self, outs: list[torch.Tensor], cap, rows: list, report: list):
         """This rank's results of a layer: `outs` are run_blocks' sums, `cap` the LayerCapture,
         `rows`/`report` the alpha-search rows it filled. A lone process computing every expert
-        already has the whole LayerParts; otherwise a picklable dict of its own experts (held
-        down-projections travel with their rows; rebuild-from-shards recipes are closures, which
-        do not: the searcher makes its own)."""
+        already has the whole LayerParts; otherwise a picklable dict of its own experts (rows held
+        in memory travel whole, spilled ones as their work-dir file: quantfw.calibrate.row_store)."""
         E = cap.num_experts
         if not self._contrib and self.world == 1 and self.declared is None:
             return LayerParts(outs, rows, report, [cap.kept_tokens(e) for e in range(E)], cap.counts)
         mine = self.owned(E)
         part = {
             "contrib": self._contrib,
-            "rows": {e: None if rows[e] is None else _portable(rows[e]) for e in mine},
+            "rows": {e: rows[e] for e in mine},
             "report": {e: report[e] for e in mine},
             "kept": {e: cap.kept_tokens(e) for e in mine},
             "counts": {e: int(cap.counts[e]) for e in mine},
@@ -167,9 +157,9 @@ class ExpertShare:
         return parts, got
 
     @staticmethod
-    def search_rows(parts: list, w2_recipe) -> tuple[list, list]:
+    def search_rows(parts: list) -> tuple[list, list]:
         """(alpha-search rows, report rows) of every expert in expert order from every rank's
-        search share; `w2_recipe(e)` rebuilds expert e's dequantized w2 where none came along."""
+        search share."""
         if isinstance(parts[0], LayerParts):
             return parts[0].rows, parts[0].report
         rows, report = {}, {}
@@ -177,10 +167,7 @@ class ExpertShare:
             rows.update(p["rows"])
             report.update(p["report"])
         E = len(rows)
-        return (
-            [_with_w2(rows[e], w2_recipe, e) for e in range(E)],
-            [report[e] for e in range(E)],
-        )
+        return [rows[e] for e in range(E)], [report[e] for e in range(E)]
 
     def merge(self, parts: list, calls: list) -> LayerParts:
         """The layer's expert outputs, kept rows and counts from every rank's part, on the lead

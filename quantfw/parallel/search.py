@@ -21,8 +21,9 @@ import json
 import torch
 
 from quantfw.calibrate.experts import search_expert_rows
+from quantfw.calibrate.row_store import discard
 from quantfw.calibrate.stages import STAGES
-from quantfw.parallel.calibration import ExpertShare
+from quantfw.parallel.calibration import ExpertShare, kill_hook
 
 __all__ = ["AlphaSearches"]
 
@@ -43,7 +44,7 @@ class AlphaSearches:
     def searcher(self, layer: int) -> int:
         return self._ordinal[layer] % self.dist.world if self.spread else 0
 
-    def collect(self, layer: int, part, w2_recipe) -> list | None:
+    def collect(self, layer: int, part) -> list | None:
         """After layer's routed experts (every rank): the search rows reach the layer's searcher,
         which keeps them; returns the other results on the lead (None elsewhere); runs the batch of
         searches when the layer is the lead's."""
@@ -51,7 +52,7 @@ class AlphaSearches:
         if self.clips:
             self._batch.append(layer)
             if rows is not None:
-                self._mine.append((layer, *self.share.search_rows(rows, w2_recipe)))
+                self._mine.append((layer, *self.share.search_rows(rows)))
             if self.searcher(layer) == 0:
                 self.flush()
         return parts
@@ -68,8 +69,10 @@ class AlphaSearches:
         def search():
             found = {}
             for layer, rows, report in self._mine:
+                kill_hook(self.dist.rank, layer, "search")
                 with STAGES("alpha search"):
                     found[layer] = search_expert_rows(rows, report)
+                discard(rows)
             return found
 
         found = self.dist.run(what, search)

@@ -1,0 +1,113 @@
+"""Where one MoE layer's alpha-search rows wait for the layer's search.
+
+The search visits every searched expert about five times (its starting error, two sweeps, the
+held-out test, the report), each time with the expert's rows (h, ref) and its dequantized int4
+down-projection. The rows grow with the calibration tokens (0.74 GB of fp32 at 2048 tokens and
+DeepSeek-V3 dims) and a packed down-projection is ~7 MB per expert, so a store keeps them in memory
+up to calibration.search_memory_mb (each rank its share) and writes the rest to the work dir, one
+file per expert, which the search reads back at each visit: the same tensors, so the same alphas.
+A spilled expert travels to another rank's search as its file name (the work dir is shared).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
+
+from quantfw.calibrate.alpha import ExpertRows
+from quantfw.quantize import primitives
+
+__all__ = ["CompactWeight", "RowStore", "SpilledRows", "discard"]
+
+FOLDER = "search-rows"
+
+
+class CompactWeight:
+    """A quantized weight held small: integer codes in [-8, 7] packed two per byte (else kept as
+    they are); `dequantize()` returns exactly QuantizedWeight.dequantize(), and calling it the one
+    expert's fp32 weight the alpha search asks for. Plain tensors: it travels between ranks."""
+
+    def __init__(self, q: torch.Tensor, s1, s2, packed: bool | None = None):
+        if packed is None:
+            packed = (
+                q.dtype == torch.int8 and q.shape[-1] % 2 == 0 and -8 <= int(q.min()) <= int(q.max()) <= 7
+            )
+            if packed:
+                u = (q + 8).to(torch.uint8)
+                q = u[..., 0::2] | (u[..., 1::2] << 4)
+        self.q, self.s1, self.s2, self.packed = q, s1, s2, packed
+        self.nbytes = sum(t.numel() * t.element_size() for t in (q, s1, s2) if t is not None)
+
+    @classmethod
+    def of(cls, qw) -> CompactWeight:
+        return cls(qw.q, qw.s1, qw.s2)
+
+    def dequantize(self) -> torch.Tensor:
+        q = self.q
+        if self.packed:
+            q = torch.stack([(q & 15).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8], -1).flatten(-2)
+        return primitives.dequantize(q, self.s1, self.s2)
+
+    def __call__(self) -> torch.Tensor:
+        return self.dequantize()[0].float()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"w2.q": self.q, "w2.packed": torch.tensor(int(self.packed))}
+        out.update({f"w2.{k}": t for k, t in (("s1", self.s1), ("s2", self.s2)) if t is not None})
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> CompactWeight:
+        return cls(t["w2.q"], t.get("w2.s1"), t.get("w2.s2"), packed=bool(t["w2.packed"]))
+
+
+def _nbytes(rows: ExpertRows) -> int:
+    own = sum(t.numel() * t.element_size() for t in (rows.h, rows.ref, rows.tokens, rows.weight))
+    w2 = rows.w2_deq
+    return own + (w2.nbytes if isinstance(w2, CompactWeight) else w2.numel() * w2.element_size())
+
+
+@dataclass
+class SpilledRows:
+    """An expert's search rows in a work-dir file; tokens and weights stay (the search indexes the
+    layer's tokens before it visits any expert)."""
+
+    path: Path
+    tokens: torch.Tensor
+    weight: torch.Tensor
+
+    def load(self) -> ExpertRows:
+        t = load_bytes(self.path.read_bytes())  # a plain read: nothing of the file stays mapped
+        return ExpertRows(t["h"], t["ref"], CompactWeight.from_tensors(t), self.tokens, self.weight)
+
+
+class RowStore:
+    """One layer's search rows on one rank: held while they fit in `budget` bytes, else spilled to
+    `folder` (None: always held)."""
+
+    def __init__(self, layer: int, budget: int, folder: Path | None):
+        self.layer, self.budget, self.folder, self.used = layer, budget, folder, 0
+
+    def keep(self, e: int, rows: ExpertRows) -> ExpertRows | SpilledRows:
+        size = _nbytes(rows)
+        if self.folder is None or self.used + size <= self.budget:
+            self.used += size
+            return rows
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"layer-{self.layer:04d}-expert-{e:04d}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file({"h": rows.h, "ref": rows.ref, **rows.w2_deq.tensors()}, str(tmp))
+        os.replace(tmp, path)
+        return SpilledRows(path, rows.tokens, rows.weight)
+
+
+def discard(rows: list) -> None:
+    """Delete the files of a searched layer's spilled rows."""
+    for r in rows:
+        if isinstance(r, SpilledRows):
+            r.path.unlink(missing_ok=True)
