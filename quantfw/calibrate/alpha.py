@@ -234,13 +234,17 @@ def search_layer_alphas(
     held = (ids % holdout == 0) if holdout else torch.zeros(ids.shape[0], dtype=torch.bool)
     fit = ~held
     resid = ref = None  # layer output error per token at the current alphas; the float output
+    at_one = {}  # each expert's own relative error at alpha = 1
     for e in live:
         x = experts[e].load()
         if resid is None:
             resid, ref = torch.zeros(ids.shape[0], x.ref.shape[1]), torch.zeros(ids.shape[0], x.ref.shape[1])
         w = x.weight.float().unsqueeze(-1)
-        resid.index_add_(0, slot[e], w * _expert_error(x.h, 1.0, x.w2(), x.ref))
+        err_one = _expert_error(x.h, 1.0, x.w2(), x.ref)
+        resid.index_add_(0, slot[e], w * err_one)
         ref.index_add_(0, slot[e], w * x.ref)
+        at_one[e] = _rel(err_one.square().sum(), x.ref)
+    one = resid.clone()  # the layer error with every expert at alpha = 1, for the report
 
     grid = sorted(set(torch.linspace(lo, 1.0, steps).tolist()) | {1.0})
     step = (1.0 - lo) / (steps - 1)
@@ -260,31 +264,29 @@ def search_layer_alphas(
             )
             alphas[e] = best
 
-    z_of = {}
-    if holdout:
-        for e in live:
-            if alphas[e] == 1.0:
-                continue
-            x = experts[e].load()
-            rows_held = held[slot[e]]
-            w = x.weight.float().unsqueeze(-1)
-            cur = resid[slot[e]]
-            without = cur - w * _expert_error(x.h, alphas[e].item(), x.w2(), x.ref)
-            without = without + w * _expert_error(x.h, 1.0, x.w2(), x.ref)
-            z = paired_z(without[rows_held].square().sum(-1), cur[rows_held].square().sum(-1))
-            z_of[e] = z
-            if z < min_z:  # did not carry over to tokens the search never saw
-                alphas[e] = 1.0
-                resid[slot[e]] = without
-
-    one = torch.zeros_like(resid)  # the layer error with every expert at alpha = 1, for the report
+    z_of, err_of = {}, {}  # per clipped expert: held-out z, own relative error at its alpha
     for e in live:
+        if alphas[e] == 1.0:
+            continue
         x = experts[e].load()
-        err_one = _expert_error(x.h, 1.0, x.w2(), x.ref)
-        one.index_add_(0, slot[e], x.weight.float().unsqueeze(-1) * err_one)
-        at_one = _rel(err_one.square().sum(), x.ref)
-        err = at_one if alphas[e] == 1.0 else _error(x.h, alphas[e].item(), x.w2(), x.ref)
-        results[e] = AlphaResult(alphas[e].item(), err, at_one, x.h.shape[0], z_of.get(e))
+        err = _expert_error(x.h, alphas[e].item(), x.w2(), x.ref)
+        err_of[e] = _rel(err.square().sum(), x.ref)
+        if not holdout:
+            continue
+        rows_held = held[slot[e]]
+        w = x.weight.float().unsqueeze(-1)
+        cur = resid[slot[e]]
+        without = cur - w * err
+        without = without + w * _expert_error(x.h, 1.0, x.w2(), x.ref)
+        z = paired_z(without[rows_held].square().sum(-1), cur[rows_held].square().sum(-1))
+        z_of[e] = z
+        if z < min_z:  # did not carry over to tokens the search never saw
+            alphas[e] = 1.0
+            resid[slot[e]] = without
+
+    for e in live:
+        err = at_one[e] if alphas[e] == 1.0 else err_of[e]
+        results[e] = AlphaResult(alphas[e].item(), err, at_one[e], experts[e].tokens.shape[0], z_of.get(e))
     _LAST_W2[:] = [None, None]  # the last expert's rebuilt down-projection is not needed any more
     return LayerAlphas(alphas, results, _rel(resid.square().sum(), ref), _rel(one.square().sum(), ref))
 

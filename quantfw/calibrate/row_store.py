@@ -50,7 +50,10 @@ class CompactWeight:
     def dequantize(self) -> torch.Tensor:
         q = self.q
         if self.packed:
-            q = torch.stack([(q & 15).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8], -1).flatten(-2)
+            # int8 views of the nibbles, not a widening per step: the search unpacks an expert
+            # about three times
+            lo, hi = (q & 15).view(torch.int8), (q >> 4).view(torch.int8)
+            q = torch.stack([lo, hi], -1).flatten(-2).sub_(8)
         return primitives.dequantize(q, self.s1, self.s2)
 
     def __call__(self) -> torch.Tensor:

@@ -134,10 +134,12 @@ def _expand_groups(s2: torch.Tensor, k: int) -> torch.Tensor:
 
 def dequantize(q: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 dequant: q * s2[g(k)] * s1[n] (s2 omitted for per-channel)."""
-    deq = q.to(torch.float32)
+    # In place on the one new tensor: a fresh multi-MB result per product costs more in page faults
+    # than the product itself.
+    deq = q.to(torch.float32) if q.dtype != torch.float32 else q.clone()
     if s2 is not None:
-        deq = deq * _expand_groups(s2.to(torch.float32), q.shape[-1])
-    return deq * s1.to(torch.float32).unsqueeze(-1)
+        deq.mul_(_expand_groups(s2.to(torch.float32), q.shape[-1]))
+    return deq.mul_(s1.to(torch.float32).unsqueeze(-1))
 
 
 def scale_bias_msmodelslim(
