@@ -6,7 +6,7 @@ import math
 import torch
 
 from quantfw import ops
-from quantfw.calibrate.alpha import AlphaResult, ExpertRows, LayerAlphas, paired_z
+from quantfw.calibrate.alpha import AlphaResult, ExpertRows, IntWeight, LayerAlphas, paired_z
 
 _BATCH_ELEMENTS = 1 << 25
 
@@ -15,9 +15,18 @@ def _rel(sse: torch.Tensor, ref: torch.Tensor) -> float:
     return math.sqrt(max(sse.sum().item(), 0.0)) / max(ref.norm().item(), 1e-30)
 
 
-def _outputs(h: torch.Tensor, alphas: list[float], w2_deq: torch.Tensor):
+def _product(q: torch.Tensor, s: torch.Tensor, w2) -> torch.Tensor:
+    """Clipped int8 rows q [n, I] with scales s [n] times w2: the dequantized fp32 GEMM, or for an
+    IntWeight the exact integer sums (here in float64) scaled per token, then per channel."""
+    if isinstance(w2, IntWeight):
+        return (q.double() @ w2.codes.double().T).float() * s.unsqueeze(1) * w2.scale
+    return (q.float() * s.unsqueeze(1)) @ w2.T
+
+
+def _outputs(h: torch.Tensor, alphas: list[float], w2_deq):
     """Yield (alphas chunk, clipped-int8 x int4 expert outputs [len(chunk), M, H])."""
-    m, width = h.shape[0], max(h.shape[1], w2_deq.shape[0])
+    rows_out = w2_deq.codes.shape[0] if isinstance(w2_deq, IntWeight) else w2_deq.shape[0]
+    m, width = h.shape[0], max(h.shape[1], rows_out)
     per_call = max(1, _BATCH_ELEMENTS // max(1, m * width))
     for i in range(0, len(alphas), per_call):
         chunk = alphas[i : i + per_call]
@@ -25,7 +34,7 @@ def _outputs(h: torch.Tensor, alphas: list[float], w2_deq: torch.Tensor):
         q, s = ops.swiglu_clip_quant(
             h.repeat(len(chunk), 1), counts, torch.tensor(chunk, dtype=torch.float32)
         )
-        yield chunk, ((q.float() * s.unsqueeze(1)) @ w2_deq.T).view(len(chunk), m, -1)
+        yield chunk, _product(q, s, w2_deq).view(len(chunk), m, -1)
 
 
 def _expert_error(h, alpha, w2_deq, ref) -> torch.Tensor:
@@ -67,7 +76,7 @@ def search_layer_alphas(
     for e in live:
         x = experts[e]
         w = x.weight.float().unsqueeze(-1)
-        resid.index_add_(0, slot[e], w * _expert_error(x.h, 1.0, x.w2_deq, x.ref))
+        resid.index_add_(0, slot[e], w * _expert_error(x.h, 1.0, x.operand(), x.ref))
         ref.index_add_(0, slot[e], w * x.ref)
 
     grid = sorted(set(torch.linspace(lo, 1.0, steps).tolist()) | {1.0})
@@ -77,11 +86,11 @@ def search_layer_alphas(
             x = experts[e]
             rows_fit = fit[slot[e]]
             w = x.weight.float().unsqueeze(-1)
-            others = resid[slot[e]] - w * _expert_error(x.h, alphas[e].item(), x.w2_deq, x.ref)
+            others = resid[slot[e]] - w * _expert_error(x.h, alphas[e].item(), x.operand(), x.ref)
 
             def loss(cands, x=x, w=w, others=others, rows_fit=rows_fit):
                 out = {}
-                for chunk, y in _outputs(x.h, cands, x.w2_deq):
+                for chunk, y in _outputs(x.h, cands, x.operand()):
                     tot = (others + w * (y - x.ref))[:, rows_fit].square().sum((-1, -2))
                     out.update(zip(chunk, tot.tolist(), strict=True))
                 return out
@@ -94,7 +103,7 @@ def search_layer_alphas(
             if cost[best] >= cost[1.0]:
                 best = 1.0  # ties and losses keep the unclipped expert
             alphas[e] = best
-            resid[slot[e]] = others + w * _expert_error(x.h, best, x.w2_deq, x.ref)
+            resid[slot[e]] = others + w * _expert_error(x.h, best, x.operand(), x.ref)
 
     z_of = {}
     if holdout:
@@ -105,8 +114,8 @@ def search_layer_alphas(
             rows_held = held[slot[e]]
             w = x.weight.float().unsqueeze(-1)
             cur = resid[slot[e]]
-            without = cur - w * _expert_error(x.h, alphas[e].item(), x.w2_deq, x.ref)
-            without = without + w * _expert_error(x.h, 1.0, x.w2_deq, x.ref)
+            without = cur - w * _expert_error(x.h, alphas[e].item(), x.operand(), x.ref)
+            without = without + w * _expert_error(x.h, 1.0, x.operand(), x.ref)
             z = paired_z(without[rows_held].square().sum(-1), cur[rows_held].square().sum(-1))
             z_of[e] = z
             if z < min_z:  # did not carry over to tokens the search never saw
@@ -116,9 +125,9 @@ def search_layer_alphas(
     one = torch.zeros_like(resid)  # the layer error with every expert at alpha = 1, for the report
     for e in live:
         x = experts[e]
-        err_one = _expert_error(x.h, 1.0, x.w2_deq, x.ref)
+        err_one = _expert_error(x.h, 1.0, x.operand(), x.ref)
         one.index_add_(0, slot[e], x.weight.float().unsqueeze(-1) * err_one)
         at_one = _rel(err_one.square().sum(), x.ref)
-        err = at_one if alphas[e] == 1.0 else _error(x.h, alphas[e].item(), x.w2_deq, x.ref)
+        err = at_one if alphas[e] == 1.0 else _error(x.h, alphas[e].item(), x.operand(), x.ref)
         results[e] = AlphaResult(alphas[e].item(), err, at_one, x.h.shape[0], z_of.get(e))
     return LayerAlphas(alphas, results, _rel(resid.square().sum(), ref), _rel(one.square().sum(), ref))

@@ -131,3 +131,20 @@ def test_auto_picks_gram_only_where_it_costs_less():
     assert not A._use_gram("direct", rows=512, fit=384, points=30, H=7168, I=2048)
     with pytest.raises(ConfigError, match="mode 'fast'"):
         A.search_layer_alphas(_shared_outlier_experts(), mode="fast")
+
+
+def test_exact_integer_products_choose_the_alphas_of_the_fp32_products(clip_scheme, monkeypatch):
+    """The search multiplies held int4 down-projections as integers (exact, as the kernel does);
+    on these layers it picks the alphas the fp32 GEMM of the dequantized weights picked."""
+    from dataclasses import replace
+
+    compared = 0
+    for name, rows, kw in _cases(clip_scheme, monkeypatch):
+        if not any(r is not None and isinstance(r.operand(), A.IntWeight) for r in rows):
+            continue  # hand-built rows with fp32 weights
+        dense = [None if r is None else replace(r, w2_deq=r.w2()) for r in rows]
+        exact, fp32 = A.search_layer_alphas(rows, **kw), A.search_layer_alphas(dense, **kw)
+        assert torch.equal(exact.alphas, fp32.alphas), name
+        assert exact.error == pytest.approx(fp32.error, rel=1e-5), name
+        compared += 1
+    assert compared == 2

@@ -53,4 +53,22 @@ def test_compact_weight_round_trips_through_its_tensors():
     c = CompactWeight.of(qw)
     assert c.packed and c.q.dtype == torch.uint8 and c.q.shape[-1] == 4
     again = CompactWeight.from_tensors(c.tensors())
-    assert torch.equal(again.dequantize(), qw.dequantize()) and torch.equal(c(), qw.dequantize()[0].float())
+    assert torch.equal(again.dequantize(), qw.dequantize())
+    assert torch.equal(c.operand().dense(), qw.dequantize()[0].float())
+
+
+def test_candidate_products_with_an_int_weight_are_the_exact_integer_gemm():
+    from quantfw.calibrate.alpha import IntWeight, _clipped_int, _outputs
+
+    rows = _rows(n_experts=1, M=40, H=96, I=48)[0]
+    w = rows.operand()
+    assert isinstance(w, IntWeight) and w.codes.dtype == torch.int8 and int(w.codes.abs().max()) <= 8
+    alphas = [0.3, 0.7, 1.0]
+    (_, got), (_, q, s) = next(_outputs(rows.h, alphas, w)), next(_clipped_int(rows.h, alphas, 96))
+    # the exact integer sums in float64, then the per-token and per-channel scales in fp32
+    acc = (q.double() @ w.codes.double().T).float()
+    want = (acc * s.unsqueeze(1) * w.scale).view(3, 40, 96)
+    assert torch.equal(got, want)
+    # against the fp32 GEMM of the dequantized operands: the same up to its rounding
+    ((_, dense),) = list(_outputs(rows.h, alphas, w.dense()))
+    assert torch.allclose(got, dense, rtol=1e-5, atol=1e-5) and not torch.equal(got, dense)

@@ -29,8 +29,8 @@ its tie rule are shared, and the acceptance test and the report are computed dir
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -42,33 +42,55 @@ _BATCH_ELEMENTS = 1 << 25
 MODES = ("auto", "direct", "gram")
 
 
+@dataclass(frozen=True)
+class IntWeight:
+    """A down-projection as its integer codes int8 [H, I] and per-channel scale fp32 [H]. The
+    search's products with the int8 clipped rows are then integer GEMMs, exact (int32 accumulation,
+    as the deployed int8 x int4 kernel does), scaled per token and per channel after; an fp32 GEMM
+    of the dequantized operands rounds every product and partial sum."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        """The dequantized weight fp32 [H, I] (quantfw.quantize.primitives.dequantize's values)."""
+        return self.codes.float().mul_(self.scale.unsqueeze(-1))
+
+
 @dataclass
 class ExpertRows:
     """One expert's calibration rows: h [M, 2I] as the deployed clip sees them, ref [M, H] the float
-    expert output, w2_deq [H, I] the dequantized int4 down-projection, tokens [M] the layer token
-    each row belongs to, weight [M] its routing weight (the expert output's factor in the layer)."""
+    expert output, w2_deq [H, I] the int4 down-projection, tokens [M] the layer token each row
+    belongs to, weight [M] its routing weight (the expert output's factor in the layer)."""
 
     h: torch.Tensor
     ref: torch.Tensor
-    # The tensor, or a function that rebuilds it: a 256-expert layer then holds one expert's
-    # down-projection at a time (the last one asked for), not all of them.
-    w2_deq: torch.Tensor | Callable[[], torch.Tensor]
+    # The dequantized fp32 tensor, or a compact form whose operand() gives the IntWeight (or the
+    # fp32 tensor) when asked: a 256-expert layer then holds one expert's unpacked down-projection
+    # at a time (the last one asked for), not all of them.
+    w2_deq: torch.Tensor | Any
     tokens: torch.Tensor
     weight: torch.Tensor
 
     def load(self) -> ExpertRows:
         return self  # held in memory (quantfw.calibrate.row_store.SpilledRows reads its file)
 
-    def w2(self) -> torch.Tensor:
+    def operand(self) -> torch.Tensor | IntWeight:
+        """w2 as the candidate products take it."""
         if isinstance(self.w2_deq, torch.Tensor):
             return self.w2_deq
         if _LAST_W2[0] is not self:
             _LAST_W2[:] = [None, None]  # free the previous expert's before building this one
-            _LAST_W2[:] = [self, self.w2_deq()]
+            _LAST_W2[:] = [self, self.w2_deq.operand()]
         return _LAST_W2[1]
 
+    def w2(self) -> torch.Tensor:
+        """The dequantized w2 fp32 [H, I]."""
+        w = self.operand()
+        return w.dense() if isinstance(w, IntWeight) else w
 
-_LAST_W2: list = [None, None]  # (rows, w2) of the expert whose rebuilt down-projection is held
+
+_LAST_W2: list = [None, None]  # (rows, operand) of the expert whose unpacked down-projection is held
 
 
 @dataclass
@@ -88,9 +110,9 @@ class LayerAlphas:
     error_at_one: float
 
 
-def _clipped(h: torch.Tensor, alphas: list[float], width: int):
-    """Yield (alphas chunk, dequantized clipped-int8 w2 inputs [len(chunk) * M, I]), chunks sized so
-    that an intermediate of `width` columns stays under _BATCH_ELEMENTS."""
+def _clipped_int(h: torch.Tensor, alphas: list[float], width: int):
+    """Yield (alphas chunk, clipped int8 w2 inputs [len(chunk) * M, I], their scales [len(chunk) * M]),
+    chunks sized so that an intermediate of `width` columns stays under _BATCH_ELEMENTS."""
     m = h.shape[0]
     per_call = max(1, _BATCH_ELEMENTS // max(1, m * max(h.shape[1], width)))
     for i in range(0, len(alphas), per_call):
@@ -99,13 +121,24 @@ def _clipped(h: torch.Tensor, alphas: list[float], width: int):
         q, s = ops.swiglu_clip_quant(
             h.repeat(len(chunk), 1), counts, torch.tensor(chunk, dtype=torch.float32)
         )
+        yield chunk, q, s
+
+
+def _clipped(h: torch.Tensor, alphas: list[float], width: int):
+    """Yield (alphas chunk, dequantized clipped-int8 w2 inputs [len(chunk) * M, I])."""
+    for chunk, q, s in _clipped_int(h, alphas, width):
         yield chunk, q.float() * s.unsqueeze(1)
 
 
-def _outputs(h: torch.Tensor, alphas: list[float], w2_deq: torch.Tensor):
+def _outputs(h: torch.Tensor, alphas: list[float], w2: torch.Tensor | IntWeight):
     """Yield (alphas chunk, clipped-int8 x int4 expert outputs [len(chunk), M, H])."""
-    for chunk, u in _clipped(h, alphas, w2_deq.shape[0]):
-        yield chunk, (u @ w2_deq.T).view(len(chunk), h.shape[0], -1)
+    exact = isinstance(w2, IntWeight)
+    for chunk, q, s in _clipped_int(h, alphas, (w2.codes if exact else w2).shape[0]):
+        if exact:
+            y = torch._int_mm(q, w2.codes.T).float().mul_(s.unsqueeze(1)).mul_(w2.scale)
+        else:
+            y = (q.float() * s.unsqueeze(1)) @ w2.T
+        yield chunk, y.view(len(chunk), h.shape[0], -1)
 
 
 def _clipped_rows(h: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -160,7 +193,7 @@ def _use_gram(mode: str, rows: int, fit: int, points: int, H: int, I: int) -> bo
 def _direct_step(x: ExpertRows, cur: float, resid_e, rows_fit, search) -> tuple[float, torch.Tensor]:
     """(best alpha, new layer residual rows of x's tokens), candidates scored on [rows, H] errors."""
     w = x.weight.float().unsqueeze(-1)
-    others = resid_e - w * _expert_error(x.h, cur, x.w2(), x.ref)
+    others = resid_e - w * _expert_error(x.h, cur, x.operand(), x.ref)
     # Score the fit rows only (a GEMM row does not depend on the other rows, except for a
     # single-row product, which takes another kernel).
     sub = rows_fit.nonzero().squeeze(1) if int(rows_fit.sum()) >= 2 else None
@@ -168,14 +201,14 @@ def _direct_step(x: ExpertRows, cur: float, resid_e, rows_fit, search) -> tuple[
 
     def loss(cands):
         out = {}
-        for chunk, y in _outputs(h, cands, x.w2()):
+        for chunk, y in _outputs(h, cands, x.operand()):
             d = os + ws * (y - ref)
             tot = (d if sub is not None else d[:, rows_fit]).square().sum((-1, -2))
             out.update(zip(chunk, tot.tolist(), strict=True))
         return out
 
     best = search(loss)
-    return best, others + w * _expert_error(x.h, best, x.w2(), x.ref)
+    return best, others + w * _expert_error(x.h, best, x.operand(), x.ref)
 
 
 def _gram_step(x: ExpertRows, cur: float, resid_e, rows_fit, search) -> tuple[float, torch.Tensor]:
@@ -240,7 +273,7 @@ def search_layer_alphas(
         if resid is None:
             resid, ref = torch.zeros(ids.shape[0], x.ref.shape[1]), torch.zeros(ids.shape[0], x.ref.shape[1])
         w = x.weight.float().unsqueeze(-1)
-        err_one = _expert_error(x.h, 1.0, x.w2(), x.ref)
+        err_one = _expert_error(x.h, 1.0, x.operand(), x.ref)
         resid.index_add_(0, slot[e], w * err_one)
         ref.index_add_(0, slot[e], w * x.ref)
         at_one[e] = _rel(err_one.square().sum(), x.ref)
@@ -269,7 +302,7 @@ def search_layer_alphas(
         if alphas[e] == 1.0:
             continue
         x = experts[e].load()
-        err = _expert_error(x.h, alphas[e].item(), x.w2(), x.ref)
+        err = _expert_error(x.h, alphas[e].item(), x.operand(), x.ref)
         err_of[e] = _rel(err.square().sum(), x.ref)
         if not holdout:
             continue
@@ -277,7 +310,7 @@ def search_layer_alphas(
         w = x.weight.float().unsqueeze(-1)
         cur = resid[slot[e]]
         without = cur - w * err
-        without = without + w * _expert_error(x.h, 1.0, x.w2(), x.ref)
+        without = without + w * _expert_error(x.h, 1.0, x.operand(), x.ref)
         z = paired_z(without[rows_held].square().sum(-1), cur[rows_held].square().sum(-1))
         z_of[e] = z
         if z < min_z:  # did not carry over to tokens the search never saw

@@ -68,8 +68,7 @@ class LayerCapture:
     weights: list[list[torch.Tensor]] = field(default_factory=list)
     routed: list[list[torch.Tensor]] = field(default_factory=list)  # bool per kept row
     seen: int = 0  # layer tokens numbered so far
-    # Where the layer's alpha-search rows wait (held or spilled, with a compact int4 w2); None:
-    # held, with the dequantized w2 (the whole-model path).
+    # Where the layer's alpha-search rows wait (held or spilled); None: held (the whole-model path).
     store: RowStore | None = None
     keys: list[list[torch.Tensor]] = field(default_factory=list)  # random sampling key of each kept row
 
@@ -265,17 +264,14 @@ def expert_alpha_rows(
             h_dep = ((xq.float() * xs.unsqueeze(-1)) @ deq13.T).to(torch.bfloat16).float()
             del deq13
         tokens, weight = torch.cat(captured.tokens[e]), torch.cat(captured.weights[e])
-        store = captured.store
         found = ExpertRows(
             h=h_dep,
             ref=ops.swiglu(h) @ w2[j].float().T,
-            w2_deq=_fake_quant(scheme, w2[j])
-            if store is None
-            else CompactWeight.of(fake_quant_weights(scheme, w2[j].unsqueeze(0))),
+            w2_deq=CompactWeight.of(fake_quant_weights(scheme, w2[j].unsqueeze(0))),
             tokens=tokens if pick is None else tokens[pick],
             weight=weight if pick is None else weight[pick],
         )
-        rows[j] = found if store is None else store.keep(e, found)
+        rows[j] = found if captured.store is None else captured.store.keep(e, found)
     return rows, report
 
 

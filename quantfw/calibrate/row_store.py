@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
-from quantfw.calibrate.alpha import ExpertRows
+from quantfw.calibrate.alpha import ExpertRows, IntWeight
 from quantfw.quantize import primitives
 
 __all__ = ["CompactWeight", "RowStore", "SpilledRows", "discard"]
@@ -29,8 +29,8 @@ FOLDER = "search-rows"
 
 class CompactWeight:
     """A quantized weight held small: integer codes in [-8, 7] packed two per byte (else kept as
-    they are); `dequantize()` returns exactly QuantizedWeight.dequantize(), and calling it the one
-    expert's fp32 weight the alpha search asks for. Plain tensors: it travels between ranks."""
+    they are); `dequantize()` returns exactly QuantizedWeight.dequantize(). Plain tensors: it
+    travels between ranks."""
 
     def __init__(self, q: torch.Tensor, s1, s2, packed: bool | None = None):
         if packed is None:
@@ -47,16 +47,23 @@ class CompactWeight:
     def of(cls, qw) -> CompactWeight:
         return cls(qw.q, qw.s1, qw.s2)
 
-    def dequantize(self) -> torch.Tensor:
+    def _codes(self) -> torch.Tensor:
         q = self.q
         if self.packed:
             # int8 views of the nibbles, not a widening per step: the search unpacks an expert
             # about three times
             lo, hi = (q & 15).view(torch.int8), (q >> 4).view(torch.int8)
             q = torch.stack([lo, hi], -1).flatten(-2).sub_(8)
-        return primitives.dequantize(q, self.s1, self.s2)
+        return q
 
-    def __call__(self) -> torch.Tensor:
+    def dequantize(self) -> torch.Tensor:
+        return primitives.dequantize(self._codes(), self.s1, self.s2)
+
+    def operand(self) -> IntWeight | torch.Tensor:
+        """The one expert's weight as the alpha search multiplies with it: integer codes and
+        per-channel scales when it has them, else dequantized fp32 [N, K]."""
+        if self.s2 is None and self.q.dtype in (torch.int8, torch.uint8):
+            return IntWeight(self._codes()[0], self.s1[0].to(torch.float32))
         return self.dequantize()[0].float()
 
     def tensors(self) -> dict[str, torch.Tensor]:
