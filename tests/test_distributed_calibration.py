@@ -101,6 +101,7 @@ def test_torchrun_output_is_byte_identical_to_one_process(model, single, tmp_pat
     r = torchrun(nproc, *quantize_args(model, out, *extra))
     assert r.returncode == 0, r.stderr[-6000:]
     assert files_bytes(out) == single
+    assert r.stderr.count("model-level guard skipped") == 1  # said once, not once per rank
     assert not (tmp_path / ".q.calibration").exists()
 
 

@@ -160,7 +160,10 @@ def calibrate_checkpoint(
     guard = None
     if guard_tokens:
         guard = {"skipped": GUARD_SKIPPED}
-        print(f"quantfw calibrate: model-level guard skipped: {GUARD_SKIPPED}", file=sys.stderr, flush=True)
+        if share is None or share.lead:  # once, not once per torchrun rank
+            print(
+                f"quantfw calibrate: model-level guard skipped: {GUARD_SKIPPED}", file=sys.stderr, flush=True
+            )
     results, inputs, owner = calibrate_layers(
         folder,
         scheme,
