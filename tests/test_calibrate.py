@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from alpha_search_reference import _error
 
 from quantfw import ops
-from quantfw.calibrate.alpha import _error
 from quantfw.calibrate.experts import ExpertCapture, LayerCapture, alpha_metadata, learn_expert_alphas
 from quantfw.errors import CalibrationError, ConfigError
 from quantfw.eval import synthetic

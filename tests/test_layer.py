@@ -129,7 +129,7 @@ def test_alpha_search_finds_the_brute_force_optimum():
     w2 = torch.randn(32, 64) * 0.1
     w2[:, 3] *= 0.01
     r = search_alpha(h, w2, w2, lo=0.05, steps=40, refine=1, holdout=0)
-    from quantfw.calibrate.alpha import _error
+    from alpha_search_reference import _error
 
     ref = (torch.nn.functional.silu(h[:, :64]) * h[:, 64:]) @ w2.T
     brute = min((_error(h, a, w2, ref), a) for a in torch.linspace(0.05, 1, 400).tolist())

@@ -40,6 +40,7 @@ import torch
 
 from quantfw import ops
 from quantfw.errors import ConfigError
+from quantfw.quantize import primitives
 
 # Elements of the largest intermediate ([grid points x rows, max(H, 2I)]) one batched call builds.
 _BATCH_ELEMENTS = 1 << 25
@@ -57,8 +58,8 @@ class IntWeight:
     scale: torch.Tensor
 
     def dense(self) -> torch.Tensor:
-        """The dequantized weight fp32 [H, I] (quantfw.quantize.primitives.dequantize's values)."""
-        return self.codes.float().mul_(self.scale.unsqueeze(-1))
+        """The dequantized weight fp32 [H, I]."""
+        return primitives.dequantize(self.codes, self.scale)
 
 
 @dataclass
@@ -153,11 +154,6 @@ def _clipped_rows(h: torch.Tensor, alpha: float) -> torch.Tensor:
 def _expert_error(h, alpha, w2_deq, ref) -> torch.Tensor:
     """Output error rows [M, H] of one expert at one alpha."""
     return next(_outputs(h, [alpha], w2_deq))[1][0] - ref
-
-
-def _error(h: torch.Tensor, alpha: float, w2_deq: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative L2 of one expert's output at one alpha."""
-    return _rel(_expert_error(h, alpha, w2_deq, ref).square().sum(), ref)
 
 
 def _rel(sse: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,7 +1,7 @@
 """Where one MoE layer's alpha-search rows wait for the layer's search.
 
-The search visits every searched expert about five times (its starting error, two sweeps, the
-held-out test, the report), each time with the expert's rows (h, ref) and its dequantized int4
+The search visits every searched expert about three times (its starting error, two sweeps, and
+the held-out test of a clipped expert), each time with the expert's rows (h, ref) and its int4
 down-projection. The rows grow with the calibration tokens (0.74 GB of fp32 at 2048 tokens and
 DeepSeek-V3 dims) and a packed down-projection is ~7 MB per expert, so a store keeps them in memory
 up to calibration.search_memory_mb (each rank its share) and writes the rest to the work dir, one
@@ -64,7 +64,7 @@ class CompactWeight:
         per-channel scales when it has them, else dequantized fp32 [N, K]."""
         if self.s2 is None and self.q.dtype in (torch.int8, torch.uint8):
             return IntWeight(self._codes()[0], self.s1[0].to(torch.float32))
-        return self.dequantize()[0].float()
+        return self.dequantize()[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"w2.q": self.q, "w2.packed": torch.tensor(int(self.packed))}
@@ -78,8 +78,7 @@ class CompactWeight:
 
 def _nbytes(rows: ExpertRows) -> int:
     own = sum(t.numel() * t.element_size() for t in (rows.h, rows.ref, rows.tokens, rows.weight))
-    w2 = rows.w2_deq
-    return own + (w2.nbytes if isinstance(w2, CompactWeight) else w2.numel() * w2.element_size())
+    return own + rows.w2_deq.nbytes
 
 
 @dataclass
@@ -97,15 +96,15 @@ class SpilledRows:
 
 
 class RowStore:
-    """One layer's search rows on one rank: held while they fit in `budget` bytes, else spilled to
-    `folder` (None: always held)."""
+    """One layer's search rows on one rank (each with a CompactWeight w2): held while they fit in
+    `budget` bytes, else spilled to `folder`."""
 
-    def __init__(self, layer: int, budget: int, folder: Path | None):
+    def __init__(self, layer: int, budget: int, folder: Path):
         self.layer, self.budget, self.folder, self.used = layer, budget, folder, 0
 
     def keep(self, e: int, rows: ExpertRows) -> ExpertRows | SpilledRows:
         size = _nbytes(rows)
-        if self.folder is None or self.used + size <= self.budget:
+        if self.used + size <= self.budget:
             self.used += size
             return rows
         self.folder.mkdir(parents=True, exist_ok=True)
