@@ -183,13 +183,19 @@ def _tp_name(tp: int, n: str) -> str:
     return f"tp-{n}" if tp == 2 else f"tp{tp}-{n}"
 
 
-def _slices_one_by_one(path, x, w, ids, world: int, tp: int) -> torch.Tensor:
+def _slices_one_by_one(
+    path, x, w, ids, world: int, tp: int, backend: str = "torch", seen=None
+) -> torch.Tensor:
     """The TP ranks' slices run one by one in this process, their partial outputs summed; each
     slice's per-token w2-input bound is the max over the slices of its TP group (what the TP
-    layer's MAX all_reduce gives), found by a first pass that records every slice's bounds."""
+    layer's MAX all_reduce gives), found by a first pass that records every slice's bounds in
+    `seen` (one list per rank)."""
     ep = world // tp
-    layers = [load_one(path, ep_rank=r // tp, ep_size=ep, tp_rank=r % tp, tp_size=tp) for r in range(world)]
-    seen: list[list[torch.Tensor]] = [[] for _ in range(world)]
+    layers = [
+        load_one(path, backend=backend, ep_rank=r // tp, ep_size=ep, tp_rank=r % tp, tp_size=tp)
+        for r in range(world)
+    ]
+    seen = [[] for _ in range(world)] if seen is None else seen
     for r, layer in enumerate(layers):
         with rows_split(lambda a, r=r: seen[r].append(a) or a):
             layer(x, w, ids)

@@ -13,15 +13,19 @@ import pytest
 import torch
 
 from quantfw import ops
-from quantfw.api import build_layer
+from quantfw.api import build_layer, components
 from quantfw.backends import get_backend
 from quantfw.backends.npu import build_npu_backend, load_torch_npu
 from quantfw.backends.npu_sim import ACL_FORMAT_FRACTAL_NZ, NpuSim
 from quantfw.config.compose import compose
 from quantfw.errors import BackendUnavailable, LayoutError
 from quantfw.eval import synthetic
-from quantfw.eval.metrics import peer_check
+from quantfw.eval.metrics import compare, peer_check
+from quantfw.integrations.hf import save_tiny_checkpoint
+from quantfw.ops.rowmax import rows_split
+from quantfw.quantize.checkpoint import quantize_checkpoint
 from quantfw.quantize.experts import quantize_experts
+from tests.test_ep_layer import _slices_one_by_one
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 160
@@ -78,6 +82,49 @@ def test_npu_sim_matches_torch_backend(name):
     assert NpuSim.get_npu_format(sim.w2_weight) == ACL_FORMAT_FRACTAL_NZ
     if "clip" in name:
         assert sim.backend.notes["swiglu_clip_quant"].startswith("composed")
+
+
+@pytest.fixture(scope="module")
+def tp_ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("npu_tp")
+    src = save_tiny_checkpoint("qwen3_moe", root / "float", num_layers=1, num_experts=8)
+    out = {}
+    tp_schemes = {  # the NPU-legal forms that TP can shard (msModelSlim: [H, 16] scale_bias partials)
+        **{n: SCHEMES[n] for n in ("w8a8 fused", "w8a8 unfused")},
+        "w4a8 per-channel": ["scheme=w4a8", "scheme.group_size=0"],
+        "w4a8_clip": ["scheme=w4a8_clip", "format=msmodelslim"],
+    }
+    for name, overrides in tp_schemes.items():
+        s, f, _ = components(compose("default", overrides))
+        out[name] = quantize_checkpoint(src, root / name.replace(" ", "_"), s, f, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("name", ["w8a8 fused", "w8a8 unfused", "w4a8 per-channel", "w4a8_clip"])
+def test_npu_sim_tensor_parallel_slices_quantize_with_the_whole_rows_amax(tp_ckpts, name):
+    """Under TP the fused quant kernels would bound each rank's slice alone; the NPU backend composes
+    them around the TP group's row max, so its slices take the torch backend's bounds and outputs."""
+    x = synthetic.hidden_states(40, 512, seed=5).to(torch.bfloat16)  # npu_dynamic_quant's dtype
+    w, ids = synthetic.random_routing(40, 8, 3, seed=6, skew=3.0)
+    bounds = {b: [[], []] for b in ("torch", "npu_sim")}
+    got = {b: _slices_one_by_one(tp_ckpts[name], x, w, ids, 2, 2, b, bounds[b]) for b in bounds}
+    for r in range(2):  # the same row-max calls with the same slice amaxes, so the same quantization
+        assert len(bounds["npu_sim"][r]) == len(bounds["torch"][r]) >= 1
+        for a, b in zip(bounds["npu_sim"][r], bounds["torch"][r], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    peer = peer_check(got["npu_sim"], got["torch"])
+    assert peer["ok"], peer
+    assert compare(got["npu_sim"], got["torch"])["rel_l2"] < 0.01
+    assert got["torch"].abs().mean() > 0
+
+
+def test_npu_sim_native_clip_op_is_refused_under_tensor_parallelism():
+    backend = build_npu_backend("npu_sim", NpuSim(has_swiglu_clip_quant=True), {"swiglu_clip": "native"})
+    x, counts, alpha = torch.randn(6, 256), torch.tensor([4, 2]), torch.tensor([0.5, 1.0])
+    with rows_split(lambda a: a), pytest.raises(BackendUnavailable, match="under tensor parallelism"):
+        backend.ops["swiglu_clip_quant"](x, counts, alpha)
+    q, s = backend.ops["swiglu_clip_quant"](x, counts, alpha)  # outside TP the native op runs
+    assert backend.notes["swiglu_clip_quant"] == "npu_swiglu_clip_quant"
 
 
 def test_npu_sim_expert_parallel_rank_matches_torch_rank():

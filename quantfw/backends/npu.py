@@ -23,7 +23,8 @@ from quantfw.backends.base import Backend, register_backend
 from quantfw.backends.npu_sim import NpuSim
 from quantfw.errors import BackendUnavailable, ConfigError
 from quantfw.layout.spec import parse_dtype
-from quantfw.ops.activation import pad_rows, quant_rows
+from quantfw.ops.activation import dequant_swiglu_quant, dynamic_quant, pad_rows, quant_rows
+from quantfw.ops.rowmax import is_split, row_amax
 from quantfw.schemes.plan_ops import PLAN_OPS
 from quantfw.transforms import register
 
@@ -71,13 +72,25 @@ class NpuOps:
         if x.dtype == torch.float32:  # npu_dynamic_quant takes fp16/bf16 only
             self.notes["dynamic_quant"] = "float32 input cast to bfloat16 for npu_dynamic_quant"
             x = x.to(torch.bfloat16)
+        if is_split():
+            return self._split_row("dynamic_quant", dynamic_quant, x)
         q, s = self.npu.npu_dynamic_quant(x)
         return q, s
+
+    def _split_row(self, name, composed, *args):
+        """Under TP a row is split over the TP ranks and a fused quant kernel's bound would be its
+        slice's amax: the same math from standard torch ops, with the whole row's (`row_amax`)."""
+        self.notes[f"{name}_tp"] = "composed from standard ops with the TP group's row max"
+        return composed(*args)
 
     def swiglu(self, x: torch.Tensor):
         return self.npu.npu_swiglu(x, dim=-1)  # swish(first half) * second half: gate first
 
     def dequant_swiglu_quant(self, x, weight_scale, activation_scale, group_index):
+        if is_split():
+            return self._split_row(
+                "dequant_swiglu_quant", dequant_swiglu_quant, x, weight_scale, activation_scale, group_index
+            )
         q, s = self.npu.npu_dequant_swiglu_quant(
             x,
             weight_scale=weight_scale,
@@ -119,6 +132,13 @@ class NpuOps:
 
     def swiglu_clip_quant(self, x, group_index, group_alpha):
         native = getattr(self.npu, "npu_swiglu_clip_quant", None)
+        if is_split():
+            if self.swiglu_clip == "native":
+                raise BackendUnavailable(
+                    "backend.swiglu_clip=native under tensor parallelism: the fused op bounds each "
+                    "rank's slice alone; use backend.swiglu_clip=auto|composed (the TP row max)"
+                )
+            return self._split_row("swiglu_clip_quant", self._composed_clip, x, group_index, group_alpha)
         if self.swiglu_clip == "composed" or (self.swiglu_clip == "auto" and native is None):
             self.notes["swiglu_clip_quant"] = (
                 "composed: npu_swiglu(fp32) + per-row amax x alpha[e] + clamp + int8 quant with s = t/127"
@@ -145,11 +165,12 @@ class NpuOps:
     def _composed_clip(self, x, group_index, group_alpha):
         """Spec 1.4 from standard ops: y = swiglu(x) in fp32, t = alpha[e] * rowmax|y|, clamp to
         [-t, t], quantize with s = t / 127. For alpha <= 1 that is exactly dynamic quant of the
-        clamped rows (their rowmax is t); written with t so alpha > 1 stays correct too."""
+        clamped rows (their rowmax is t); written with t so alpha > 1 stays correct too. The row max is
+        `row_amax`'s: under TP, the whole row's."""
         y = self.npu.npu_swiglu(x.float(), dim=-1)
         valid = int(group_index.sum())
         experts = torch.arange(group_alpha.shape[0], device=group_alpha.device)
-        t = group_alpha[torch.repeat_interleave(experts, group_index)] * y[:valid].abs().amax(dim=-1)
+        t = group_alpha[torch.repeat_interleave(experts, group_index)] * row_amax(y[:valid])
         clamped = torch.clamp(y[:valid], -t.unsqueeze(-1), t.unsqueeze(-1))
         q, s = quant_rows(clamped, t)
         return pad_rows(q, s, x.shape[0])

@@ -19,6 +19,7 @@ import torch
 from quantfw import ops
 from quantfw.errors import LayoutError
 from quantfw.ops import check_tensor
+from quantfw.ops.rowmax import rows_local
 
 ACL_FORMAT_ND = 2
 ACL_FORMAT_FRACTAL_NZ = 29
@@ -114,7 +115,8 @@ class NpuSim:
         _none(op, smooth_scales=smooth_scales, group_index=group_index)
         if dst_type not in (None, torch.int8):
             raise _err(op, "dst_type", "None or torch.int8 (quint4x2 not emulated)", dst_type)
-        return ops.dynamic_quant(x)
+        with rows_local():  # the kernel's bound is its own slice's amax, even under TP
+            return ops.dynamic_quant(x)
 
     def npu_swiglu(self, x, dim=-1):
         op = self._call("npu_swiglu")
@@ -173,7 +175,10 @@ class NpuSim:
             raise _err(op, "x", f"H = 2H/2 <= {DSQ_MAX_I} and 64-aligned (grouped mode)", f"H = {half}")
         if gi.numel() and bool((gi < 0).any()) or int(gi.sum()) > rows:
             raise _err(op, "group_index", f"non-negative counts summing to <= {rows}", gi.tolist())
-        q, s = ops.dequant_swiglu_quant(x, weight_scale, act.reshape(rows), gi, activate_left=activate_left)
+        with rows_local():
+            q, s = ops.dequant_swiglu_quant(
+                x, weight_scale, act.reshape(rows), gi, activate_left=activate_left
+            )
         s[int(gi.sum()) :] = float("nan")  # undefined on the device: make any use visible
         return q, s
 
@@ -183,7 +188,8 @@ class NpuSim:
         _t(op, "x", x, (torch.bfloat16, torch.float16, torch.float32), ndim=2)
         _t(op, "group_alpha", group_alpha, (torch.float32,), ndim=1)
         _t(op, "group_index", group_index, (torch.int64,), shape=(group_alpha.shape[0],))
-        return ops.swiglu_clip_quant(x, group_index, group_alpha, activate_left=activate_left)
+        with rows_local():
+            return ops.swiglu_clip_quant(x, group_index, group_alpha, activate_left=activate_left)
 
     # -- grouped matmul ----------------------------------------------------------------------
     def npu_grouped_matmul(
