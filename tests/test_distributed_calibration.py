@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from quantfw.integrations.hf import save_tiny_checkpoint
 from quantfw.parallel.calibration import ExpertShare
 from quantfw.parallel.dist import Dist
+from quantfw.quantize.checkpoint import busy_local_ranks, default_workers
 
 CLIP = ["scheme=w4a8_clip", "format=compressed_tensors"]
 CALIB = [
@@ -85,6 +86,19 @@ def test_blocks_follow_the_placement_primaries_only():
     assert share.owned(8) == (2, 3, 4, 7)
     assert share.blocks(8, 2) == [range(2, 4), range(4, 5), range(7, 8)]
     assert ExpertShare(Dist(rank=0, world=2)).blocks(8, 3) == [range(0, 3), range(3, 4)]
+
+
+def test_a_rank_left_converting_alone_on_its_node_takes_the_freed_cores(monkeypatch):
+    # 3 shards over 2 ranks on one node: rank 0 converts shards 0 and 2, rank 1 shard 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert [busy_local_ranks(0, 2, 3, k) for k in (0, 1)] == [2, 1]
+    assert busy_local_ranks(1, 2, 3, 0) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    assert [default_workers(2, busy_local_ranks(0, 2, 3, k)) for k in (0, 1)] == [1, 2]
+    # two nodes of 2 ranks, 5 shards: rank 0 has shards 0 and 4, ranks 1, 2, 3 one each; in
+    # round 1 rank 0 is alone on node 0, and node 1's ranks are done
+    assert busy_local_ranks(2, 4, 5, 0) == 2 and busy_local_ranks(0, 4, 5, 1) == 1
+    assert busy_local_ranks(2, 4, 5, 1) == 0
 
 
 @pytest.mark.parametrize(

@@ -67,11 +67,21 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def default_workers(dist_world: int = 1) -> int:
-    """One quantize thread per core this process may use (cores shared by torchrun ranks)."""
+def default_workers(dist_world: int = 1, busy_local: int | None = None) -> int:
+    """One quantize thread per core this process may use: the cores are shared by the torchrun
+    ranks of this node that are still converting (`busy_local`, default all of them)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local = int(os.environ.get("LOCAL_WORLD_SIZE", dist_world))
-    return max(1, cores // max(1, local))
+    return max(1, cores // max(1, busy_local or local))
+
+
+def busy_local_ranks(rank: int, world: int, shards: int, k: int) -> int:
+    """Ranks of `rank`'s node that still convert while it converts its k-th shard (round robin:
+    rank r has shards r, r+W, ...): once the others are done (waiting in a collective, which
+    sleeps), their cores are free. torchrun numbers each node's ranks contiguously."""
+    local = max(1, min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    node = rank // local * local
+    return sum(1 for r in range(node, min(node + local, world)) if len(range(r, shards, world)) > k)
 
 
 @dataclass
@@ -345,7 +355,9 @@ class Converter:
             )
         return types, report, writer.digest
 
-    def _write_record(self, i: int, types: dict[str, str], report: QuantReport, digest: str | None = None) -> None:
+    def _write_record(
+        self, i: int, types: dict[str, str], report: QuantReport, digest: str | None = None
+    ) -> None:
         self.store.write_record(
             self.names[i],
             self._input_stamp(i),
@@ -457,7 +469,7 @@ class Converter:
             return self.out
         dist.barrier()
         done = [False] * len(self.names)
-        self.workers = self.workers or default_workers(dist.world)
+        fixed = self.workers
         keep_freed_memory()
         try:
             with self._os_errors(), _torch_threads(1), ThreadPoolExecutor(1) as hasher:
@@ -466,6 +478,8 @@ class Converter:
                 size = sum(self._input_stamp(i)["input_size"] for i in mine)
                 with bar(total=size, unit="B", unit_scale=True, desc="quantize", progress=self.progress) as b:
                     for k, i in enumerate(mine):
+                        busy = busy_local_ranks(dist.rank, dist.world, len(self.names), k)
+                        self.workers = fixed or default_workers(dist.world, busy)
                         result = self._do_shard(i)
                         if result is not None:
                             records.append(hasher.submit(self._write_record, i, *result))
