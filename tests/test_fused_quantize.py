@@ -118,3 +118,38 @@ def test_worker_threads_compile_every_shape(small_threshold):
     assert not errors
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in results)
     assert dynamo_utils.counters["frames"]["ok"] - before == len(shapes)  # one compiled frame per shape
+
+
+def _eager_dequant(w, scale_inv, block):
+    old, fused.MIN_ELEMS = fused.MIN_ELEMS, 1 << 62
+    try:
+        return dequantize(w, scale_inv, block)
+    finally:
+        fused.MIN_ELEMS = old
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_compiled_fp8_dequantization_into_a_block_slot_is_bit_identical(small_threshold, scale_dtype):
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(256, 384, generator=g) * 0.05).to(torch.float8_e4m3fn)
+    w.view(torch.uint8)[0, :8] = torch.tensor([0, 1, 2, 7, 0x80, 0x81, 0x7E, 0xFE], dtype=torch.uint8)
+    scale_inv = (torch.rand(2, 3, generator=g) * 1e-3 + 1e-5).to(scale_dtype)
+    want = _eager_dequant(w, scale_inv, (128, 128))
+    block = torch.full((2, 512, 384), float("nan"))  # a [E, 2I, H] block: write the up half of expert 1
+    got = dequantize(w, scale_inv, (128, 128), out=block[1, 256:])
+    assert got.data_ptr() == block[1, 256:].data_ptr()
+    assert torch.equal(block[1, 256:], want)
+    assert torch.isnan(block[1, :256]).all() and torch.isnan(block[0]).all()  # nothing else written
+    assert float(want[0, 1]) == 2.0**-9 * float(scale_inv[0, 0])  # subnormal fp8 kept exactly
+    assert fused.dequantize_fp8_into(w, scale_inv, (128, 128), torch.empty(256, 384))  # compiled, not eager
+
+
+def test_fp8_dequantization_with_edge_blocks_takes_the_eager_ops_into_out(small_threshold):
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(200, 300, generator=g) * 0.05).to(torch.float8_e4m3fn)
+    scale_inv = torch.rand(2, 3, generator=g) * 1e-3
+    out = torch.empty(200, 300)
+    assert not fused.dequantize_fp8_into(w, scale_inv, (128, 128), out)
+    assert torch.equal(
+        dequantize(w, scale_inv, (128, 128), out=out), _eager_dequant(w, scale_inv, (128, 128))
+    )

@@ -63,29 +63,36 @@ class ExpertSource:
             self.reader, key_of(self.prefix, e, self.model, "down", "weight"), self.fp8_block
         ).float()
 
-    def _proj(self, e: int, proj: str) -> torch.Tensor:
+    def _key(self, e: int, proj: str) -> str:
         key = key_of(self.prefix, e, self.model, proj, "weight")
         if key not in self.reader:
             raise CheckpointError(f"{self.reader.folder}: float expert weight '{key}' missing")
-        return read_float(self.reader, key, self.fp8_block)
+        return key
+
+    def _proj_into(self, e: int, proj: str, out: torch.Tensor) -> None:
+        key = self._key(e, proj)
+        shape = tuple(self.reader.info(key).shape)
+        if shape != tuple(out.shape):
+            raise CheckpointError(
+                f"{self.reader.folder}: float expert weight '{key}' has shape {list(shape)}, "
+                f"expected {list(out.shape)} (the layer's other experts)"
+            )
+        read_float(self.reader, key, self.fp8_block, out)
 
     def block(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         with STAGES("read+dequant"):
             if self.fused:
                 return self._fused("gate_up_proj", start, stop), self._fused("down_proj", start, stop)
-            # Filled in place, one projection at a time: the block is never held twice (a stack of
-            # per-expert copies would double it: 2.8 GB more for 16 experts at DeepSeek-V3 dims).
-            w13 = w2 = None
+            # Dequantized straight into the block, one projection at a time: the block is never held
+            # twice (a stack of per-expert copies would double it: 2.8 GB more for 16 experts at
+            # DeepSeek-V3 dims) and no per-projection fp32 copy is made.
+            inter, hidden = self.reader.info(self._key(start, "gate")).shape
+            w13 = torch.empty(stop - start, 2 * inter, hidden)
+            w2 = torch.empty(stop - start, hidden, inter)
             for j, e in enumerate(range(start, stop)):
-                gate = self._proj(e, "gate")
-                if w13 is None:
-                    inter, hidden = gate.shape
-                    w13 = torch.empty(stop - start, 2 * inter, hidden)
-                    w2 = torch.empty(stop - start, hidden, inter)
-                w13[j, : gate.shape[0]] = gate
-                del gate
-                w13[j, w13.shape[1] // 2 :] = self._proj(e, "up")
-                w2[j] = self._proj(e, "down")
+                self._proj_into(e, "gate", w13[j, :inter])
+                self._proj_into(e, "up", w13[j, inter:])
+                self._proj_into(e, "down", w2[j])
             return w13, w2
 
 

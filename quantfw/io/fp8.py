@@ -105,12 +105,22 @@ def dequantize(
     scale_inv: torch.Tensor,
     block: tuple[int, int] = DEFAULT_BLOCK,
     where: str = "fp8 weight",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """fp32 [..., N, K] = fp8 weight x its block's scale_inv (one fp32 multiply per element)."""
+    """fp32 [..., N, K] = fp8 weight x its block's scale_inv (one fp32 multiply per element), into
+    `out` when given (an fp32 tensor of w's shape, e.g. a slot of an expert block: no fresh copy)."""
+    from quantfw.quantize.fused import dequantize_fp8_into
+
     check_scale(tuple(w.shape), tuple(scale_inv.shape), block, where)
+    if out is not None and (out.dtype != torch.float32 or tuple(out.shape) != tuple(w.shape)):
+        raise ValueError(f"{where}: out must be float32 {list(w.shape)}, got {out.dtype} {list(out.shape)}")
+    if out is None:
+        out = torch.empty(w.shape, dtype=torch.float32)
+    if dequantize_fp8_into(w, scale_inv, block, out):
+        return out
     n, k = w.shape[-2:]
     bn, bk = block
-    out = w.to(torch.float32)
+    out.copy_(w)
     # bf16 / fp16 scales widen to fp32 exactly; the product below is the only rounding.
     s = scale_inv.to(torch.float32).repeat_interleave(bn, dim=-2)[..., :n, :]  # [..., N, ceil(K/bk)]
     full = k // bk
@@ -163,18 +173,24 @@ def block_scales(reader, key: str, block: tuple[int, int] | None = None) -> Bloc
     return BlockScales(reader.get(skey), block)
 
 
-def float_of(reader, key: str, t: torch.Tensor, block: tuple[int, int] | None = None) -> torch.Tensor:
+def float_of(
+    reader, key: str, t: torch.Tensor, block: tuple[int, int] | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """`t` (the stored tensor `key`) as float: an FP8 weight dequantized with its checked scale_inv
-    (read from whichever shard holds it), anything else unchanged. `reader` is a CheckpointReader."""
+    (read from whichever shard holds it) into `out` if given, anything else unchanged (copied into
+    `out` if given). `reader` is a CheckpointReader."""
     if t.dtype not in FP8_DTYPES:
-        return t
+        return t if out is None else out.copy_(t)
     scales = block_scales(reader, key, block)
     return dequantize(
-        t, scales.scale_inv, scales.block, f"{reader.folder / reader.info(key).shard}: tensor '{key}'"
+        t, scales.scale_inv, scales.block, f"{reader.folder / reader.info(key).shard}: tensor '{key}'", out
     )
 
 
-def read_float(reader, key: str, block: tuple[int, int] | None = None) -> torch.Tensor:
+def read_float(
+    reader, key: str, block: tuple[int, int] | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """One tensor of a checkpoint as float: FP8 weights dequantized with their scale_inv (fp32),
-    anything else as stored. `reader` is a quantfw.io.reader.CheckpointReader."""
-    return float_of(reader, key, reader.get(key), block)
+    anything else as stored; written into `out` (fp32, the tensor's shape) when given. `reader` is
+    a quantfw.io.reader.CheckpointReader."""
+    return float_of(reader, key, reader.get(key), block, out)
